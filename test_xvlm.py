@@ -1,0 +1,342 @@
+"""
+Tests for the X-VLM reference implementation: shapes, invariants, parity with reference formulas,
+data, training, DDP. Tiny configs on CPU; the whole suite runs in minutes on 2 cores.
+
+    python -m pytest -q test_xvlm.py
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import xvlm
+from xvlm import XVLM, XVLMConfig
+
+
+# ---- xvlm.py: core model ----
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return XVLM(XVLMConfig.tiny(**overrides)).eval()
+
+
+def make_batch(cfg, images=4, seed=0):
+    """Images 0, 1 carry captions only; images 2, 3 carry a caption and two boxed region texts each."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [8, 6, 9, 5, 7, 8, 4, 6, 9, 7][: images + 2 * (images // 2)]
+    T, L = len(lengths), max(lengths)
+    ids = torch.randint(1000, 2000, (T, L), generator=g)
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    ids[:, 0] = cfg.cls_token_id
+    ids[torch.arange(T), torch.tensor(lengths) - 1] = cfg.sep_token_id
+    ids = ids.masked_fill(~mask, cfg.pad_token_id)
+    boxed = list(range(images // 2, images))
+    R = 2 * len(boxed)
+    centre = torch.rand(R, 2, generator=g) * 0.5 + 0.25
+    size = torch.rand(R, 2, generator=g) * 0.3 + 0.15
+    return {
+        "images": torch.randn(images, 3, cfg.image_res, cfg.image_res, generator=g),
+        "text_ids": ids, "text_mask": mask,
+        "text_image": torch.tensor(list(range(images)) + [i for i in boxed for _ in range(2)]),
+        "text_box": torch.tensor([-1] * images + list(range(R))),
+        "boxes": torch.cat([centre, size], 1),
+        "box_image": torch.tensor([i for i in boxed for _ in range(2)]),
+    }
+
+
+def test_config_defaults_are_the_papers_and_validated():
+    cfg = XVLMConfig()
+    assert (cfg.image_res, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.local_layers) == (256, 16, 768, 12, 4)
+    assert (cfg.text_layers, cfg.fusion_layers, cfg.max_tokens, cfg.embed_dim, cfg.temp, cfg.mask_prob) == (6, 6, 25, 256, 0.07, 0.25)
+    assert XVLMConfig.tiny(text_layers=3).text_layers == 3
+    with pytest.raises(ValueError, match="local_layers"):
+        XVLMConfig.tiny(local_layers=5)
+    with pytest.raises(ValueError, match="patch_size"):
+        XVLMConfig.tiny(image_res=60)
+
+
+def test_base_model_parameter_counts_match_the_paper():
+    # Paper 4.2: 86M for the ViT, 124M for the text and cross-modal encoders together.
+    # Counted on the meta device: no memory, no init.
+    with torch.device("meta"):
+        counts = XVLM(XVLMConfig()).param_counts()
+    assert round(counts["vision"] / 1e6) == 86
+    assert abs(counts["text+fusion"] / 1e6 - 124) < 1.5
+
+
+def test_module_shapes():
+    model = tiny_model()
+    cfg = model.cfg
+    batch = make_batch(cfg)
+    B, N, D = 4, cfg.grid ** 2, cfg.vision_width
+    image, regions, region_mask = model.encode_image(batch["images"], batch["boxes"], batch["box_image"])
+    R = batch["boxes"].shape[0]
+    assert image.shape == (B, 1 + N, D)
+    assert regions.shape[0] == R and regions.shape[2] == D and region_mask.shape == regions.shape[:2]
+    counts = xvlm.patch_mask(batch["boxes"], cfg.grid).sum(1)
+    assert regions.shape[1] == 1 + counts.max() and torch.equal(region_mask.sum(1), 1 + counts)
+    full_only = model.encode_image(batch["images"])
+    assert full_only[1] is None and full_only[2] is None
+    text = model.encode_text(batch["text_ids"], batch["text_mask"])
+    T, L = batch["text_ids"].shape
+    assert text.shape == (T, L, cfg.text_width)
+    fused = model.fuse(text, batch["text_mask"], image[batch["text_image"]])
+    assert fused.shape == (T, L, cfg.text_width)
+    assert model.itm_head(fused[:, 0]).shape == (T, 2) and model.bbox_head(fused[:, 0]).shape == (T, 4)
+    assert model.image_features(image).shape == (B, cfg.embed_dim)
+    assert_close(model.text_features(text).norm(dim=-1), torch.ones(T))
+    logits = model.mlm_head(fused, model.text.embeddings.word.weight)
+    assert logits.shape == (T, L, cfg.vocab_size)
+
+
+def literal_attention(attn, x, mask=None, context=None):
+    """softmax(QK^T / sqrt(d) + M) V written out from the module's weights."""
+    D, h = x.shape[-1], attn.heads
+    if context is None:
+        wq, wk, wv = attn.qkv.weight.split(D)
+        bq, bk, bv = attn.qkv.bias.split(D)
+        context = x
+    else:
+        (wq, bq), (wk, wv), (bk, bv) = (attn.q.weight, attn.q.bias), attn.kv.weight.split(D), attn.kv.bias.split(D)
+    heads = lambda t: t.view(t.shape[0], t.shape[1], h, D // h).permute(0, 2, 1, 3)
+    q, k, v = heads(x @ wq.T + bq), heads(context @ wk.T + bk), heads(context @ wv.T + bv)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(D // h)
+    if mask is not None:
+        scores = scores + torch.zeros_like(scores).masked_fill(~mask, float("-inf"))
+    out = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(x.shape)
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def test_attention_matches_the_formula():
+    torch.manual_seed(0)
+    x, ctx = torch.randn(3, 7, 32), torch.randn(3, 5, 48)
+    self_attn, cross_attn = xvlm.Attention(32, 4), xvlm.Attention(32, 4, kv_dim=48)
+    keys = torch.rand(3, 7) > 0.3
+    keys[:, 0] = True
+    mask = keys[:, None, None, :]
+    assert_close(self_attn(x, mask), literal_attention(self_attn, x, mask), atol=1e-5, rtol=1e-5)
+    assert_close(self_attn(x), literal_attention(self_attn, x), atol=1e-5, rtol=1e-5)
+    ctx_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 0, 1]]).bool()[:, None, None, :]
+    assert_close(cross_attn(x, ctx_mask, ctx), literal_attention(cross_attn, x, ctx_mask, ctx), atol=1e-5, rtol=1e-5)
+    # The explicit path kept for Grad-CAM computes the same thing.
+    cross_attn.keep_attention = True
+    assert_close(cross_attn(x, ctx_mask, ctx), literal_attention(cross_attn, x, ctx_mask, ctx), atol=1e-5, rtol=1e-5)
+    assert cross_attn.attention.shape == (3, 4, 7, 5)
+    assert (cross_attn.attention[0, ..., 2:] == 0).all()
+
+
+@pytest.mark.parametrize("local_layers", [2, 4])
+def test_fast_mixed_attention_equals_the_literal_mask(local_layers):
+    model = tiny_model(local_layers=local_layers)
+    cfg = model.cfg
+    batch = make_batch(cfg, seed=1)
+    boxes = torch.cat([batch["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.06, 0.94, 0.05, 0.05]])])
+    box_image = torch.cat([batch["box_image"], torch.tensor([0, 1])])
+    pm = xvlm.patch_mask(boxes, cfg.grid)
+    fast_image, fast, fast_mask = model.vision(batch["images"], pm, box_image)
+    ref_image, ref, ref_keep = model.vision.forward_literal(batch["images"], pm, box_image)
+    assert_close(fast_image, ref_image, atol=1e-5, rtol=1e-5)
+    for r in range(len(boxes)):
+        positions = ref_keep[r].nonzero().squeeze(1)  # [CLS] + in-box patches in raster order
+        n = len(positions)
+        assert fast_mask[r, :n].all() and not fast_mask[r, n:].any()
+        assert_close(fast[r, :n], ref[r, positions], atol=1e-5, rtol=1e-5)
+
+
+def test_full_image_copy_is_the_same_with_or_without_regions_and_whole_box_gives_full_cls():
+    model = tiny_model()
+    batch = make_batch(model.cfg)
+    plain, _, _ = model.encode_image(batch["images"])
+    image, _, _ = model.encode_image(batch["images"], batch["boxes"], batch["box_image"])
+    assert_close(image, plain, atol=1e-6, rtol=1e-6)
+    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 4)
+    _, regions, mask = model.encode_image(batch["images"], whole, torch.arange(4))
+    assert mask.all()
+    assert_close(regions[:, 0], plain[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def region_sensitivity(local_layers):
+    """How much a region's representation moves when pixels outside its box change."""
+    model = tiny_model(local_layers=local_layers)
+    cfg = model.cfg
+    g = cfg.grid
+    box = torch.tensor([[0.375, 0.375, 0.5, 0.5]])  # exactly patches 1..4 of the 8x8 grid (pixels 8..40)
+    images = torch.randn(1, 3, cfg.image_res, cfg.image_res)
+    changed = torch.randn_like(images)
+    p = cfg.patch_size
+    changed[..., p:5 * p, p:5 * p] = images[..., p:5 * p, p:5 * p]  # same pixels inside the box
+    _, a, _ = model.encode_image(images, box, torch.tensor([0]))
+    _, b, _ = model.encode_image(changed, box, torch.tensor([0]))
+    assert xvlm.patch_mask(box, g).sum() == 16
+    return (a - b).abs().max().item()
+
+
+def test_local_attention_only_sees_inside_the_box():
+    assert region_sensitivity(local_layers=4) < 1e-5  # "w/o mixed attn": completely local
+    assert region_sensitivity(local_layers=2) > 1e-3  # mixed: context from the first full layers
+
+
+def test_patch_mask_edge_cases():
+    n = 8
+    grid = lambda m: m.view(-1, n, n)
+    full = xvlm.patch_mask(torch.tensor([[0.5, 0.5, 1.0, 1.0]]), n)
+    assert full.all()
+    inside_one = grid(xvlm.patch_mask(torch.tensor([[0.3125 + 0.01, 0.4375, 0.02, 0.02]]), n))  # inside cell (3, 2)
+    assert inside_one.sum() == 1 and inside_one[0, 3, 2]
+    exact = grid(xvlm.patch_mask(torch.tensor([[0.25, 0.25, 0.25, 0.25]]), n))  # cells 1..2 exactly
+    assert exact.sum() == 4 and exact[0, 1:3, 1:3].all()
+    border = grid(xvlm.patch_mask(torch.tensor([[0.99, 0.5, 0.02, 0.2], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), n))
+    assert border[0, :, 7].sum() == 2 and border[0].sum() == 2  # right edge, rows 3-4
+    assert border[1].sum() == 1 and border[1, 7, 7]  # zero-size box on the far corner
+    assert border[2].sum() == 1 and border[2, 0, 0]
+    straddle = grid(xvlm.patch_mask(torch.tensor([[0.25, 0.25, 0.1, 0.1]]), n))  # crosses the 2/3 border? no: 1.6..2.4
+    assert straddle[0, 1:3, 1:3].all() and straddle.sum() == 4
+
+
+def test_giou_invariants():
+    torch.manual_seed(0)
+    b = torch.cat([torch.rand(50, 2), torch.rand(50, 2) * 0.5 + 0.01], 1)
+    c = torch.cat([torch.rand(50, 2), torch.rand(50, 2) * 0.5 + 0.01], 1)
+    assert_close(xvlm.giou(b, b), torch.ones(50), atol=1e-5, rtol=0)
+    assert_close(xvlm.giou(b, c), xvlm.giou(c, b))
+    g = xvlm.giou(b, c)
+    assert (g >= -1).all() and (g <= 1).all()
+    far = xvlm.giou(torch.tensor([[0.1, 0.1, 0.1, 0.1]]), torch.tensor([[0.9, 0.9, 0.1, 0.1]]))
+    assert far.item() < -0.9
+    # Hand-computed: unit squares overlapping by half: IoU 1/3, hull = union, GIoU 1/3.
+    half = xvlm.giou(torch.tensor([[0.5, 0.5, 1.0, 1.0]]), torch.tensor([[1.0, 0.5, 1.0, 1.0]]))
+    assert_close(half, torch.tensor([1 / 3]), atol=1e-5, rtol=0)
+    pred = torch.tensor([[0.5, 0.5, 0.0, 0.3], [0.2, 0.2, 0.0, 0.0]], requires_grad=True)
+    loss = xvlm.bbox_loss(pred, torch.tensor([[0.5, 0.5, 0.0, 0.3], [0.7, 0.7, 0.0, 0.0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
+    assert xvlm.bbox_loss(torch.zeros(0, 4), torch.zeros(0, 4)).item() == 0
+
+
+def test_itc_loss_limits_and_shared_targets():
+    torch.manual_seed(0)
+    n = 16
+    feat = F.normalize(torch.randn(n, 32), dim=-1)
+    assert xvlm.itc_loss(feat, feat, temp=0.001).item() < 1e-3  # aligned, sharp: ~0
+    a, b = F.normalize(torch.randn(n, 32), dim=-1), F.normalize(torch.randn(n, 32), dim=-1)
+    assert abs(xvlm.itc_loss(a, b, temp=1e4).item() - math.log(n)) < 1e-3  # flat: log N
+    # Two pairs sharing an id: the target is uniform over both, so identical features for the
+    # pair's members reach the minimum log 2 (not 0) when only they match at low temperature.
+    ids = torch.tensor([0, 0, 1, 2])
+    img = F.normalize(torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
+    loss = xvlm.itc_loss(img, img, 0.001, ids)
+    assert abs(loss.item() - (2 * math.log(2)) / 4) < 1e-3
+    # ... which equals the explicit soft-target cross-entropy
+    logits = img @ img.T / 0.1
+    target = (ids[:, None] == ids[None]).float()
+    target = target / target.sum(1, keepdim=True)
+    ref = -(logits.log_softmax(1) * target).sum(1).mean()
+    assert_close(xvlm.itc_loss(img, img, 0.1, ids), ref)
+    assert xvlm.gather_with_grad(a) is a  # world size 1: identity
+
+
+def test_hard_negatives_are_never_positive():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    sim = torch.randn(8, 8) * 5
+    sim[ids[:, None] == ids[None]] += 50  # positives dominate softmax: they must still never be drawn
+    seen = set()
+    for _ in range(200):
+        neg_t, neg_i = xvlm.sample_hard_negatives(sim, sim.T, ids)
+        assert (ids[neg_t] != ids).all() and (ids[neg_i] != ids).all()
+        seen.update(neg_t.tolist())
+    assert len(seen) == 8  # every text serves as someone's negative at some point
+    with pytest.raises(ValueError, match="two distinct"):
+        xvlm.sample_hard_negatives(sim[:2, :2], sim[:2, :2], torch.tensor([5, 5]))
+
+
+def test_hard_negatives_follow_similarity():
+    torch.manual_seed(0)
+    sim = torch.zeros(3, 3)
+    sim[0, 2] = 3.0  # text 2 is much harder a negative for concept 0 than text 1
+    draws = torch.stack([xvlm.sample_hard_negatives(sim, sim, None)[0] for _ in range(2000)])
+    frac = (draws[:, 0] == 2).float().mean().item()
+    assert abs(frac - math.exp(3) / (1 + math.exp(3))) < 0.04
+
+
+def test_mask_token_statistics():
+    g = torch.Generator().manual_seed(0)
+    T, L = 4000, 24
+    ids = torch.randint(1000, 2000, (T, L), generator=g)
+    lengths = torch.randint(3, L + 1, (T,), generator=g)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    ids[:, 0] = 101
+    ids[torch.arange(T), lengths - 1] = 102
+    ids = ids.masked_fill(~mask, 0)
+    special = [0, 101, 102, 103]
+    masked, labels = xvlm.mask_tokens(ids, mask, 30522, 103, special, prob=0.25, max_masks=8, generator=g)
+    chosen = labels != -100
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert not chosen[torch.isin(ids, torch.tensor(special))].any()  # specials and padding never
+    per_text = chosen.sum(1)
+    assert per_text.min() >= 1 and per_text.max() <= 8
+    long = lengths >= 20  # 18+ maskable tokens: the 1..8 clamp rarely binds
+    rate = (chosen[long].sum() / (mask[long].sum() - 2 * long.sum())).item()
+    assert 0.23 < rate < 0.27
+    replaced = masked[chosen]
+    frac_mask = (replaced == 103).float().mean().item()
+    frac_same = (replaced == ids[chosen]).float().mean().item()
+    assert abs(frac_mask - 0.8) < 0.02 and abs(frac_same - 0.1) < 0.02  # the rest: random tokens
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    short = torch.tensor([[101, 1500, 102, 0]])
+    _, lab = xvlm.mask_tokens(short, short != 0, 30522, 103, special, prob=0.01)
+    assert lab[0, 1] == 1500 and (lab != -100).sum() == 1  # at least one, even at 1%
+
+
+def test_forward_losses_and_every_parameter_gets_a_gradient():
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    out = model(batch)
+    assert set(out) == {"loss", "itc", "itm", "mlm", "bbox"}
+    for k, v in out.items():
+        assert v.dim() == 0 and torch.isfinite(v), k
+    assert_close(out["loss"], out["itc"] + out["itm"] + out["mlm"] + out["bbox"])
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_forward_without_boxes_and_completely_local():
+    model = tiny_model(local_layers=4)
+    batch = make_batch(model.cfg)
+    keep = batch["text_box"] < 0
+    plain = dict(batch, text_ids=batch["text_ids"][keep], text_mask=batch["text_mask"][keep],
+                 text_image=batch["text_image"][keep], text_box=batch["text_box"][keep],
+                 boxes=torch.zeros(0, 4), box_image=torch.zeros(0, dtype=torch.long))
+    out = model(plain)
+    assert out["bbox"].item() == 0 and torch.isfinite(out["loss"])
+    assert torch.isfinite(model(batch)["loss"])
+
+
+def test_bbox_whole_image_option_adds_the_captions():
+    batch = make_batch(XVLMConfig.tiny())
+    a = tiny_model(seed=3)
+    b = tiny_model(seed=3, bbox_whole_image=True)
+    torch.manual_seed(0)
+    x = a(batch)["bbox"]
+    torch.manual_seed(0)
+    y = b(batch)["bbox"]
+    assert torch.isfinite(y) and abs(x.item() - y.item()) > 1e-4
+
+
+def test_a_few_steps_on_one_batch_halve_the_loss():
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.02)
+    losses = []
+    for _ in range(40):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses

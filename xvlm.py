@@ -1,0 +1,676 @@
+"""
+X-VLM: multi-grained vision language pre-training (Zeng et al.), in one file.
+
+Read top to bottom: the config, one attention module, the image encoder with mixed attention
+(paper 3.2, eq. 1), the BERT text and cross-modal ("fusion") encoders, the heads, the four
+pre-training losses (paper 3.3, eqs. 2-9) as small functions, and the model that ties them together.
+
+    import torch, xvlm
+    cfg = xvlm.XVLMConfig.tiny()
+    model = xvlm.XVLM(cfg)
+    batch = {
+        "images": torch.randn(2, 3, cfg.image_res, cfg.image_res),
+        "text_ids": torch.randint(1000, 2000, (3, 8)), "text_mask": torch.ones(3, 8, dtype=torch.bool),
+        "text_image": torch.tensor([0, 1, 1]),   # which image each text belongs to
+        "text_box": torch.tensor([-1, -1, 0]),   # text 2 describes box 0 (a region of image 1)
+        "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4]]), "box_image": torch.tensor([1]),
+    }
+    losses = model(batch)                     # {"loss", "itc", "itm", "mlm", "bbox"}
+    losses["loss"].backward()
+
+`python -c "import xvlm; xvlm.XVLM(xvlm.XVLMConfig())"` builds X-VLM-base and prints its size.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class XVLMConfig:
+    # Image encoder: ViT-B/16 as DeiT-base (paper 4.2), initialised from ImageNet-1k weights.
+    image_res: int = 256  # pre-training resolution; fine-tuning raises it to 384
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    local_layers: int = 4  # L2: the last layers are mixed (full + local copies); the first L1 = 8 full
+    vision_mlp_ratio: float = 4.0
+    drop_path: float = 0.1  # stochastic depth of DeiT-base, linearly increasing over the layers
+    # Text and cross-modal encoders: BERT-base layers 0-5 and 6-11 (paper 4.2).
+    vocab_size: int = 30522  # bert-base-uncased
+    text_width: int = 768
+    text_heads: int = 12
+    text_layers: int = 6
+    fusion_layers: int = 6
+    text_mlp_dim: int = 3072
+    max_positions: int = 512  # BERT's position table, so public weights load as they are
+    type_vocab_size: int = 2  # BERT adds the token-type-0 embedding to every token; kept for parity
+    max_tokens: int = 25  # paper 4.2
+    dropout: float = 0.1  # BERT's hidden and attention-probability dropout
+    # Heads and losses.
+    embed_dim: int = 256  # g_v, g_w project [CLS] to 256-d (paper 3.3)
+    temp: float = 0.07  # learnable; clamped to [0.001, 0.5]
+    mask_prob: float = 0.25  # paper 3.3: 25%, replaced 80/10/10
+    max_masks: int = 8  # as the authors' config: at most 8 masked tokens per text
+    bbox_whole_image: bool = False  # put whole-image texts, target (0.5, 0.5, 1, 1), in the bbox loss
+    # Special token ids: BERT's. The synthetic world's vocab.txt keeps them at the same ids.
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"XVLMConfig: {msg}")
+        need(self.image_res % self.patch_size == 0, f"image_res={self.image_res} is not a multiple of patch_size={self.patch_size}")
+        need(0 <= self.local_layers <= self.vision_layers, f"local_layers={self.local_layers} must lie in [0, vision_layers={self.vision_layers}]")
+        need(self.vision_width % self.vision_heads == 0, f"vision_width={self.vision_width} is not divisible by vision_heads={self.vision_heads}")
+        need(self.text_width % self.text_heads == 0, f"text_width={self.text_width} is not divisible by text_heads={self.text_heads}")
+        need(self.max_tokens <= self.max_positions, f"max_tokens={self.max_tokens} exceeds max_positions={self.max_positions}")
+        need(0.0 < self.mask_prob < 1.0 and self.max_masks >= 1, "mask_prob must lie in (0, 1) and max_masks be >= 1")
+
+    @property
+    def grid(self):
+        return self.image_res // self.patch_size
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """A CPU-sized X-VLM for tests and the synthetic demo: 64px images on an 8x8 patch grid."""
+        small = dict(image_res=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=4,
+                     local_layers=2, drop_path=0.0, text_width=96, text_heads=4, text_layers=2,
+                     fusion_layers=2, text_mlp_dim=384, max_positions=64, dropout=0.0, embed_dim=64)
+        small.update(overrides)
+        return cls(**small)
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention for ViT self-attention, text self-attention and cross-attention.
+
+    Self-attention (kv_dim=None) projects q, k, v with one fused matrix, as timm's ViT does.
+    Cross-attention projects queries from x and keys/values (fused) from `context`, which may be
+    wider or narrower than x. `mask` is boolean, True = may attend, broadcastable to
+    (B, heads, Lq, Lk). Set `keep_attention = True` to compute softmax(QK^T/sqrt(d) + M) V
+    literally and keep the probabilities in `self.attention` (with their gradient), for Grad-CAM.
+    """
+
+    def __init__(self, dim, heads, kv_dim=None, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        if kv_dim is None:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(kv_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.keep_attention = False
+        self.attention = None
+
+    def forward(self, x, mask=None, context=None):
+        D = x.shape[-1]
+        if context is None:
+            q, k, v = self.qkv(x).split(D, dim=-1)
+        else:
+            q, (k, v) = self.q(x), self.kv(context).split(D, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, hd)
+        p = self.dropout if self.training else 0.0
+        if self.keep_attention:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, Lq, Lk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            self.attention = scores.softmax(-1)
+            if self.attention.requires_grad:
+                self.attention.retain_grad()
+            y = F.dropout(self.attention, p, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.proj(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as both DeiT and BERT
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+def key_mask(mask):
+    """(B, Lk) bool, True = real token -> (B, 1, 1, Lk), broadcast over heads and queries."""
+    return None if mask is None else mask[:, None, None, :]
+
+
+# -----------------------------------------------------------------------------
+# Image encoder with mixed attention (paper 3.2)
+
+
+def patch_mask(boxes, grid):
+    """Which patches of a grid x grid ViT each box overlaps: bool (R, grid*grid), raster order.
+
+    boxes: (R, 4) normalised (cx, cy, w, h). In patch units, the box spans columns
+    x0 = min(floor(x), n-1) .. x1 = max(x0+1, min(ceil(x+w), n)) (exclusive), rows likewise, so a
+    box always covers at least one patch, even when it lies inside one or on the border.
+    """
+    eps = 1e-4  # an edge exactly on a patch border must not pick up its neighbour through rounding
+    n = grid
+    lo = (boxes[:, :2] - boxes[:, 2:] / 2) * n  # (R, 2) left and top edge in patch units
+    hi = (boxes[:, :2] + boxes[:, 2:] / 2) * n
+    first = torch.floor(lo + eps).clamp(0, n - 1)
+    last = torch.maximum(first + 1, torch.ceil(hi - eps).clamp(max=n))
+    cells = torch.arange(n, device=boxes.device, dtype=boxes.dtype)
+    inside = (cells >= first[:, :, None]) & (cells < last[:, :, None])  # (R, 2, n): columns, rows
+    return (inside[:, 1, :, None] & inside[:, 0, None, :]).flatten(1)  # (R, n*n)
+
+
+def mixed_attention_mask(patch_mask):
+    """The literal eq. (1) mask of each region copy: bool (R, 1+N, 1+N), True = may attend.
+
+    Region j's positions {[CLS], p_1..p_M} attend only among themselves. Eq. (1) leaves the rows of
+    out-of-box positions fully masked, which would make NaNs in softmax that then leak through
+    V; they attend to themselves instead. Their outputs are never used.
+    """
+    keep = F.pad(patch_mask, (1, 0), value=True)  # (R, 1+N): [CLS] + in-box patches
+    mask = keep[:, :, None] & keep[:, None, :]
+    return mask | torch.eye(keep.shape[1], dtype=torch.bool, device=keep.device)
+
+
+def gather_regions(x, patch_mask, box_index):
+    """The fast path's input: each region's [CLS] + in-box patches, padded and key-masked.
+
+    x: (B, 1+N, D) image tokens; patch_mask: (R, N); box_index: (R,) image of each region.
+    Returns tokens (R, 1+M, D) with M the largest box's patch count, and mask (R, 1+M), True for
+    real tokens. Patches keep raster order, and their position embeddings travel with them.
+    """
+    counts = patch_mask.sum(1)
+    M = int(counts.max())  # one host sync: the packed length depends on the boxes
+    # Stable sort puts each region's in-box patch indices first, in raster order.
+    order = torch.sort((~patch_mask).to(torch.uint8), dim=1, stable=True).indices[:, :M]  # (R, M)
+    real = torch.arange(M, device=x.device) < counts[:, None]
+    index = F.pad(order + 1, (1, 0), value=0)  # token positions in the (1+N) sequence, [CLS] first
+    mask = F.pad(real, (1, 0), value=True)
+    tokens = x[box_index[:, None], index]  # (R, 1+M, D)
+    return tokens, mask
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg, drop_path):
+        super().__init__()
+        w = cfg.vision_width
+        self.norm1 = nn.LayerNorm(w, eps=1e-6)
+        self.attn = Attention(w, cfg.vision_heads)
+        self.norm2 = nn.LayerNorm(w, eps=1e-6)
+        self.mlp = Mlp(w, int(w * cfg.vision_mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, mask=None):
+        x = x + drop_path(self.attn(self.norm1(x), mask), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """ViT whose last `local_layers` blocks are mixed: the image copy attends fully, and one copy
+    per region attends locally (eq. 1). Outputs are after the final LayerNorm, as timm/DeiT."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.grid = cfg.grid
+        self.first_local = cfg.vision_layers - cfg.local_layers  # L1
+        self.patch_embed = nn.Conv2d(3, cfg.vision_width, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vision_width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, cfg.vision_width))
+        rates = [cfg.drop_path * i / max(cfg.vision_layers - 1, 1) for i in range(cfg.vision_layers)]
+        self.blocks = nn.ModuleList(VisionBlock(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.vision_width, eps=1e-6)
+
+    def embed(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
+
+    def forward(self, images, patch_mask=None, box_index=None):
+        """images (B, 3, H, W); patch_mask (R, N) and box_index (R,) for R regions, or None.
+        Returns image tokens (B, 1+N, D) and, with regions, region tokens (R, 1+M, D) + mask (R, 1+M)."""
+        x = self.embed(images)
+        for block in self.blocks[:self.first_local]:
+            x = block(x)
+        if patch_mask is None:
+            for block in self.blocks[self.first_local:]:
+                x = block(x)
+            return self.norm(x), None, None
+        regions, mask = gather_regions(x, patch_mask, box_index)
+        for block in self.blocks[self.first_local:]:
+            x = block(x)  # the full-attention copy
+            regions = block(regions, key_mask(mask))  # local attention within [CLS] + box
+        return self.norm(x), self.norm(regions), mask
+
+    def forward_literal(self, images, patch_mask, box_index):
+        """Reference for the mixed layers, as eq. (1) is written (and as the authors' ViT runs it):
+        a full (1+N)-token copy per region under the mixed_attention_mask. Returns image tokens
+        (B, 1+N, D), region copies (R, 1+N, D) and which of their positions are in the region."""
+        x = self.embed(images)
+        for block in self.blocks[:self.first_local]:
+            x = block(x)
+        regions = x[box_index]  # (R, 1+N, D)
+        mask = mixed_attention_mask(patch_mask)[:, None]  # (R, 1, 1+N, 1+N)
+        for block in self.blocks[self.first_local:]:
+            x = block(x)
+            regions = block(regions, mask)
+        return self.norm(x), self.norm(regions), F.pad(patch_mask, (1, 0), value=True)
+
+
+# -----------------------------------------------------------------------------
+# Text and cross-modal encoders (BERT-base layers 0-5 and 6-11)
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.position = nn.Embedding(cfg.max_positions, cfg.text_width)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.text_width)
+        self.norm = nn.LayerNorm(cfg.text_width, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions) + self.token_type.weight[0]
+        return self.drop(self.norm(x))
+
+
+class BertLayer(nn.Module):
+    """A post-LayerNorm BERT layer; with `cross`, a cross-attention sub-layer to the image sits
+    between self-attention and the feed-forward block (the cross-modal encoder's layers)."""
+
+    def __init__(self, cfg, cross=False):
+        super().__init__()
+        d = cfg.text_width
+        self.attn = Attention(d, cfg.text_heads, dropout=cfg.dropout)
+        self.attn_norm = nn.LayerNorm(d, eps=1e-12)
+        if cross:
+            self.cross_attn = Attention(d, cfg.text_heads, kv_dim=cfg.vision_width, dropout=cfg.dropout)
+            self.cross_norm = nn.LayerNorm(d, eps=1e-12)
+        self.mlp = Mlp(d, cfg.text_mlp_dim)
+        self.mlp_norm = nn.LayerNorm(d, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, context=None, context_mask=None):
+        x = self.attn_norm(x + self.drop(self.attn(x, mask)))
+        if context is not None:
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.text_layers))
+
+    def forward(self, input_ids, attention_mask):
+        x, mask = self.embeddings(input_ids), key_mask(attention_mask.bool())
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class FusionEncoder(nn.Module):
+    """The cross-modal encoder: text self-attention, cross-attention to visual tokens, FFN."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(BertLayer(cfg, cross=True) for _ in range(cfg.fusion_layers))
+
+    def forward(self, text_embeds, attention_mask, image_embeds, image_mask=None):
+        x, mask = text_embeds, key_mask(attention_mask.bool())
+        image_mask = key_mask(image_mask)
+        for layer in self.layers:
+            x = layer(x, mask, image_embeds, image_mask)
+        return x
+
+
+def mlp_head(dim, out):
+    """The ITM and bbox heads (paper eq. 2's MLP): Linear d->2d, LayerNorm, GELU, Linear 2d->out."""
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, out))
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head; the output matrix is the word embedding, passed in (tied)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.text_width, cfg.text_width)
+        self.norm = nn.LayerNorm(cfg.text_width, eps=1e-12)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x, word_embeddings):
+        return F.linear(self.norm(F.gelu(self.dense(x))), word_embeddings, self.bias)
+
+
+# -----------------------------------------------------------------------------
+# Losses (paper eqs. 2-9), each a small pure function
+
+
+def box_corners(b):
+    """(cx, cy, w, h) -> (x0, y0, x1, y1)."""
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], dim=-1)
+
+
+def giou(a, b, eps=1e-7):
+    """Generalised IoU (Rezatofighi et al. 2019) of boxes a[i] and b[i], both (n, 4) cxcywh -> (n,).
+    Denominators are clamped at eps so degenerate (zero-area) boxes stay finite, value and
+    gradient, while every other box gets the exact value."""
+    a, b = box_corners(a), box_corners(b)
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=eps)
+    hull_wh = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return iou - (hull - union) / hull.clamp(min=eps)
+
+
+def bbox_loss(pred, target):
+    """Eq. (3): (1 - GIoU) + L1 summed over the 4 coordinates, averaged over boxes. (n, 4) cxcywh."""
+    if pred.shape[0] == 0:
+        return pred.sum() * 0.0  # no region texts: zero, but still in the graph (DDP needs it)
+    return ((1.0 - giou(pred, target)) + (pred - target).abs().sum(-1)).mean()
+
+
+def world():
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sizes(n, device):
+    """The first-dimension size of every rank's tensor."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s) for s in sizes]
+
+
+def _all_gather(x, sizes):
+    """Concatenate every rank's x along dim 0; sizes may differ (padded for the collective)."""
+    longest = max(sizes)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        rank, _ = world()
+        sizes = _all_sizes(x.shape[0], x.device)
+        ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
+        return _all_gather(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss reads every rank's features: this rank's slice gets the sum of them.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.n]
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0 keeping gradients; the identity at world size 1."""
+    return x if world()[1] == 1 else _GatherWithGrad.apply(x)
+
+
+def itc_loss(image_feat, text_feat, temp, ids=None):
+    """Contrastive loss, eqs. (4)-(6): L2-normalised features (n, E) of n (visual concept, text)
+    pairs; in-batch negatives; symmetric cross-entropy.
+
+    `ids` (n,) names each pair's visual concept: pairs sharing an id are all positives, with the
+    target uniform over them (appendix B). Under DDP this rank's rows are scored against the
+    global batch (features gathered with gradient) and the sum is scaled so that DDP's gradient
+    averaging gives exactly the loss and gradients of one process holding the whole batch.
+    """
+    rank, size = world()
+    n = image_feat.shape[0]
+    all_image, all_text = gather_with_grad(image_feat), gather_with_grad(text_feat)
+    sizes = _all_sizes(n, image_feat.device) if size > 1 else [n]
+    start, total = sum(sizes[:rank]), sum(sizes)
+    if ids is None:
+        ids = torch.arange(n, device=image_feat.device) + start
+    all_ids = _all_gather(ids[:, None], sizes)[:, 0] if size > 1 else ids
+    positive = (ids[:, None] == all_ids[None, :]).float()  # (n, total)
+    target = positive / positive.sum(1, keepdim=True)
+    i2t = -(F.log_softmax(image_feat @ all_text.T / temp, dim=1) * target).sum(1)
+    t2i = -(F.log_softmax(text_feat @ all_image.T / temp, dim=1) * target).sum(1)
+    return (i2t + t2i).sum() / 2 / total * size
+
+
+def sample_hard_negatives(sim_i2t, sim_t2i, ids=None):
+    """ITM hard negatives (paper 3.3): for each visual concept (row of sim_i2t) one text drawn from
+    softmax(sim) with the positives' weight zeroed, and for each text one concept likewise.
+    Square (n, n) similarities; `ids` as in itc_loss. Returns (text index per concept,
+    concept index per text), never a positive."""
+    n = sim_i2t.shape[0]
+    ids = torch.arange(n, device=sim_i2t.device) if ids is None else ids
+    positive = ids[:, None] == ids[None, :]
+    if bool(positive.all(1).any()):
+        raise ValueError("ITM hard negatives: a batch needs at least two distinct visual concepts")
+
+    def draw(sim):
+        # + 1e-5 as the authors: a negative that softmax underflows to 0 can still be drawn
+        weights = (F.softmax(sim.float(), dim=1) + 1e-5).masked_fill(positive, 0.0)
+        return torch.multinomial(weights, 1).squeeze(1)
+
+    return draw(sim_i2t), draw(sim_t2i)
+
+
+def mask_tokens(input_ids, attention_mask, vocab_size, mask_token_id, special_ids, prob=0.25,
+                max_masks=8, generator=None):
+    """MLM corruption (paper 3.3): choose `prob` of each text's maskable tokens (real tokens that
+    are not special), at least one and at most `max_masks`; replace 80% of the chosen with [MASK],
+    10% with a random token, leave 10% unchanged. Returns (masked_ids, labels), labels -100 where
+    not chosen."""
+    rand = lambda: torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.as_tensor(special_ids, device=input_ids.device))
+    score = rand().masked_fill(~maskable, 2.0)  # non-maskable sort last
+    # Bernoulli(prob) per token, then clamp the count to [1, max_masks]; the chosen tokens are the
+    # lowest-scoring ones, which is exactly {score < prob} when the count is not clamped.
+    count = (score < prob).sum(1).clamp(1, max_masks)
+    rank = score.argsort(1).argsort(1)
+    chosen = (rank < count[:, None]) & maskable
+    labels = input_ids.masked_fill(~chosen, -100)
+    action = rand()
+    random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, generator=generator)
+    masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+class XVLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg)
+        self.text = TextEncoder(cfg)
+        self.fusion = FusionEncoder(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.itm_head = mlp_head(cfg.text_width, 2)
+        self.bbox_head = mlp_head(cfg.text_width, 4)
+        self.mlm_head = MLMHead(cfg)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.vision.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.vision.cls_token, std=0.02)
+        sizes = self.param_counts()
+        print(f"XVLM: {sizes['vision'] / 1e6:.1f}M vision, {sizes['text+fusion'] / 1e6:.1f}M text+fusion, "
+              f"{sizes['total'] / 1e6:.1f}M parameters in all")
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def param_counts(self):
+        return {"vision": num_params(self.vision), "text+fusion": num_params(self.text) + num_params(self.fusion),
+                "total": num_params(self)}
+
+    # -- encoders ---------------------------------------------------------------
+
+    def encode_image(self, images, boxes=None, box_index=None):
+        """images (B, 3, H, W); boxes (R, 4) normalised cxcywh, box_index (R,) their images
+        (default: box r belongs to image r). Returns image_embeds (B, 1+N, D) with full
+        attention, and for regions region_embeds (R, 1+M, D) + region_mask (R, 1+M), else None."""
+        if boxes is None or boxes.shape[0] == 0:
+            return self.vision(images)
+        if box_index is None:
+            box_index = torch.arange(boxes.shape[0], device=boxes.device)
+        return self.vision(images, patch_mask(boxes, self.vision.grid), box_index)
+
+    def encode_text(self, input_ids, attention_mask):
+        """(B, L) ids and mask -> (B, L, D) text encoder output."""
+        return self.text(input_ids, attention_mask)
+
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None):
+        """Cross-modal encoder: text (B, L, D) attends to visual tokens (B, S, Dv) -> (B, L, D)."""
+        return self.fusion(text_embeds, attention_mask, image_embeds, image_mask)
+
+    def image_features(self, image_embeds):
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # g_v(v_cls)
+
+    def text_features(self, text_embeds):
+        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # g_w(w_cls)
+
+    # -- pre-training -------------------------------------------------------------
+
+    def forward(self, batch):
+        """The pre-training loss, eq. (9): L = L_bbox + L_cl + L_match + L_mlm.
+
+        batch (tensors on the model's device):
+          images      (B, 3, H, W)  normalised images
+          text_ids    (T, L) int64  token ids, [CLS] ... [SEP] [PAD]...
+          text_mask   (T, L) bool   True for real tokens
+          text_image  (T,) int64    image of each text
+          text_box    (T,) int64    box of each region text (object or region), -1 for whole-image texts
+          boxes       (R, 4)        normalised (cx, cy, w, h) of the region texts' boxes
+          box_image   (R,) int64    image of each box
+          concept_ids (T,) int64    optional: a global id of each text's visual concept; texts
+                                    sharing one are positives of each other in itc and itm
+        A region text is paired with its region's copy of the image (mixed attention) for itc,
+        itm and mlm, and with the full image for bbox, which locates its box (paper 3.3).
+        Returns {"loss", "itc", "itm", "mlm", "bbox"}, 0-dim tensors; loss is the sum.
+        """
+        cfg = self.cfg
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        images, boxes = batch["images"], batch["boxes"]
+        text_ids, text_mask = batch["text_ids"], batch["text_mask"].bool()
+        text_image, text_box = batch["text_image"], batch["text_box"]
+
+        image_embeds, region_embeds, region_mask = self.encode_image(images, boxes, batch["box_image"])
+        bank, bank_mask = concept_bank(image_embeds, region_embeds, region_mask)
+        concept = torch.where(text_box >= 0, images.shape[0] + text_box, text_image)  # (T,) row in bank
+        ids = batch.get("concept_ids")
+        if ids is None:
+            # bank rows are unique only within this process; itc compares ids across ranks
+            ids = concept + (world()[0] << 32)
+
+        text_embeds = self.encode_text(text_ids, text_mask)
+        image_feat = self.image_features(bank)[concept]  # (T, E): each text's visual concept
+        text_feat = self.text_features(text_embeds)
+        itc = itc_loss(image_feat, text_feat, self.temp, ids)
+        itm = self.itm_loss(bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids)
+        mlm = self.mlm_loss(bank, bank_mask, concept, text_ids, text_mask)
+
+        bbox = self.bbox_prediction_loss(image_embeds, text_embeds, text_mask, text_image, text_box, boxes)
+        return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
+
+    def bbox_prediction_loss(self, image_embeds, text_embeds, text_mask, text_image, text_box, boxes):
+        """Eqs. (2)-(3): locate each region text's box from the full-attention image fused with
+        the text. Whole-image texts, box (0.5, 0.5, 1, 1), join only with cfg.bbox_whole_image."""
+        whole = torch.tensor([0.5, 0.5, 1.0, 1.0], device=text_box.device)
+        target = whole.expand(text_box.shape[0], 4)
+        if boxes.shape[0]:
+            target = torch.where((text_box >= 0)[:, None], boxes[text_box.clamp(min=0)].float(), whole)
+        located = torch.ones_like(text_box, dtype=torch.bool) if self.cfg.bbox_whole_image else text_box >= 0
+        pick = located.nonzero().squeeze(1)
+        fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds[text_image[pick]])
+        pred = self.bbox_head(fused[:, 0]).float().sigmoid()  # eq. (2)
+        return bbox_loss(pred, target[pick])
+
+    def itm_loss(self, bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids):
+        """Eq. (7): each pair, plus one hard negative text per concept and one hard negative
+        concept per text (1 : 2), classified from the fused [CLS]."""
+        T = concept.shape[0]
+        with torch.no_grad():
+            sim = image_feat @ text_feat.T / self.temp  # (T, T): concept of text i vs text j
+            neg_text, neg_concept = sample_hard_negatives(sim, sim.T, ids)
+        texts = torch.cat([torch.arange(T, device=concept.device), neg_text, torch.arange(T, device=concept.device)])
+        concepts = torch.cat([concept, concept, concept[neg_concept]])
+        fused = self.fuse(text_embeds[texts], text_mask[texts], bank[concepts], bank_mask[concepts])
+        logits = self.itm_head(fused[:, 0])
+        labels = torch.cat([torch.ones(T), torch.zeros(2 * T)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    def mlm_loss(self, bank, bank_mask, concept, text_ids, text_mask):
+        """Eq. (8): predict masked tokens from the cross-modal encoder given the visual concept."""
+        cfg = self.cfg
+        special = [cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id]
+        masked, labels = mask_tokens(text_ids, text_mask, cfg.vocab_size, cfg.mask_token_id, special,
+                                     cfg.mask_prob, cfg.max_masks)
+        fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank[concept], bank_mask[concept])
+        chosen = labels != -100  # only masked positions reach the (vocab-sized) output layer
+        logits = self.mlm_head(fused[chosen], self.text.embeddings.word.weight)
+        return F.cross_entropy(logits.float(), labels[chosen])
+
+
+def concept_bank(image_embeds, region_embeds, region_mask):
+    """Every visual concept of the batch in one padded tensor, images first, then regions, so any
+    text can be fused with any concept in one batched call: (B+R, 1+N, D) and mask (B+R, 1+N)."""
+    B, S, _ = image_embeds.shape
+    image_mask = torch.ones(B, S, dtype=torch.bool, device=image_embeds.device)
+    if region_embeds is None:
+        return image_embeds, image_mask
+    pad = S - region_embeds.shape[1]
+    regions = F.pad(region_embeds, (0, 0, 0, pad))
+    return torch.cat([image_embeds, regions]), torch.cat([image_mask, F.pad(region_mask, (0, pad), value=False)])
+
+
+if __name__ == "__main__":
+    XVLM(XVLMConfig())
