@@ -320,11 +320,17 @@ def grounding_problems(rec, image_size=None):
     return out
 
 
+def vqa_train_problems(rec, image_size=None):
+    """A VQA record that training can learn from: as vqa_problems, and the answers are there."""
+    return vqa_problems(rec, image_size) + ([] if "answer" in rec else [("answer", "missing field (training needs answers)")])
+
+
 FORMATS = {
     "pretrain": pretrain_problems,
     "retrieval_train": retrieval_train_problems,
     "retrieval_eval": retrieval_eval_problems,
     "vqa": vqa_problems,
+    "vqa_train": vqa_train_problems,
     "nlvr2": nlvr2_problems,
     "grounding": grounding_problems,
 }
@@ -460,3 +466,1061 @@ def xywh_to_cxcywh(boxes, width, height):
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     out = np.stack([boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2, boxes[:, 2], boxes[:, 3]], axis=1)
     return torch.from_numpy(out / np.array([width, height, width, height])).float()
+
+
+# -----------------------------------------------------------------------------
+# Pre-training data (paper 3.1 and 4.2)
+
+def pick(rng, value):
+    """One of a list (at random), or the value itself: captions may be a string or a list."""
+    return value[int(rng.integers(len(value)))] if isinstance(value, list) else value
+
+
+def elem_text(elem, rng):
+    """A region's text: "attributes caption" when it has attributes, as in the authors' code."""
+    text = pick(rng, elem["caption"])
+    return f"{pick(rng, elem['attributes'])} {text}" if "attributes" in elem else text
+
+
+def open_image(image_root, rel):
+    """load_image, or None (logged) for a missing or corrupt file: training skips and counts it."""
+    path = Path(image_root) / rel
+    try:
+        return load_image(path)
+    except Exception as e:  # noqa: BLE001 -- every decoder error means the same: skip this image
+        log.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
+        return None
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Pre-training records (several files, JSON list or lines), made into samples by key.
+
+    A record with "elems" is a region record, any other an image-text record. A key is
+    (kind, index, seed), kind 0 = image-text, 1 = region: the sampler chooses the record and the
+    seed of its random crop and flip, so a sample is the same whichever worker makes it.
+
+    A sample is None for an unreadable image, else a dict: "image" float32 [3, res, res], and per
+    text "texts" (cleaned), "boxes" (normalised (cx, cy, w, h) float32 [4], or None for a
+    whole-image text) and "concepts" (visual-concept ids). Concept ids are stable across processes:
+    one per distinct image path (all its captions are positives of each other), then one per
+    element of each region record, in file order.
+    """
+
+    def __init__(self, files, image_root, image_res, max_regions=5, crop_scale=(0.2, 1.0), max_words=30):
+        records = load_records(files, "pretrain")
+        self.image_root, self.image_res, self.max_regions = Path(image_root), image_res, max_regions
+        self.crop_scale, self.max_words = tuple(crop_scale), max_words
+        self.texts = [r for r in records if "elems" not in r]
+        self.regions = [r for r in records if "elems" in r]
+        image_ids = {}
+        for r in records:
+            image_ids.setdefault(r["image"], len(image_ids))
+        self.text_concept = [image_ids[r["image"]] for r in self.texts]
+        self.region_concept = [image_ids[r["image"]] for r in self.regions]
+        self.elem_concept = np.cumsum([len(image_ids)] + [len(r["elems"]) for r in self.regions])[:-1].tolist()
+
+    def __len__(self):
+        return len(self.texts) + len(self.regions)
+
+    def __getitem__(self, key):
+        kind, index, seed = key
+        rng = np.random.default_rng(seed)
+        rec = self.texts[index] if kind == 0 else self.regions[index]
+        img = open_image(self.image_root, rec["image"])
+        if img is None:
+            return None
+        return self.image_text_sample(rec, index, img, rng) if kind == 0 else self.region_sample(rec, index, img, rng)
+
+    def text(self, raw, flip):
+        text = clean_caption(raw, self.max_words)
+        return swap_left_right(text) if flip else text
+
+    def image_text_sample(self, rec, index, img, rng):
+        """Random resized crop and flip of the whole image; one of its captions."""
+        crop = random_resized_crop(*img.size, rng, self.crop_scale)
+        flip = bool(rng.random() < 0.5)
+        image = to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
+        return {"image": image, "texts": [self.text(pick(rng, rec["caption"]), flip)], "boxes": [None],
+                "concepts": [self.text_concept[index]]}
+
+    def region_sample(self, rec, index, img, rng):
+        """The authors' region crop: pick one element, crop around it, flip, resize; its caption
+        (if any) plus up to max_regions element texts whose boxes keep half their area."""
+        W, H = img.size
+        elems = rec["elems"]
+        # annotations may run a pixel past the border: clip to the image first
+        boxes, inside = transform_boxes([e["bb"] for e in elems], (0, 0, W, H), False, (W, H), min_visible=0)
+        elem_ids = np.flatnonzero(inside)
+        if len(elem_ids) == 0:
+            log.warning("skipping %s: no element box of record %d lies inside the %dx%d image", rec["image"], index, W, H)
+            return None
+        chosen = int(rng.integers(len(elem_ids)))
+        crop = region_crop(W, H, boxes[chosen], rng)
+        flip = bool(rng.random() < 0.5)
+        image = to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
+        res = self.image_res
+        out_boxes, keep = transform_boxes(boxes, crop, flip, (res, res))
+        out_of = np.cumsum(keep) - 1  # row of each kept box in out_boxes
+        # the chosen element first (it always survives), then the other survivors in random order
+        order = [chosen] + [j for j in rng.permutation(len(elem_ids)).tolist() if j != chosen and keep[j]]
+        texts, box_list, concepts = [], [], []
+        if "caption" in rec:
+            texts.append(self.text(pick(rng, rec["caption"]), flip))
+            box_list.append(None)
+            concepts.append(self.region_concept[index])
+        for j in order[:self.max_regions]:
+            e = int(elem_ids[j])
+            texts.append(self.text(elem_text(elems[e], rng), flip))
+            box_list.append(xywh_to_cxcywh(out_boxes[out_of[j]], res, res)[0])
+            concepts.append(self.elem_concept[index] + e)
+        return {"image": image, "texts": texts, "boxes": box_list, "concepts": concepts}
+
+
+class PretrainCollate:
+    """Samples -> the batch dict that XVLM.forward takes (see pretrain_loader)."""
+
+    def __init__(self, tokenizer, max_tokens, image_res):
+        self.tokenizer, self.max_tokens, self.image_res = tokenizer, max_tokens, image_res
+
+    def __call__(self, samples):
+        kept = [s for s in samples if s is not None]
+        texts, text_image, text_box, concepts, boxes, box_image = [], [], [], [], [], []
+        for i, s in enumerate(kept):
+            for text, box, concept in zip(s["texts"], s["boxes"], s["concepts"]):
+                texts.append(text)
+                text_image.append(i)
+                concepts.append(concept)
+                text_box.append(-1 if box is None else len(boxes))
+                if box is not None:
+                    boxes.append(box)
+                    box_image.append(i)
+        text_ids, text_mask = self.tokenizer.encode_batch(texts, self.max_tokens)
+        res = self.image_res
+        return {
+            "images": torch.stack([s["image"] for s in kept]) if kept else torch.zeros(0, 3, res, res),
+            "text_ids": text_ids,
+            "text_mask": text_mask,
+            "text_image": torch.tensor(text_image, dtype=torch.long),
+            "text_box": torch.tensor(text_box, dtype=torch.long),
+            "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
+            "box_image": torch.tensor(box_image, dtype=torch.long),
+            "concept_ids": torch.tensor(concepts, dtype=torch.long),
+            "skipped": len(samples) - len(kept),
+        }
+
+
+class PretrainSampler(torch.utils.data.Sampler):
+    """Keys for each batch of this rank: batch_size // 2 image-text, the rest region samples.
+
+    Each kind is read as an endless stream of permutations (a fresh one per pass, seeded by
+    (seed, epoch, kind, pass)): the larger kind is read once per epoch and the smaller one cycles,
+    the way the authors draw from two repeating loaders. Global batch b takes stream positions
+    [b * world_size * k, (b + 1) * world_size * k) of a kind with k per rank, and rank r the r-th
+    share of them: ranks are disjoint, and a sample's seed (seed, epoch, kind, position) does not
+    depend on the world size, so two ranks see exactly what one process would in two batches.
+    With only one kind of record, the whole batch is of that kind.
+    """
+
+    def __init__(self, n_texts, n_regions, batch_size, seed=0, rank=0, world_size=1):
+        if n_texts + n_regions == 0:
+            raise ValueError("no pre-training records")
+        if n_texts and n_regions and batch_size < 2:
+            raise ValueError(f"batch_size {batch_size}: half and half needs at least 2 images per batch")
+        half = batch_size // 2 if n_texts and n_regions else (batch_size if n_texts else 0)
+        self.counts, self.per_rank = (n_texts, n_regions), (half, batch_size - half)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start = 0, 0
+        self._perm = {}  # kind -> ((epoch, pass), permutation): only the current pass is kept
+
+    def __len__(self):
+        return max(1, max(n // (k * self.world_size) for n, k in zip(self.counts, self.per_rank) if k))
+
+    def set_position(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+
+    def index(self, epoch, kind, position):
+        cycle, i = divmod(position, self.counts[kind])
+        if self._perm.get(kind, (None,))[0] != (epoch, cycle):
+            perm = np.random.default_rng((self.seed, epoch, kind, cycle)).permutation(self.counts[kind])
+            self._perm[kind] = ((epoch, cycle), perm)
+        return int(self._perm[kind][1][i])
+
+    def batch_keys(self, epoch, batch):
+        keys = []
+        for kind, k in enumerate(self.per_rank):
+            first = (batch * self.world_size + self.rank) * k
+            keys += [(kind, self.index(epoch, kind, p), (self.seed, epoch, kind, p)) for p in range(first, first + k)]
+        return keys
+
+    def __iter__(self):
+        for b in range(self.start, len(self)):
+            yield self.batch_keys(self.epoch, b)
+
+
+class PretrainLoader:
+    """Iterating yields the batches left in the current epoch, then moves on to the next epoch.
+
+    state_dict() is {"epoch", "batch"}: the batches handed out so far in this epoch. Saved with a
+    checkpoint after step k and given back to load_state_dict(), the loader goes on with exactly the
+    batches an uninterrupted run would have seen, whatever the number of workers (randomness is
+    keyed by position, not by worker). If every image of a draw is unreadable the draw is not
+    yielded; its `skipped` count is added to the next batch, so no skip goes unreported.
+    """
+
+    def __init__(self, dataset, sampler, collate, workers=0):
+        self.dataset, self.sampler = dataset, sampler
+        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                                  num_workers=workers, persistent_workers=workers > 0)
+        self.epoch, self.batch, self.carried_skips = 0, 0, 0
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self):
+        self.sampler.set_position(self.epoch, self.batch)
+        for batch in self.loader:
+            self.batch += 1
+            if len(batch["images"]) == 0:
+                self.carried_skips += batch["skipped"]
+                continue
+            batch["skipped"] += self.carried_skips
+            self.carried_skips = 0
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def pretrain_loader(files, image_root, tokenizer, batch_size, image_res, max_tokens, max_regions=5,
+                    workers=0, seed=0, rank=0, world_size=1, crop_scale=(0.2, 1.0), max_words=30):
+    """The pre-training loader: batches of `batch_size` images for this rank, half image-text
+    pairs and half box-annotated images (paper 4.2). Malformed records raise RecordError here.
+
+    Each batch is the dict that XVLM.forward takes (B images, T texts, R region texts):
+      images      float32 [B, 3, res, res]  normalised with MEAN / STD; image-text images first
+      text_ids    int64 [T, L]              [CLS] ... [SEP] [PAD]..., L = longest, <= max_tokens
+      text_mask   bool [T, L]               True = real token
+      text_image  int64 [T]                 index into images of each text's image
+      text_box    int64 [T]                 index into boxes for region texts, -1 for captions
+      boxes       float32 [R, 4]            normalised (cx, cy, w, h) in the transformed image
+      box_image   int64 [R]                 image of each box
+      concept_ids int64 [T]                 visual concept of each text; equal ids are positives
+      skipped     int                       unreadable images in this draw (logged, then skipped)
+    An image-text image brings one of its captions (random resized crop with `crop_scale`, flip);
+    a region image brings its caption if it has one plus up to `max_regions` element texts, the
+    randomly chosen element first (region crop that keeps it whole, flip, resize; boxes keeping
+    less than half their area are dropped). A flip swaps "left" and "right" in the image's texts.
+    Resume with loader.state_dict() / load_state_dict() (see PretrainLoader).
+    """
+    dataset = PretrainDataset(files, image_root, image_res, max_regions, crop_scale, max_words)
+    sampler = PretrainSampler(len(dataset.texts), len(dataset.regions), batch_size, seed, rank, world_size)
+    return PretrainLoader(dataset, sampler, PretrainCollate(tokenizer, max_tokens, image_res), workers)
+
+
+# -----------------------------------------------------------------------------
+# Downstream tasks (paper 4.3 and appendix B)
+#
+# Every dataset has a `collate` for its DataLoader (task_loader wires both); every batch carries
+# `index` (int64 [B], the record of each row, to undo the padding DistributedSampler adds at
+# evaluation) and `skipped` (unreadable images left out of this batch, already logged).
+
+class TaskDataset(torch.utils.data.Dataset):
+    """What the downstream datasets share: records checked at start-up, the authors' transforms,
+    randomness keyed by (seed, epoch, index), texts cleaned and tokenised in `collate`.
+
+    train=True: random resized crop (crop_scale of the area), horizontal flip that swaps "left"
+    and "right" in the texts, resize to image_res. train=False: resize to image_res only.
+    Call set_epoch(e) each epoch (task_loader does; workers must not be persistent).
+    """
+    fmt = None  # key of FORMATS for the records
+    train_fmt = None  # a stricter one for training, where it differs
+
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, train=False, seed=0,
+                 crop_scale=(0.5, 1.0), max_words=30):
+        self.records = load_records(files, (train and self.train_fmt) or self.fmt)
+        self.image_root, self.tokenizer, self.max_tokens = Path(image_root), tokenizer, max_tokens
+        self.image_res, self.train, self.seed = image_res, train, seed
+        self.crop_scale, self.max_words = tuple(crop_scale), max_words
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.records)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def rng(self, index):
+        return np.random.default_rng((self.seed, self.epoch, index))
+
+    def flip(self, rng):
+        return self.train and bool(rng.random() < 0.5)
+
+    def image(self, rel, rng, flip):
+        """Image tensor [3, res, res] through the train or eval transform, or None if unreadable."""
+        img = open_image(self.image_root, rel)
+        if img is None:
+            return None
+        crop = random_resized_crop(*img.size, rng, self.crop_scale) if self.train else (0, 0, *img.size)
+        return to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
+
+    def text(self, raw, flip):
+        text = clean_caption(raw, self.max_words)
+        return swap_left_right(text) if flip else text
+
+    def collate_common(self, samples, text_key="text"):
+        """images, text_ids, text_mask, index, skipped of the readable samples, and those samples."""
+        kept = [s for s in samples if s is not None]
+        text_ids, text_mask = self.tokenizer.encode_batch([s[text_key] for s in kept], self.max_tokens)
+        res = self.image_res
+        batch = {
+            "images": torch.stack([s["image"] for s in kept]) if kept else torch.zeros(0, 3, res, res),
+            "text_ids": text_ids,
+            "text_mask": text_mask,
+            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+            "skipped": len(samples) - len(kept),
+        }
+        return batch, kept
+
+
+class RetrievalTrainDataset(TaskDataset):
+    """Retrieval fine-tuning: one record {"image", "caption", "image_id"} a row.
+
+    Batch: images [B, 3, H, W], text_ids / text_mask [B, L], image_ids int64 [B] (captions of one
+    image share it: they are positives of each other for itc), index, skipped.
+    """
+    fmt = "retrieval_train"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ids = {}
+        self.image_ids = [ids.setdefault(r["image_id"], len(ids)) for r in self.records]
+
+    def __getitem__(self, index):
+        rec, rng = self.records[index], self.rng(index)
+        flip = self.flip(rng)
+        image = self.image(rec["image"], rng, flip)
+        if image is None:
+            return None
+        return {"image": image, "text": self.text(rec["caption"], flip), "image_id": self.image_ids[index], "index": index}
+
+    def collate(self, samples):
+        batch, kept = self.collate_common(samples)
+        batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
+        return batch
+
+
+class RetrievalEvalDataset(TaskDataset):
+    """Retrieval evaluation: records {"image", "caption": [str, ...]}; items are the images.
+
+    Attributes: texts (all captions, cleaned, in record order), txt2img[t] = image of text t,
+    img2txt[i] = texts of image i. Batch: images [B, 3, H, W] (resized, no augmentation),
+    index int64 [B] (image numbers), skipped. Tokenise `texts` with the tokenizer in chunks.
+    """
+    fmt = "retrieval_eval"
+
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, max_words=30):
+        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False, max_words=max_words)
+        self.images = [r["image"] for r in self.records]
+        self.texts, self.txt2img, self.img2txt = [], [], []
+        for i, rec in enumerate(self.records):
+            captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
+            self.img2txt.append(list(range(len(self.texts), len(self.texts) + len(captions))))
+            self.texts += [clean_caption(c, max_words) for c in captions]
+            self.txt2img += [i] * len(captions)
+
+    def __getitem__(self, index):
+        image = self.image(self.records[index]["image"], None, False)
+        return None if image is None else {"image": image, "index": index}
+
+    def collate(self, samples):
+        kept = [s for s in samples if s is not None]
+        res = self.image_res
+        return {"images": torch.stack([s["image"] for s in kept]) if kept else torch.zeros(0, 3, res, res),
+                "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+                "skipped": len(samples) - len(kept)}
+
+
+def read_answer_list(path):
+    """answer_list.json: a JSON list of the candidate answers (strings) VQA ranks at inference."""
+    answers, _ = read_records(path)
+    for i, a in enumerate(answers):
+        if not isinstance(a, str) or not a.strip():
+            raise RecordError(f"{path}: record {i}: must be a non-empty answer string, got {a!r}")
+    return answers
+
+
+class VQADataset(TaskDataset):
+    """VQA: records {"question_id", "question", "image", "answer": [str] | str, "dataset"}.
+
+    Answer weights follow the authors: an answer given by k of the n annotators weighs k / n; a
+    Visual Genome answer ("dataset": "vg") weighs 0.5. A flip swaps left/right in the question
+    and in the answers. Batch: images [B, 3, H, W], text_ids / text_mask [B, L] (questions),
+    answers list[list[str]] (distinct answers of each question, [] without annotations),
+    counts list[list[int]] (k, for VQA accuracy min(k / 3, 1)), weights list[list[float]],
+    question_ids list, index, skipped.
+    """
+    fmt, train_fmt = "vqa", "vqa_train"
+
+    def __getitem__(self, index):
+        rec, rng = self.records[index], self.rng(index)
+        flip = self.flip(rng)
+        image = self.image(rec["image"], rng, flip)
+        if image is None:
+            return None
+        given = rec.get("answer", [])
+        given = [given] if isinstance(given, str) else given
+        given = [swap_left_right(a) if flip else a for a in given]
+        answers = sorted(set(given), key=given.index)
+        counts = [given.count(a) for a in answers]
+        weights = [0.5] * len(answers) if rec.get("dataset") == "vg" else [k / len(given) for k in counts]
+        return {"image": image, "text": self.text(rec["question"], flip), "answers": answers, "counts": counts,
+                "weights": weights, "question_id": rec["question_id"], "index": index}
+
+    def collate(self, samples):
+        batch, kept = self.collate_common(samples)
+        for key in ("answers", "counts", "weights"):
+            batch[key] = [s[key] for s in kept]
+        batch["question_ids"] = [s["question_id"] for s in kept]
+        return batch
+
+
+def collate_pairs(dataset, samples):
+    """images, images2, text_ids, text_mask, labels, index, skipped for the two-image tasks."""
+    batch, kept = dataset.collate_common(samples)
+    res = dataset.image_res
+    batch["images2"] = torch.stack([s["image2"] for s in kept]) if kept else torch.zeros(0, 3, res, res)
+    batch["labels"] = torch.tensor([s["label"] for s in kept], dtype=torch.long)
+    return batch
+
+
+class NLVR2Dataset(TaskDataset):
+    """NLVR2: records {"images": [a, b], "sentence", "label": "True" | "False"}.
+
+    Both images of a pair share one flip decision, so the sentence (left/right swapped) stays true
+    of the pair. Batch: images [B, 3, H, W] (image 1), images2 [B, 3, H, W] (image 2),
+    text_ids / text_mask [B, L], labels int64 [B] (1 = True), index, skipped.
+    """
+    fmt = "nlvr2"
+
+    def __getitem__(self, index):
+        rec, rng = self.records[index], self.rng(index)
+        flip = self.flip(rng)
+        image, image2 = (self.image(p, rng, flip) for p in rec["images"])
+        if image is None or image2 is None:
+            return None
+        return {"image": image, "image2": image2, "text": self.text(rec["sentence"], flip),
+                "label": int(rec["label"] == "True"), "index": index}
+
+    def collate(self, samples):
+        return collate_pairs(self, samples)
+
+
+class NLVR2AssignDataset(TaskDataset):
+    """The NLVR2 pre-step (appendix B): given two images and a text, say whether the text belongs to
+    image 1, image 2 or neither. Built from image-text pre-training records (region records with a
+    caption count too); label 0 = image 1, 1 = image 2, 2 = neither, drawn uniformly.
+
+    Batch: as NLVR2Dataset, labels in {0, 1, 2}.
+    """
+    fmt = "pretrain"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records = [r for r in self.records if "caption" in r]
+        if len({r["image"] for r in self.records}) < 3:
+            raise ValueError("text assignment needs captions of at least 3 distinct images")
+
+    def other(self, rng, *images):
+        """A random record whose image is none of `images`."""
+        while True:
+            j = int(rng.integers(len(self.records)))
+            if self.records[j]["image"] not in images:
+                return j
+
+    def __getitem__(self, index):
+        rec, rng = self.records[index], self.rng(index)
+        label = int(rng.integers(3))
+        partner = self.records[self.other(rng, rec["image"])]
+        text = pick(rng, rec["caption"])
+        if label == 2:
+            text = pick(rng, self.records[self.other(rng, rec["image"], partner["image"])]["caption"])
+        first, second = (partner, rec) if label == 1 else (rec, partner)
+        flip = self.flip(rng)
+        image, image2 = self.image(first["image"], rng, flip), self.image(second["image"], rng, flip)
+        if image is None or image2 is None:
+            return None
+        return {"image": image, "image2": image2, "text": self.text(text, flip), "label": label, "index": index}
+
+    def collate(self, samples):
+        return collate_pairs(self, samples)
+
+
+def read_proposals(path):
+    """Proposal boxes for weakly supervised grounding: {image path: [[x, y, w, h], ...]}."""
+    value, _ = read_json(path)
+    if not isinstance(value, dict):
+        raise RecordError(f"{path}: expected a JSON object {{image: [[x, y, w, h], ...]}}, got a {type(value).__name__}")
+    for image, boxes in value.items():
+        out = []
+        if not isinstance(boxes, list):
+            out.append(("(boxes)", f"must be a list of boxes, got {boxes!r}"))
+        else:
+            for j, box in enumerate(boxes):
+                _box(box, f"[{j}]", out)
+        if out:
+            raise RecordError(f"{path}: image {image!r}: field '{out[0][0]}': {out[0][1]}")
+    return value
+
+
+class GroundingDataset(TaskDataset):
+    """RefCOCO+-style grounding: records {"image", "text", "bbox": [x, y, w, h]}.
+
+    Images are only resized (train and eval), so boxes stay valid: a box normalised by the
+    original size is the box of the resized image (IoU does not change under per-axis scaling).
+    Batch: images [B, 3, H, W], text_ids / text_mask [B, L], boxes float32 [B, 4] (normalised
+    (cx, cy, w, h) of the target), image_sizes int64 [B, 2] (original W, H), index, skipped; with
+    `proposals` (read_proposals file) also proposals float32 [B, P, 4] (normalised cxcywh,
+    zero-padded) and proposal_mask bool [B, P].
+    """
+    fmt = "grounding"
+
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, proposals=None, max_words=30):
+        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False, max_words=max_words)
+        self.proposals = None if proposals is None else read_proposals(proposals)
+        if self.proposals is not None:
+            missing = [r["image"] for r in self.records if r["image"] not in self.proposals]
+            if missing:
+                raise RecordError(f"{proposals}: no proposals for image {missing[0]!r} ({len(missing)} images lack them)")
+
+    def __getitem__(self, index):
+        rec = self.records[index]
+        img = open_image(self.image_root, rec["image"])
+        if img is None:
+            return None
+        W, H = img.size
+        image = to_tensor(img.resize((self.image_res, self.image_res), Image.BICUBIC))
+        # the target clipped to the image (annotations may run a pixel past the border)
+        x0, y0, w, h = rec["bbox"]
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+        sample = {"image": image, "text": clean_caption(rec["text"], self.max_words), "index": index,
+                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "size": (W, H)}
+        if self.proposals is not None:
+            sample["proposals"] = xywh_to_cxcywh(self.proposals[rec["image"]], W, H)
+        return sample
+
+    def collate(self, samples):
+        batch, kept = self.collate_common(samples)
+        batch["boxes"] = torch.stack([s["box"] for s in kept]) if kept else torch.zeros(0, 4)
+        batch["image_sizes"] = torch.tensor([s["size"] for s in kept], dtype=torch.long).reshape(-1, 2)
+        if self.proposals is not None:
+            most = max((len(s["proposals"]) for s in kept), default=0)
+            batch["proposals"] = torch.zeros(len(kept), most, 4)
+            batch["proposal_mask"] = torch.zeros(len(kept), most, dtype=torch.bool)
+            for i, s in enumerate(kept):
+                batch["proposals"][i, :len(s["proposals"])] = s["proposals"]
+                batch["proposal_mask"][i, :len(s["proposals"])] = True
+        return batch
+
+
+def task_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_size=1, epoch=0):
+    """DataLoader over this rank's share of a downstream dataset, for epoch `epoch`.
+
+    Training shuffles (seeded by seed + epoch) and drops the last partial batch; evaluation keeps
+    the order and pads the last rank with repeats (DistributedSampler): drop rows by `index`.
+    """
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
+                                                  seed=seed, drop_last=train)
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=dataset.collate, drop_last=train)
+
+
+# -----------------------------------------------------------------------------
+# Chance: what a model that learns nothing scores, in percent like the metrics themselves
+
+def box_iou(a, b):
+    """IoU of pixel or normalised (x, y, w, h) boxes a [n, 4] and b [m, 4] -> [n, m]."""
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2])
+    y1 = np.minimum(a[:, None, 1] + a[:, None, 3], b[None, :, 1] + b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    union = a[:, None, 2] * a[:, None, 3] + b[None, :, 2] * b[None, :, 3] - inter
+    return inter / np.maximum(union, 1e-12)
+
+
+def retrieval_chance(img2txt, n_texts, ks=(1, 5, 10)):
+    """R@k of a random ranking: image retrieval k / n_images; text retrieval P(one of the image's
+    c captions is among k of n_texts) = 1 - C(n - c, k) / C(n, k). Names as the authors' metrics."""
+    n_images = len(img2txt)
+    out = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100 * float(np.mean([1 - math.comb(n_texts - len(t), k) / math.comb(n_texts, k) for t in img2txt]))
+        out[f"img_r{k}"] = 100 * min(k, n_images) / n_images
+    out["txt_r_mean"] = float(np.mean([out[f"txt_r{k}"] for k in ks]))
+    out["img_r_mean"] = float(np.mean([out[f"img_r{k}"] for k in ks]))
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def _answers(rec):
+    return rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
+
+
+def vqa_accuracy(answer, given):
+    """VQA accuracy of one predicted answer: min(#annotators who gave it / 3, 1)."""
+    return min(given.count(answer) / 3, 1.0)
+
+
+def vqa_chance(train_records, test_records, answer_list):
+    """'prior': answer each test question with the most frequent training answer of its question
+    type (first three words, VQA's question-type heuristic), i.e. what a model that ignores the
+    image can reach; 'uniform': a uniformly random candidate from the answer list."""
+    by_type, overall = {}, {}
+    for rec in train_records:
+        key = " ".join(clean_caption(rec["question"]).split()[:3])
+        for a in _answers(rec):
+            by_type.setdefault(key, {}).setdefault(a, 0)
+            by_type[key][a] += 1
+            overall[a] = overall.get(a, 0) + 1
+    fallback = max(overall, key=overall.get)
+    prior, uniform = [], []
+    for rec in test_records:
+        given = _answers(rec)
+        counts = by_type.get(" ".join(clean_caption(rec["question"]).split()[:3]))
+        prior.append(vqa_accuracy(max(counts, key=counts.get) if counts else fallback, given))
+        uniform.append(np.mean([vqa_accuracy(a, given) for a in answer_list]))
+    return {"prior": 100 * float(np.mean(prior)), "uniform": 100 * float(np.mean(uniform))}
+
+
+def nlvr2_chance(train_records, test_records):
+    """'majority': always answer the label most frequent in training."""
+    majority = max(("True", "False"), key=[r["label"] for r in train_records].count)
+    return {"majority": 100 * float(np.mean([r["label"] == majority for r in test_records]))}
+
+
+def grounding_chance(train_records, test_records, image_root, proposals=None):
+    """'box_mean': predict the mean normalised training box for every expression (box accuracy,
+    IoU >= 0.5); 'proposal_random' (with proposals): pick one of the image's proposals at random."""
+    sizes = {}
+
+    def normalised(rec):
+        if rec["image"] not in sizes:
+            with Image.open(Path(image_root) / rec["image"]) as img:
+                sizes[rec["image"]] = img.size
+        W, H = sizes[rec["image"]]
+        x, y, w, h = rec["bbox"]
+        return [x / W, y / H, w / W, h / H]
+
+    mean_box = np.mean([normalised(r) for r in train_records], axis=0)
+    out = {"box_mean": 100 * float(np.mean([box_iou(normalised(r), mean_box)[0, 0] >= 0.5 for r in test_records]))}
+    if proposals is not None:
+        out["proposal_random"] = 100 * float(np.mean([(box_iou(r["bbox"], proposals[r["image"]]) >= 0.5).mean()
+                                                      for r in test_records]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The synthetic world
+#
+# Images of 2-4 flat shapes (kind, colour, size) on a lightly mottled background, 96-128 px a side,
+# and texts at three granularities: captions listing the shapes, object texts ("red circle") with
+# their boxes, and region texts relating two shapes ("red circle left of blue square") with the
+# union box. Shapes often share a colour or a kind with another shape of the image, so a bag of
+# words does not identify an object: only binding colour to shape to place does.
+
+# What synthesize() writes, relative to its output directory. Images live under images/, and
+# every "image" field is relative to it (pass image_root = OUT/images).
+SYNTH_FILES = {
+    "vocab": "vocab.txt",                               # BERT special ids + the world's words
+    "images": "images",                                 # images/{pretrain,train,val,test}/NNNNN.png
+    "pretrain_captions": "pretrain_captions.json",      # image-text records (JSON list)
+    "pretrain_regions": "pretrain_regions.jsonl",       # region records (JSON lines), other images
+    "retrieval_train": "retrieval_train.json",          # one caption a record, with image_id
+    "retrieval_val": "retrieval_val.json",              # five captions per image
+    "retrieval_test": "retrieval_test.json",
+    "vqa_train": "vqa_train.json",                      # three questions per image, ten answers each
+    "vqa_val": "vqa_val.json",
+    "vqa_test": "vqa_test.json",
+    "answer_list": "answer_list.json",                  # every possible answer
+    "nlvr2_train": "nlvr2_train.json",                  # image pairs with a true/false sentence
+    "nlvr2_val": "nlvr2_val.json",
+    "nlvr2_test": "nlvr2_test.json",
+    "grounding_train": "grounding_train.json",          # unambiguous expressions with their box
+    "grounding_val": "grounding_val.json",
+    "grounding_test": "grounding_test.json",
+    "grounding_proposals": "grounding_proposals.json",  # all shape boxes + 2 decoys per image
+    "chance": "chance.json",                            # chance_levels() of the val and test splits
+}
+
+COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (230, 205, 30),
+           "green": (40, 160, 60), "blue": (35, 85, 215), "purple": (140, 55, 185)}
+KINDS = ("circle", "square", "triangle", "cross")
+SIZES = {"small": (16, 20), "large": (26, 32)}  # side in pixels: a small one covers ~1.5 patches at 64 px
+RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+# Every word the world's texts use (test_synth_texts_need_no_unknown_token keeps this honest).
+WORDS = sorted(set(" ".join([
+    *COLOURS, *KINDS, *SIZES, *NUMBERS, *(k + ("es" if k.endswith("s") else "s") for k in KINDS),
+    "a an the and of with picture shapes shape object objects from to left right above below",
+    "what color is are there how many in total both images image contains contain exactly",
+    "one on at top bottom yes no or neither shows",
+]).split()))
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    box: tuple  # (x, y, w, h) in pixels
+
+    @property
+    def name(self):
+        return f"{self.colour} {self.kind}"
+
+
+def plural(kind):
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
+def with_article(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def join_words(items):
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def relations(a, b):
+    """The relations that strictly hold of shape a to shape b (boxes separated along that axis)."""
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a.box, b.box
+    return [r for r, holds in (("left of", ax + aw <= bx), ("right of", bx + bw <= ax),
+                               ("above", ay + ah <= by), ("below", by + bh <= ay)) if holds]
+
+
+def union_box(a, b):
+    x0, y0 = min(a.box[0], b.box[0]), min(a.box[1], b.box[1])
+    x1 = max(a.box[0] + a.box[2], b.box[0] + b.box[2])
+    y1 = max(a.box[1] + a.box[3], b.box[1] + b.box[3])
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def make_scene(rng):
+    """(width, height, shapes): 2-4 non-overlapping shapes, each sharing its colour or its kind
+    with an earlier one 30% of the time each, so that colour and kind must be bound to tell them apart."""
+    width, height = int(rng.integers(96, 129)), int(rng.integers(96, 129))
+    shapes = []
+    for _ in range(int(rng.integers(2, 5))):
+        colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(KINDS))
+        r = rng.random()
+        if shapes and r < 0.3:
+            colour = pick(rng, shapes).colour
+        elif shapes and r < 0.6:
+            kind = pick(rng, shapes).kind
+        size = str(rng.choice(list(SIZES)))
+        side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
+        for _ in range(100):  # rejection sampling of a free spot, 4 px clear of the others
+            x, y = int(rng.integers(2, width - side - 1)), int(rng.integers(2, height - side - 1))
+            if all(x + side + 4 <= s.box[0] or s.box[0] + s.box[2] + 4 <= x or
+                   y + side + 4 <= s.box[1] or s.box[1] + s.box[3] + 4 <= y for s in shapes):
+                shapes.append(Shape(kind, colour, size, (x, y, side, side)))
+                break
+    return width, height, shapes
+
+
+def draw_scene(width, height, shapes, rng):
+    """The scene as an RGB image: a soft mottled background, each shape in a slightly jittered colour."""
+    base = rng.integers(195, 241, 3)
+    blotches = (base + rng.integers(-12, 13, (4, 4, 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(blotches).resize((width, height), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for s in shapes:
+        fill = tuple(int(c) for c in np.clip(np.array(COLOURS[s.colour]) + rng.integers(-12, 13, 3), 0, 255))
+        x, y, w, h = s.box
+        if s.kind == "circle":
+            draw.ellipse((x, y, x + w - 1, y + h - 1), fill=fill)
+        elif s.kind == "square":
+            draw.rectangle((x, y, x + w - 1, y + h - 1), fill=fill)
+        elif s.kind == "triangle":
+            draw.polygon([(x + w / 2, y), (x + w - 1, y + h - 1), (x, y + h - 1)], fill=fill)
+        else:  # cross: two bars a third of the side thick
+            t = w // 3
+            draw.rectangle((x, y + (h - t) // 2, x + w - 1, y + (h + t) // 2 - 1), fill=fill)
+            draw.rectangle((x + (w - t) // 2, y, x + (w + t) // 2 - 1, y + h - 1), fill=fill)
+    return img
+
+
+def sentence(text, end="."):
+    return text[0].upper() + text[1:] + end
+
+
+def listing(shapes, sized=False):
+    """'two red circles, a blue square and a green cross' (identical shapes counted together)."""
+    names = [f"{s.size} {s.name}" if sized else s.name for s in shapes]
+    groups = sorted(set(names), key=names.index)
+    return join_words([with_article(n) if names.count(n) == 1 else f"{NUMBERS[names.count(n)]} {plural_name(n)}"
+                       for n in groups])
+
+
+def plural_name(name):
+    *adjectives, kind = name.split()
+    return " ".join(adjectives + [plural(kind)])
+
+
+def caption_templates(shapes, rng):
+    """Every caption this scene allows, one per template, in template order."""
+    order = [shapes[i] for i in rng.permutation(len(shapes))]
+    out = [listing(order), "a picture of " + listing(order), f"{NUMBERS[len(shapes)]} shapes: " + listing(order),
+           listing(order, sized=True)]
+    by_x = sorted(shapes, key=lambda s: s.box[0])
+    if all("left of" in relations(a, b) for a, b in zip(by_x, by_x[1:])):
+        out.append("from left to right: " + join_words([with_article(s.name) for s in by_x]))
+    pairs = [(a, b, r) for a in order for b in order if a is not b for r in relations(a, b)]
+    if pairs:
+        a, b, r = pairs[int(rng.integers(len(pairs)))]
+        rest = [s for s in order if s is not a and s is not b]
+        out.append(f"{with_article(a.name)} {r} {with_article(b.name)}" + (f", with {listing(rest)}" if rest else ""))
+    return out
+
+
+def captions(shapes, rng, k):
+    """k captions from distinct templates (fewer if the scene allows fewer), as sentences."""
+    options = caption_templates(shapes, rng)
+    return [sentence(options[i]) for i in sorted(rng.permutation(len(options))[:k].tolist())]
+
+
+def unique_shapes(shapes):
+    """Shapes that their name ('red circle') alone picks out in the scene."""
+    names = [s.name for s in shapes]
+    return [s for s in shapes if names.count(s.name) == 1]
+
+
+def region_elems(shapes, rng, max_relations=3):
+    """Object texts (attributes + caption, as Visual Genome) and up to max_relations region texts
+    relating two uniquely named shapes, with the union box."""
+    elems = [{"caption": s.kind, "attributes": f"{s.size} {s.colour}" if rng.random() < 0.3 else s.colour,
+              "bb": list(s.box)} for s in shapes]
+    named = unique_shapes(shapes)
+    pairs = [(a, b) for i, a in enumerate(named) for b in named[i + 1:]]
+    for i in rng.permutation(len(pairs))[:max_relations].tolist():
+        a, b = pairs[i] if rng.random() < 0.5 else pairs[i][::-1]
+        # shapes are placed apart along at least one axis, so some relation always holds
+        elems.append({"caption": f"{a.name} {pick(rng, relations(a, b))} {b.name}", "bb": union_box(a, b)})
+    return elems
+
+
+def vqa_questions(shapes, rng, k):
+    """k (question, answer) pairs of distinct types among those the scene allows."""
+    kinds, colours, named = [s.kind for s in shapes], [s.colour for s in shapes], unique_shapes(shapes)
+    options = []
+    if any(kinds.count(s.kind) == 1 for s in shapes):
+        s = pick(rng, [s for s in shapes if kinds.count(s.kind) == 1])
+        options.append((f"what color is the {s.kind}", s.colour))
+    if any(colours.count(s.colour) == 1 for s in shapes):
+        s = pick(rng, [s for s in shapes if colours.count(s.colour) == 1])
+        options.append((f"what shape is the {s.colour} object", s.kind))
+    kind = str(rng.choice(KINDS))
+    options.append((f"how many {plural(kind)} are there", str(kinds.count(kind))))
+    colour = pick(rng, colours) if rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
+    options.append((f"how many {colour} objects are there", str(colours.count(colour))))
+    options.append(("how many objects are there", str(len(shapes))))
+    present = {s.name for s in shapes}
+    if rng.random() < 0.5:
+        options.append((f"is there {with_article(pick(rng, shapes).name)}", "yes"))
+    else:  # prefer a decoy whose colour and kind are both in the image, on different shapes
+        decoys = [f"{c} {k}" for c in set(colours) for k in set(kinds) if f"{c} {k}" not in present]
+        decoys = decoys or [f"{c} {k}" for c in COLOURS for k in KINDS if f"{c} {k}" not in present]
+        options.append((f"is there {with_article(pick(rng, decoys))}", "no"))
+    pairs = [(a, b, r) for a in named for b in named if a is not b for r in relations(a, b)]
+    if pairs:
+        a, b, r = pick(rng, pairs)
+        asked, answer = (r, "yes") if rng.random() < 0.5 else (RELATIONS[r], "no")
+        options.append((f"is the {a.name} {asked} the {b.name}", answer))
+        a, b, r = pick(rng, pairs)
+        axis = "left or right of" if r in ("left of", "right of") else "above or below"
+        options.append((f"is the {a.name} {axis} the {b.name}", r.split()[0]))
+    return [(sentence(q, "?"), a) for q, a in (options[i] for i in sorted(rng.permutation(len(options))[:k].tolist()))]
+
+
+VQA_ANSWERS = [*COLOURS, *KINDS, *(str(n) for n in range(5)), "yes", "no", "left", "right", "above", "below"]
+
+
+def nlvr2_statement(pair, rng, want):
+    """A sentence about two scenes whose truth is `want`, or None if none was found in 200 tries."""
+    everything = pair[0] + pair[1]
+    for _ in range(200):
+        template = int(rng.integers(5))
+        s = pick(rng, everything)
+        has = [any(t.name == s.name for t in shapes) for shapes in pair]
+        if template == 0:
+            text, truth = f"both images contain {with_article(s.name)}", all(has)
+        elif template == 1:
+            text, truth = f"exactly one image contains {with_article(s.name)}", has[0] != has[1]
+        elif template in (2, 3):
+            attribute = "kind" if template == 2 else "colour"
+            total = sum(getattr(t, attribute) == getattr(s, attribute) for t in everything)
+            n = max(2, total + int(rng.integers(-1, 2)))
+            what = plural(s.kind) if template == 2 else f"{s.colour} shapes"
+            text, truth = f"there are {NUMBERS[n]} {what} in total", n == total
+        else:
+            shapes = pick(rng, list(pair))
+            if len(shapes) < 2:
+                continue
+            a, b = (shapes[i] for i in rng.permutation(len(shapes))[:2])
+            r = str(rng.choice(list(RELATIONS)))
+            truth = any(x.name == a.name and y.name == b.name and r in relations(x, y)
+                        for shapes in pair for x in shapes for y in shapes if x is not y)
+            text = f"one image shows {with_article(a.name)} {r} {with_article(b.name)}"
+        if truth == want:
+            return sentence(text)
+    return None
+
+
+def referring_expression(shapes, target, rng):
+    """An expression that picks out `target` alone, or None: its name (or kind / colour alone when
+    that is unique), else its size, else its place among the look-alikes."""
+    same = [s for s in shapes if s.name == target.name]
+    if len(same) == 1:
+        options = [target.name]
+        if [s.kind for s in shapes].count(target.kind) == 1:
+            options.append(target.kind)
+        if [s.colour for s in shapes].count(target.colour) == 1:
+            options.append(f"{target.colour} shape")
+        text = pick(rng, options)
+    elif [s.size for s in same].count(target.size) == 1:
+        text = f"{target.size} {target.name}"
+    else:
+        others = [s for s in same if s is not target]
+        places = [p for p, r in (("on the left", "left of"), ("on the right", "right of"),
+                                 ("at the top", "above"), ("at the bottom", "below"))
+                  if all(r in relations(target, o) for o in others)]
+        if not places:
+            return None
+        text = f"{target.name} {pick(rng, places)}"
+    return ("the " if rng.random() < 0.5 else "") + text
+
+
+def synth_vocab():
+    """[PAD], [unused0-98], [UNK], [CLS], [SEP], [MASK] at BERT's ids, then punctuation, digits,
+    letters, the world's words and the letters as word pieces (so any text can be spelled)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+              *".,?!'\"-:;/()", *"0123456789", *letters]
+    tokens += [w for w in WORDS if w not in tokens] + [f"##{c}" for c in letters]
+    return tokens
+
+
+def write_json(path, records, lines=False):
+    """A JSON list with one record a line (diff-friendly), or JSON lines."""
+    rows = [json.dumps(r) for r in records]
+    Path(path).write_text("\n".join(rows) + "\n" if lines else "[\n" + ",\n".join(rows) + "\n]\n")
+
+
+def synthesize(out_dir, images=4000, seed=0):
+    """Write the synthetic world under out_dir (layout: SYNTH_FILES) and return its chance levels.
+
+    `images` pre-training images (half with captions only, half with boxes), plus downstream image
+    pools train = images // 4, val = test = images // 20 (at least 8 / 6), shared by the tasks as
+    COCO's are. Every file is a function of the seed alone.
+    """
+    out = Path(out_dir)
+    pools = {"pretrain": images, "train": max(8, images // 4), "val": max(6, images // 20), "test": max(6, images // 20)}
+    scenes = {}
+    for p, (pool, n) in enumerate(pools.items()):
+        (out / "images" / pool).mkdir(parents=True, exist_ok=True)
+        scenes[pool] = []
+        for i in range(n):
+            rng = np.random.default_rng((seed, p, i))
+            width, height, shapes = make_scene(rng)
+            path = f"{pool}/{i:05d}.png"
+            draw_scene(width, height, shapes, rng).save(out / "images" / path, compress_level=1)
+            scenes[pool].append((path, shapes))
+
+    def rng(task, pool, i):  # one stream per (task, pool, image): the tasks do not shift each other
+        return np.random.default_rng((seed, 1000 + task, list(pools).index(pool), i))
+
+    pre = scenes["pretrain"]
+    half = len(pre) // 2
+    write_json(out / SYNTH_FILES["pretrain_captions"],
+               [{"image": path, "caption": captions(shapes, rng(0, "pretrain", i), 3)} for i, (path, shapes) in enumerate(pre[:half])])
+    write_json(out / SYNTH_FILES["pretrain_regions"],
+               [{"image": path, "caption": captions(shapes, rng(0, "pretrain", i), 1)[0],
+                 "elems": region_elems(shapes, rng(1, "pretrain", i))} for i, (path, shapes) in enumerate(pre[half:], half)],
+               lines=True)
+    write_json(out / SYNTH_FILES["retrieval_train"],
+               [{"image": path, "caption": c, "image_id": f"train_{i}"}
+                for i, (path, shapes) in enumerate(scenes["train"]) for c in captions(shapes, rng(2, "train", i), 3)])
+    for split in ("val", "test"):
+        write_json(out / SYNTH_FILES[f"retrieval_{split}"],
+                   [{"image": path, "caption": captions(shapes, rng(2, split, i), 5)} for i, (path, shapes) in enumerate(scenes[split])])
+    write_json(out / SYNTH_FILES["answer_list"], VQA_ANSWERS)
+    for split in ("train", "val", "test"):
+        # ten annotators who all agree, as VQA's ten answers per question
+        write_json(out / SYNTH_FILES[f"vqa_{split}"],
+                   [{"question_id": i * 10 + j, "question": q, "answer": [a] * 10, "image": path, "dataset": "vqa"}
+                    for i, (path, shapes) in enumerate(scenes[split]) for j, (q, a) in enumerate(vqa_questions(shapes, rng(3, split, i), 3))])
+        records = []
+        pool = scenes[split]
+        for i in range(len(pool) * 2 if split != "train" else len(pool)):
+            r = rng(4, split, i)
+            a, b = (pool[j] for j in r.choice(len(pool), 2, replace=False))
+            label = bool(r.random() < 0.5)
+            text = nlvr2_statement((a[1], b[1]), r, label)
+            if text is not None:
+                records.append({"images": [a[0], b[0]], "sentence": text, "label": str(label)})
+        write_json(out / SYNTH_FILES[f"nlvr2_{split}"], records)
+        records = []
+        for i, (path, shapes) in enumerate(pool):
+            r = rng(5, split, i)
+            for target in [shapes[j] for j in r.permutation(len(shapes))[:2]]:
+                text = referring_expression(shapes, target, r)
+                if text is not None:
+                    records.append({"image": path, "text": text, "bbox": list(target.box)})
+        write_json(out / SYNTH_FILES[f"grounding_{split}"], records)
+    proposals = {}
+    for split in ("train", "val", "test"):
+        for i, (path, shapes) in enumerate(scenes[split]):
+            r = rng(6, split, i)
+            with Image.open(out / "images" / path) as img:
+                W, H = img.size
+            decoys = []
+            for _ in range(2):  # boxes of shape size in random places: a proposal need not hold a shape
+                side = int(r.integers(SIZES["small"][0], SIZES["large"][1] + 1))
+                decoys.append([int(r.integers(0, W - side)), int(r.integers(0, H - side)), side, side])
+            boxes = [list(s.box) for s in shapes] + decoys
+            proposals[path] = [boxes[j] for j in r.permutation(len(boxes))]
+    (out / SYNTH_FILES["grounding_proposals"]).write_text(json.dumps(proposals) + "\n")
+    (out / SYNTH_FILES["vocab"]).write_text("\n".join(synth_vocab()) + "\n")
+    chance = chance_levels(out)
+    (out / SYNTH_FILES["chance"]).write_text(json.dumps(chance, indent=1) + "\n")
+    return chance
+
+
+def chance_levels(root):
+    """Chance of every downstream metric on the val and test splits of a synthesized world (percent)."""
+    root = Path(root)
+
+    def records(key):
+        return read_records(root / SYNTH_FILES[key])[0]
+
+    out = {}
+    for split in ("val", "test"):
+        retrieval = records(f"retrieval_{split}")
+        img2txt, n = [], 0
+        for rec in retrieval:
+            img2txt.append(list(range(n, n + len(rec["caption"]))))
+            n += len(rec["caption"])
+        out[f"retrieval_{split}"] = retrieval_chance(img2txt, n)
+        out[f"vqa_{split}"] = vqa_chance(records("vqa_train"), records(f"vqa_{split}"), records("answer_list"))
+        out[f"nlvr2_{split}"] = nlvr2_chance(records("nlvr2_train"), records(f"nlvr2_{split}"))
+        out[f"grounding_{split}"] = grounding_chance(records("grounding_train"), records(f"grounding_{split}"),
+                                                     root / SYNTH_FILES["images"],
+                                                     read_proposals(root / SYNTH_FILES["grounding_proposals"]))
+    return out

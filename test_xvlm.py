@@ -165,3 +165,252 @@ def test_transparent_pixels_load_as_white(tmp_path):
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     img.save(tmp_path / "clear.png")
     assert np.asarray(data.load_image(tmp_path / "clear.png")).min() == 255
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny synthetic world: 24 pre-training images, 8 train, 6 val and 6 test images."""
+    root = tmp_path_factory.mktemp("world")
+    data.synthesize(root, images=24, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def world_tok(world):
+    return data.Tokenizer(world / data.SYNTH_FILES["vocab"])
+
+
+def world_files(root, *keys):
+    return [root / data.SYNTH_FILES[k] for k in keys]
+
+
+def tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_same_seed_same_world_other_seed_other_world(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        data.synthesize(tmp_path / name, images=12, seed=seed)
+    a, b, c = (tree_bytes(tmp_path / n) for n in "abc")
+    assert set(a) == {f for f in data.SYNTH_FILES.values() if f != "images"} | {f for f in a if f.startswith("images/")}
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["retrieval_test.json"] != c["retrieval_test.json"]
+    assert a["images/train/00000.png"] != c["images/train/00000.png"]
+
+
+def all_texts(root):
+    """Every text the world's files hold."""
+    texts = []
+    for key in ("pretrain_captions", "pretrain_regions", "retrieval_train", "retrieval_val", "retrieval_test"):
+        for rec in data.read_records(root / data.SYNTH_FILES[key])[0]:
+            caps = rec.get("caption", [])
+            texts += caps if isinstance(caps, list) else [caps]
+            texts += [f"{e.get('attributes', '')} {e['caption']}" for e in rec.get("elems", [])]
+    for split in ("train", "val", "test"):
+        texts += [r["question"] + " " + r["answer"][0] for r in data.read_records(root / f"vqa_{split}.json")[0]]
+        texts += [r["sentence"] for r in data.read_records(root / f"nlvr2_{split}.json")[0]]
+        texts += [r["text"] for r in data.read_records(root / f"grounding_{split}.json")[0]]
+    return texts
+
+
+def test_synth_vocab_keeps_bert_ids_and_spells_every_text(world, world_tok):
+    tok = world_tok
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    assert tok.vocab_size < 400
+    texts = all_texts(world)
+    ids, mask = tok.encode_batch([data.clean_caption(t) for t in texts], max_tokens=64)
+    assert len(texts) > 100 and not (ids == tok.unk_id).any()
+    assert tok.decode(tok.encode_batch(["Red circle left of a blue square."], 25)[0][0]) == "red circle left of a blue square."
+
+
+def test_synth_relations_are_geometrically_true(world):
+    checked = 0
+    for rec in data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]:
+        objects = {}
+        for e in rec["elems"]:
+            if "attributes" in e:
+                objects.setdefault(f"{e['attributes'].split()[-1]} {e['caption']}", []).append(e["bb"])
+        for e in rec["elems"]:
+            if "attributes" not in e:
+                words = e["caption"].split()
+                a, rel, b = " ".join(words[:2]), " ".join(words[2:-2]), " ".join(words[-2:])
+                (ax, ay, aw, ah), = objects[a]
+                (bx, by, bw, bh), = objects[b]
+                assert {"left of": ax + aw <= bx, "right of": bx + bw <= ax, "above": ay + ah <= by, "below": by + bh <= ay}[rel]
+                assert e["bb"] == [min(ax, bx), min(ay, by), max(ax + aw, bx + bw) - min(ax, bx), max(ay + ah, by + bh) - min(ay, by)]
+                checked += 1
+    assert checked > 5
+
+
+def test_synth_chance_levels_are_low(world):
+    chance = json.loads((world / data.SYNTH_FILES["chance"]).read_text())
+    test = chance["retrieval_test"]
+    assert test["img_r1"] == pytest.approx(100 / 6) and 0 < test["txt_r1"] < 100
+    assert chance["vqa_test"]["uniform"] == pytest.approx(100 / len(data.VQA_ANSWERS))
+    assert chance["vqa_test"]["prior"] < 80 and chance["grounding_test"]["proposal_random"] < 50
+    # the text-retrieval formula against counting: 1 image with 2 of 4 texts, top 1 -> 1/2
+    assert data.retrieval_chance([[0, 1], [2, 3]], 4, ks=(1,))["txt_r1"] == pytest.approx(50)
+
+
+def test_every_task_split_parses_with_its_dataset(world, world_tok):
+    tok, images = world_tok, world / data.SYNTH_FILES["images"]
+    common = dict(image_root=images, tokenizer=tok, max_tokens=25, image_res=32)
+    for split in ("train", "val", "test"):
+        train = split == "train"
+        if train:
+            ds = data.RetrievalTrainDataset(world / "retrieval_train.json", train=True, **common)
+            b = next(iter(data.task_loader(ds, 4, train=True)))
+            assert b["images"].shape == (4, 3, 32, 32) and b["image_ids"].dtype == torch.long
+        else:
+            ds = data.RetrievalEvalDataset(world / f"retrieval_{split}.json", **common)
+            assert len(ds.texts) == len(ds.txt2img) == sum(map(len, ds.img2txt)) and len(ds.img2txt) == len(ds)
+            b = next(iter(data.task_loader(ds, 4, train=False)))
+            assert b["index"].tolist() == [0, 1, 2, 3]
+        ds = data.VQADataset(world / f"vqa_{split}.json", train=train, **common)
+        b = next(iter(data.task_loader(ds, 4, train=train)))
+        assert b["text_ids"].shape[0] == 4 and b["text_mask"].dtype == torch.bool
+        assert all(w == [1.0] for w in b["weights"]) and all(c == [10] for c in b["counts"])
+        assert set(a for ans in b["answers"] for a in ans) <= set(data.read_answer_list(world / "answer_list.json"))
+        ds = data.NLVR2Dataset(world / f"nlvr2_{split}.json", train=train, **common)
+        b = next(iter(data.task_loader(ds, 4, train=train)))
+        assert b["images"].shape == b["images2"].shape == (4, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1}
+        ds = data.GroundingDataset(world / f"grounding_{split}.json", proposals=world / "grounding_proposals.json", **common)
+        b = next(iter(data.task_loader(ds, 4, train=train)))
+        assert b["boxes"].shape == (4, 4) and ((b["boxes"] >= 0) & (b["boxes"] <= 1)).all()
+        assert b["proposals"].shape[:2] == b["proposal_mask"].shape and b["proposal_mask"].sum(1).min() >= 4
+        # the target is one of the proposals
+        assert all((b["proposals"][i] - b["boxes"][i]).abs().sum(1).min() < 1e-6 for i in range(4))
+    ds = data.NLVR2AssignDataset(world_files(world, "pretrain_captions"), train=True, **common)
+    b = next(iter(data.task_loader(ds, 6, train=True)))
+    assert b["images2"].shape == (6, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1, 2}
+
+
+def test_vqa_flip_swaps_left_right_in_question_and_answers(tmp_path, world_tok):
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "a.png")
+    rec = {"question_id": 1, "question": "Is the red circle left or right of the cube?", "answer": ["left"] * 3 + ["right"],
+           "image": "a.png"}
+    (tmp_path / "q.json").write_text(json.dumps([rec]))
+    ds = data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 25, 16, train=True)
+    seen = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        seen.add((s["text"], tuple(s["answers"]), tuple(s["counts"])))
+    assert seen == {("is the red circle left or right of the cube", ("left", "right"), (3, 1)),
+                    ("is the red circle right or left of the cube", ("right", "left"), (3, 1))}
+
+
+def make_pretrain_loader(root, tok, **kw):
+    args = dict(files=world_files(root, "pretrain_captions", "pretrain_regions"), image_root=root / "images",
+                tokenizer=tok, batch_size=6, image_res=32, max_tokens=20, max_regions=3, workers=0, seed=7)
+    return data.pretrain_loader(**{**args, **kw})
+
+
+def test_pretrain_batch_has_documented_keys_shapes_and_half_boxed_images(world, world_tok):
+    loader = make_pretrain_loader(world, world_tok)
+    assert len(loader) == 12 // 3  # 12 records of each kind, 3 of each per batch
+    for b in loader:
+        B, T, R = len(b["images"]), len(b["text_ids"]), len(b["boxes"])
+        assert b["images"].shape == (6, 3, 32, 32) and b["images"].dtype == torch.float32 and b["skipped"] == 0
+        assert b["text_ids"].dtype == torch.long and b["text_mask"].dtype == torch.bool
+        assert b["text_ids"].shape == b["text_mask"].shape and b["text_ids"].shape[1] <= 20
+        for key in ("text_image", "text_box", "concept_ids"):
+            assert b[key].shape == (T,) and b[key].dtype == torch.long
+        assert b["boxes"].shape == (R, 4) and b["box_image"].shape == (R,) and b["box_image"].dtype == torch.long
+        assert ((b["boxes"] > 0) & (b["boxes"] <= 1)).all()
+        region_texts = (b["text_box"] >= 0).nonzero().flatten()
+        assert b["text_box"][region_texts].tolist() == list(range(R))  # the r-th region text has box r
+        assert (b["box_image"] == b["text_image"][region_texts]).all()
+        # half the images carry boxes (the second half), at most max_regions each, every image has a text
+        assert sorted(set(b["box_image"].tolist())) == [3, 4, 5]
+        assert max(b["box_image"].tolist().count(i) for i in range(3, 6)) <= 3
+        assert set(b["text_image"].tolist()) == set(range(6))
+        assert (b["text_box"][b["text_image"] < 3] == -1).all()  # image-text images: one caption each
+        assert (b["text_image"] < 3).sum() == 3
+        # texts of one concept belong to one image; region texts have concepts of their own
+        for c in b["concept_ids"].unique():
+            assert len(b["text_image"][b["concept_ids"] == c].unique()) == 1
+        assert set(b["concept_ids"][region_texts].tolist()).isdisjoint(b["concept_ids"][b["text_box"] < 0].tolist())
+
+
+def test_region_flip_swaps_left_right_and_mirrors_cx(tmp_path):
+    Image.new("RGB", (100, 50), "white").save(tmp_path / "a.png")
+    rec = {"image": "a.png", "elems": [{"caption": "whole left part", "bb": [0, 0, 100, 50]},
+                                       {"caption": "thing", "attributes": "left", "bb": [10, 10, 20, 20]}]}
+    (tmp_path / "r.json").write_text(json.dumps([rec]))
+    ds = data.PretrainDataset(tmp_path / "r.json", tmp_path, image_res=16, max_regions=2)
+    seen = set()
+    for seed in range(40):
+        s = ds[(1, 0, (seed,))]
+        if s["texts"][0].startswith("whole"):  # crop = the whole image: the small box is known exactly
+            seen.add((s["texts"][0], s["texts"][1], round(float(s["boxes"][1][0]), 4)))
+    assert seen == {("whole left part", "left thing", 0.2), ("whole right part", "right thing", 0.8)}
+
+
+def batch_list(loader, n):
+    out = []
+    while len(out) < n:
+        for b in loader:
+            out.append(b)
+            if len(out) == n:
+                break
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
+
+
+def test_pretrain_loader_resumes_exactly_with_and_without_workers(world, world_tok):
+    straight = batch_list(make_pretrain_loader(world, world_tok), 10)  # crosses two epoch ends (4 a epoch)
+    first = make_pretrain_loader(world, world_tok)
+    head = batch_list(first, 6)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batch": 2}
+    resumed = make_pretrain_loader(world, world_tok, workers=2)
+    resumed.load_state_dict(state)
+    assert_same_batches(straight, head + batch_list(resumed, 4))
+    assert not torch.equal(straight[0]["images"], straight[4]["images"])  # epochs differ
+    other_seed = batch_list(make_pretrain_loader(world, world_tok, seed=8), 1)
+    assert not torch.equal(straight[0]["images"], other_seed[0]["images"])
+
+
+def test_pretrain_sampler_shards_disjointly_and_matches_one_process():
+    one = data.PretrainSampler(40, 10, batch_size=4, seed=1)
+    ranks = [data.PretrainSampler(40, 10, batch_size=4, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    assert len(one) == 20 and all(len(s) == 10 for s in ranks)
+    for b in range(10):
+        shares = [s.batch_keys(0, b) for s in ranks]
+        assert shares[0] + shares[1] != [] and set(map(str, shares[0])).isdisjoint(map(str, shares[1]))
+        assert sorted(map(str, shares[0] + shares[1])) == sorted(map(str, one.batch_keys(0, 2 * b) + one.batch_keys(0, 2 * b + 1)))
+    # the larger kind is read exactly once per epoch, the smaller cycles through whole passes
+    keys = [k for b in range(len(one)) for k in one.batch_keys(0, b)]
+    assert sorted(i for kind, i, _ in keys if kind == 0) == list(range(40))
+    assert sorted(i for kind, i, _ in keys if kind == 1) == sorted(list(range(10)) * 4)
+
+
+def test_corrupt_image_is_skipped_and_counted_during_an_epoch(world, world_tok, tmp_path):
+    records = data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]
+    records[0]["image"] = "broken.png"
+    records[1]["image"] = "missing.png"
+    (tmp_path / "regions.json").write_text(json.dumps(records))
+    (world / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    loader = make_pretrain_loader(world, world_tok, files=[world / data.SYNTH_FILES["pretrain_captions"], tmp_path / "regions.json"])
+    expected = sum(1 for b in range(len(loader)) for kind, i, _ in loader.sampler.batch_keys(0, b) if kind == 1 and i in (0, 1))
+    batches = list(loader)
+    assert expected > 0 and len(batches) == len(loader)
+    assert sum(b["skipped"] for b in batches) == expected
+    assert all(len(b["images"]) == 6 - b["skipped"] for b in batches)
+
+
+def test_malformed_record_stops_the_loader_at_start_up(world, world_tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "x.png", "caption": "ok"}) + "\n"
+                   + json.dumps({"image": "x.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]}) + "\n")
+    with pytest.raises(data.RecordError, match=r"bad\.jsonl: record 1 \(line 2\): field 'elems\[0\]\.bb': box must be 4 numbers"):
+        make_pretrain_loader(world, world_tok, files=[bad])
