@@ -844,12 +844,20 @@ class RetrievalEvalDataset(TaskDataset):
                 "skipped": len(samples) - len(kept)}
 
 
+def answer_list_problems(path, value):
+    """Message lines for an answer list that is not a JSON list of non-empty strings."""
+    if not isinstance(value, list):
+        return [f"{path}: expected a JSON list of answer strings, got a JSON {type(value).__name__}"]
+    return [f"{path}: record {i}: must be a non-empty answer string, got {a!r}"
+            for i, a in enumerate(value) if not (isinstance(a, str) and a.strip())]
+
+
 def read_answer_list(path):
     """answer_list.json: a JSON list of the candidate answers (strings) VQA ranks at inference."""
-    answers, _ = read_records(path)
-    for i, a in enumerate(answers):
-        if not isinstance(a, str) or not a.strip():
-            raise RecordError(f"{path}: record {i}: must be a non-empty answer string, got {a!r}")
+    answers, _ = read_json(path)
+    problems = answer_list_problems(path, answers)
+    if problems:
+        raise RecordError(problems[0])
     return answers
 
 
@@ -959,20 +967,29 @@ class NLVR2AssignDataset(TaskDataset):
         return collate_pairs(self, samples)
 
 
-def read_proposals(path):
-    """Proposal boxes for weakly supervised grounding: {image path: [[x, y, w, h], ...]}."""
-    value, _ = read_json(path)
+def proposal_problems(path, value, image_size=None):
+    """Message lines for a proposals file that is not {image path: [[x, y, w, h], ...]}."""
     if not isinstance(value, dict):
-        raise RecordError(f"{path}: expected a JSON object {{image: [[x, y, w, h], ...]}}, got a {type(value).__name__}")
+        return [f"{path}: expected a JSON object {{image: [[x, y, w, h], ...]}}, got a JSON {type(value).__name__}"]
+    lines = []
     for image, boxes in value.items():
         out = []
+        size = _image(image, "(image)", out, image_size)
         if not isinstance(boxes, list):
             out.append(("(boxes)", f"must be a list of boxes, got {boxes!r}"))
         else:
             for j, box in enumerate(boxes):
-                _box(box, f"[{j}]", out)
-        if out:
-            raise RecordError(f"{path}: image {image!r}: field '{out[0][0]}': {out[0][1]}")
+                _box(box, f"[{j}]", out, size)
+        lines += [f"{path}: image {image!r}: field '{field}': {message}" for field, message in out]
+    return lines
+
+
+def read_proposals(path):
+    """Proposal boxes for weakly supervised grounding: {image path: [[x, y, w, h], ...]} in pixels."""
+    value, _ = read_json(path)
+    problems = proposal_problems(path, value)
+    if problems:
+        raise RecordError(problems[0])
     return value
 
 
@@ -1156,7 +1173,6 @@ SYNTH_FILES = {
     "grounding_val": "grounding_val.json",
     "grounding_test": "grounding_test.json",
     "grounding_proposals": "grounding_proposals.json",  # all shape boxes + 2 decoys per image
-    "chance": "chance.json",                            # chance_levels() of the val and test splits
 }
 
 COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (230, 205, 30),
@@ -1498,9 +1514,7 @@ def synthesize(out_dir, images=4000, seed=0):
             proposals[path] = [boxes[j] for j in r.permutation(len(boxes))]
     (out / SYNTH_FILES["grounding_proposals"]).write_text(json.dumps(proposals) + "\n")
     (out / SYNTH_FILES["vocab"]).write_text("\n".join(synth_vocab()) + "\n")
-    chance = chance_levels(out)
-    (out / SYNTH_FILES["chance"]).write_text(json.dumps(chance, indent=1) + "\n")
-    return chance
+    return chance_levels(out)
 
 
 def chance_levels(root):
@@ -1524,3 +1538,187 @@ def chance_levels(root):
                                                      root / SYNTH_FILES["images"],
                                                      read_proposals(root / SYNTH_FILES["grounding_proposals"]))
     return out
+
+
+# -----------------------------------------------------------------------------
+# Checking files and converting public annotations
+
+def detect_format(value):
+    """The format of a parsed file, from its shape and the fields of its first record."""
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        return "proposals"
+    records = [value] if isinstance(value, dict) else value
+    if isinstance(records, list) and records and all(isinstance(v, str) for v in records):
+        return "answer_list"
+    first = next((r for r in records if isinstance(r, dict)), {}) if isinstance(records, list) else {}
+    for field, fmt in (("question", "vqa"), ("images", "nlvr2"), ("bbox", "grounding"), ("image_id", "retrieval_train")):
+        if field in first:
+            return fmt
+    return "pretrain"  # also holds retrieval val/test records: {"image", "caption": [...]}
+
+
+def check_files(files, image_root, fmt="auto"):
+    """Every problem in `files`, each naming file, record and field, with every image decoded in
+    full and every box checked against its image. Returns (problem lines, number of records)."""
+    sizes = {}
+
+    def image_size(rel):
+        if rel not in sizes:
+            try:
+                sizes[rel] = load_image(Path(image_root) / rel).size
+            except Exception as e:  # noqa: BLE001 -- remembered, reported for each record naming it
+                sizes[rel] = e
+        if isinstance(sizes[rel], Exception):
+            raise sizes[rel]
+        return sizes[rel]
+
+    problems, count = [], 0
+    for path in files:
+        try:
+            value, jsonl = read_json(path)
+        except RecordError as e:
+            problems.append(str(e))
+            continue
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{path}: cannot read: {e}")
+            continue
+        kind = detect_format(value) if fmt == "auto" else fmt
+        if kind == "answer_list":
+            problems += answer_list_problems(path, value)
+        elif kind == "proposals":
+            problems += proposal_problems(path, value, image_size)
+        elif isinstance(value, (list, dict)):
+            problems += record_problems(path, [value] if isinstance(value, dict) else value, jsonl, kind, image_size)
+        else:
+            problems.append(f"{path}: expected a JSON list of records or JSON lines, got a JSON {type(value).__name__}")
+        count += len(value) if isinstance(value, (list, dict)) else 0
+    return problems, count
+
+
+def convert_coco(captions=None, instances=None, image_dir=""):
+    """COCO annotation files -> pre-training records. With instances: a region record per image that
+    has objects (category names as element texts, its captions as "caption"); otherwise (or for
+    images without objects) image-text records."""
+    files, caps, elems = {}, {}, {}
+    if captions:
+        coco = json.loads(Path(captions).read_text())
+        files.update({im["id"]: im["file_name"] for im in coco["images"]})
+        for a in coco["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    if instances:
+        coco = json.loads(Path(instances).read_text())
+        files.update({im["id"]: im["file_name"] for im in coco["images"]})
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        for a in coco["annotations"]:
+            # a crowd box covers many objects under one label: not a single visual concept
+            if not a.get("iscrowd") and a["bbox"][2] > 0 and a["bbox"][3] > 0:
+                elems.setdefault(a["image_id"], []).append({"caption": names[a["category_id"]], "bb": a["bbox"]})
+    records = []
+    for image_id in sorted(files):
+        rec = {"image": f"{image_dir}/{files[image_id]}" if image_dir else files[image_id]}
+        if caps.get(image_id):
+            rec["caption"] = caps[image_id]
+        if elems.get(image_id):
+            rec["elems"] = elems[image_id]
+        if len(rec) > 1:
+            records.append(rec)
+    return records
+
+
+def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None):
+    """Visual Genome -> region records: objects (objects.json, or attributes.json for their
+    attributes) and region descriptions (region_descriptions.json) as elements. Image paths are
+    image_dir/ID.jpg, or taken from the urls of image_data.json (VG_100K or VG_100K_2)."""
+    elems = {}
+    if objects:
+        for entry in json.loads(Path(objects).read_text()):
+            for o in entry.get("objects", entry.get("attributes", [])):
+                names = [n.strip() for n in o.get("names", [o.get("name", "")]) if n.strip()]
+                if names and o["w"] > 0 and o["h"] > 0:
+                    elem = {"caption": names[0], "bb": [o["x"], o["y"], o["w"], o["h"]]}
+                    attributes = [a.strip() for a in o.get("attributes") or [] if a.strip()]
+                    if attributes:  # one is drawn per sample, as the authors do
+                        elem["attributes"] = attributes
+                    elems.setdefault(entry.get("image_id", entry.get("id")), []).append(elem)
+    if regions:
+        for entry in json.loads(Path(regions).read_text()):
+            for r in entry["regions"]:
+                if r["phrase"].strip() and r["width"] > 0 and r["height"] > 0:
+                    elems.setdefault(r["image_id"], []).append(
+                        {"caption": r["phrase"].strip(), "bb": [r["x"], r["y"], r["width"], r["height"]]})
+    paths = {}
+    if image_data:
+        paths = {im.get("image_id", im.get("id")): "/".join(im["url"].split("/")[-2:])
+                 for im in json.loads(Path(image_data).read_text())}
+    return [{"image": paths.get(i, f"{image_dir}/{i}.jpg"), "elems": elems[i]} for i in sorted(elems)]
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic world (images + every task's JSON + vocab.txt)",
+                       description="Write the synthetic multi-grained world. Layout (data.SYNTH_FILES): "
+                       + ", ".join(SYNTH_FILES.values()) + ". Image paths are relative to OUT/images.")
+    p.add_argument("--out", default="synth", help="output directory (created; files in it are overwritten)")
+    p.add_argument("--images", type=int, default=4000,
+                   help="pre-training images; the downstream pools get images/4 (train) and images/20 (val, test)")
+    p.add_argument("--seed", type=int, default=0, help="the world is a function of this seed alone")
+
+    p = sub.add_parser("check", help="validate data files and every image they name",
+                       description="Read every record, decode every image, report each problem with file, record "
+                       "and field; exit 1 if there is any.")
+    p.add_argument("files", nargs="+", help="JSON / JSON lines files of any format, answer lists, proposal files")
+    p.add_argument("--image-root", required=True, help="directory the records' image paths are relative to")
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS, "answer_list", "proposals"],
+                   help="record format; auto = from the fields of each file's first record")
+
+    p = sub.add_parser("convert-coco", help="COCO captions / instances -> pre-training records",
+                       description="COCO captions -> image-text records; with --instances, region records whose "
+                       "elements are the object boxes with their category names.")
+    p.add_argument("--captions", help="captions_*.json (COCO captions annotation file)")
+    p.add_argument("--instances", help="instances_*.json (COCO detection annotation file)")
+    p.add_argument("--image-dir", default="", help="prefix of the image paths, relative to the image root, e.g. train2014")
+    p.add_argument("--out", required=True, help="output file: .json for a JSON list, .jsonl for JSON lines")
+
+    p = sub.add_parser("convert-vg", help="Visual Genome objects / regions -> region records",
+                       description="Visual Genome objects (with attributes) and region descriptions -> region "
+                       "records, one per image.")
+    p.add_argument("--objects", help="objects.json, or attributes.json to keep the objects' attributes")
+    p.add_argument("--regions", help="region_descriptions.json")
+    p.add_argument("--image-dir", default="VG_100K", help="image paths are IMAGE_DIR/ID.jpg relative to the image root")
+    p.add_argument("--image-data", help="image_data.json: take each image's folder (VG_100K or VG_100K_2) from its url")
+    p.add_argument("--out", required=True, help="output file: .json for a JSON list, .jsonl for JSON lines")
+
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        chance = synthesize(args.out, images=args.images, seed=args.seed)
+        print(f"wrote the synthetic world to {args.out}; chance levels of the test splits (percent):")
+        for task, levels in chance.items():
+            if task.endswith("_test"):
+                print(f"  {task:16s} " + "  ".join(f"{k} {v:.1f}" for k, v in levels.items()))
+        return 0
+    if args.command == "check":
+        problems, count = check_files(args.files, args.image_root, args.format)
+        for line in problems:
+            print(line)
+        print(f"{count} records in {len(args.files)} file(s): {len(problems)} problem(s)")
+        return 1 if problems else 0
+    if args.command == "convert-coco":
+        if not (args.captions or args.instances):
+            parser.error("convert-coco needs --captions and/or --instances")
+        records = convert_coco(args.captions, args.instances, args.image_dir)
+    else:
+        if not (args.objects or args.regions):
+            parser.error("convert-vg needs --objects and/or --regions")
+        records = convert_vg(args.objects, args.regions, args.image_dir, args.image_data)
+    write_json(args.out, records, lines=str(args.out).endswith(".jsonl"))
+    print(f"wrote {len(records)} records to {args.out}; next: python data.py check {args.out} --image-root DIR")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -244,7 +244,7 @@ def test_synth_relations_are_geometrically_true(world):
 
 
 def test_synth_chance_levels_are_low(world):
-    chance = json.loads((world / data.SYNTH_FILES["chance"]).read_text())
+    chance = data.chance_levels(world)
     test = chance["retrieval_test"]
     assert test["img_r1"] == pytest.approx(100 / 6) and 0 < test["txt_r1"] < 100
     assert chance["vqa_test"]["uniform"] == pytest.approx(100 / len(data.VQA_ANSWERS))
@@ -414,3 +414,83 @@ def test_malformed_record_stops_the_loader_at_start_up(world, world_tok, tmp_pat
                    + json.dumps({"image": "x.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]}) + "\n")
     with pytest.raises(data.RecordError, match=r"bad\.jsonl: record 1 \(line 2\): field 'elems\[0\]\.bb': box must be 4 numbers"):
         make_pretrain_loader(world, world_tok, files=[bad])
+
+
+def test_check_names_file_record_and_field_for_each_defect(tmp_path, capsys):
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 truncated")
+    ok = {"caption": "dog", "bb": [1, 1, 10, 10]}
+    records = [
+        {"image": "good.png", "caption": "a dog", "elems": [ok]},                      # 0: fine
+        {"caption": "no image"},                                                       # 1
+        {"image": "good.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]},         # 2
+        {"image": "good.png", "elems": [ok, {"caption": "dog", "bb": [1, 2, -3, 4]}]},  # 3
+        {"image": "good.png", "elems": [{"caption": "dog", "bb": [30, 5, 20, 10]}]},   # 4: x + w = 50 > 40
+        {"image": "good.png", "caption": " ... "},                                     # 5
+        {"image": "gone.png", "caption": "a dog"},                                     # 6
+        {"image": "corrupt.png", "caption": "a dog"},                                  # 7
+        {"image": "good.png", "elems": [{"bb": [1, 1, 5, 5]}]},                        # 8
+    ]
+    pre = tmp_path / "pre.jsonl"
+    pre.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ground = tmp_path / "ground.json"
+    ground.write_text(json.dumps([{"image": "good.png", "text": "dog", "bbox": [0, 0, 10, 40]}]))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["yes", ""]))
+    props = tmp_path / "props.json"
+    props.write_text(json.dumps({"good.png": [[0, 0, 5, 5], [0, 0, 5]]}))
+    code = data.main(["check", str(pre), str(ground), str(answers), str(props), "--image-root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    expected = [
+        (1, "image", "missing field"),
+        (2, "elems[0].bb", "box must be 4 numbers"),
+        (3, "elems[1].bb", "box has a non-positive size"),
+        (4, "elems[0].bb", "box [30, 5, 20, 10] lies outside the 40x30 image"),
+        (5, "caption", "empty text"),
+        (6, "image", "cannot read image 'gone.png'"),
+        (7, "image", "cannot read image 'corrupt.png'"),
+        (8, "elems[0].caption", "missing field"),
+    ]
+    for i, field, message in expected:
+        assert f"{pre}: record {i} (line {i + 1}): field '{field}': {message}" in out, (i, out)
+    assert f"{pre}: record 0" not in out
+    assert f"{ground}: record 0: field 'bbox': box [0, 0, 10, 40] lies outside the 40x30 image" in out
+    assert f"{answers}: record 1: must be a non-empty answer string" in out
+    assert f"{props}: image 'good.png': field '[1]': box must be 4 numbers" in out
+    assert out.strip().endswith("13 records in 4 file(s): 11 problem(s)")
+    # the same file without its bad records passes
+    pre.write_text(json.dumps(records[0]) + "\n")
+    assert data.main(["check", str(pre), "--image-root", str(tmp_path)]) == 0
+
+
+def test_check_passes_the_synthetic_world(world, capsys):
+    files = sorted(str(p) for p in world.glob("*.json*"))
+    assert data.main(["check", *files, "--image-root", str(world / "images")]) == 0
+    assert " 0 problem(s)" in capsys.readouterr().out
+
+
+def test_convert_coco_and_vg_produce_valid_records(tmp_path):
+    images = [{"id": 7, "file_name": "COCO_7.jpg"}, {"id": 9, "file_name": "COCO_9.jpg"}]
+    (tmp_path / "caps.json").write_text(json.dumps({"images": images, "annotations": [
+        {"image_id": 7, "caption": "A dog. "}, {"image_id": 7, "caption": "a brown dog"}, {"image_id": 9, "caption": "a cat"}]}))
+    (tmp_path / "inst.json").write_text(json.dumps({"images": images, "categories": [{"id": 1, "name": "dog"}], "annotations": [
+        {"image_id": 7, "category_id": 1, "bbox": [1.5, 2, 30, 40], "iscrowd": 0},
+        {"image_id": 7, "category_id": 1, "bbox": [0, 0, 60, 60], "iscrowd": 1}]}))
+    assert data.main(["convert-coco", "--captions", str(tmp_path / "caps.json"), "--instances", str(tmp_path / "inst.json"),
+                      "--image-dir", "train2014", "--out", str(tmp_path / "coco.jsonl")]) == 0
+    records, jsonl = data.read_records(tmp_path / "coco.jsonl")
+    assert jsonl and records == [
+        {"image": "train2014/COCO_7.jpg", "caption": ["A dog.", "a brown dog"], "elems": [{"caption": "dog", "bb": [1.5, 2, 30, 40]}]},
+        {"image": "train2014/COCO_9.jpg", "caption": ["a cat"]}]
+    (tmp_path / "attrs.json").write_text(json.dumps([{"image_id": 3, "attributes": [
+        {"x": 1, "y": 2, "w": 3, "h": 4, "names": ["tree "], "attributes": ["green", " "]},
+        {"x": 1, "y": 2, "w": 0, "h": 4, "names": ["flat"]}]}]))
+    (tmp_path / "regions.json").write_text(json.dumps([{"id": 3, "regions": [
+        {"image_id": 3, "phrase": "a tree left of a house", "x": 0, "y": 0, "width": 9, "height": 8}]}]))
+    (tmp_path / "image_data.json").write_text(json.dumps([{"image_id": 3, "url": "https://host/x/VG_100K_2/3.jpg"}]))
+    records = data.convert_vg(tmp_path / "attrs.json", tmp_path / "regions.json", image_data=tmp_path / "image_data.json")
+    assert records == [{"image": "VG_100K_2/3.jpg", "elems": [
+        {"caption": "tree", "bb": [1, 2, 3, 4], "attributes": ["green"]},
+        {"caption": "a tree left of a house", "bb": [0, 0, 9, 8]}]}]
+    assert all(data.pretrain_problems(r) == [] for r in records)
