@@ -218,9 +218,11 @@ def test_synth_vocab_keeps_bert_ids_and_spells_every_text(world, world_tok):
     tok = world_tok
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
     assert tok.vocab_size < 400
-    texts = all_texts(world)
-    ids, mask = tok.encode_batch([data.clean_caption(t) for t in texts], max_tokens=64)
+    texts = [data.clean_caption(t) for t in all_texts(world)]
+    ids, mask = tok.encode_batch(texts, max_tokens=64)
+    # every word is a whole token of the vocab: no [UNK], and not spelled out letter by letter
     assert len(texts) > 100 and not (ids == tok.unk_id).any()
+    assert mask.sum(1).tolist() == [len(t.split()) + 2 for t in texts]
     assert tok.decode(tok.encode_batch(["Red circle left of a blue square."], 25)[0][0]) == "red circle left of a blue square."
 
 
