@@ -11,6 +11,15 @@ world in the same formats so that everything runs with no download.
     python data.py convert-coco --help               # COCO captions/instances -> these formats
     python data.py convert-vg --help                 # Visual Genome objects/regions -> these formats
 
+From Python (train.py / tasks.py):
+
+    import data
+    data.synthesize("synth", images=4000, seed=0)    # layout: data.SYNTH_FILES; chance: data.chance_levels
+    tok = data.Tokenizer("synth/vocab.txt")
+    loader = data.pretrain_loader(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
+                                  "synth/images", tok, batch_size=32, image_res=64, max_tokens=25)
+    for batch in loader: ...                          # one epoch; loader.state_dict() to resume
+
 Contents, top to bottom:
   text      Tokenizer (BERT WordPiece via `tokenizers`), clean_caption, swap_left_right
   records   read_records, the per-format validators, load_records (fails fast, naming
@@ -218,6 +227,11 @@ def _image(path, field, out, image_size):
         return None
 
 
+def _id(value, field, out):
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        out.append((field, f"must be a string or an integer, got {value!r}"))
+
+
 def _fields(rec, out, *names):
     """Record the missing ones among `names`; True when all are there."""
     missing = [n for n in names if n not in rec]
@@ -264,8 +278,7 @@ def retrieval_train_problems(rec, image_size=None):
     if _fields(rec, out, "image", "caption", "image_id"):
         _image(rec["image"], "image", out, image_size)
         _text(rec["caption"], "caption", out, allow_list=False)
-        if not isinstance(rec["image_id"], (str, int)) or isinstance(rec["image_id"], bool):
-            out.append(("image_id", f"must be a string or an integer, got {rec['image_id']!r}"))
+        _id(rec["image_id"], "image_id", out)
     return out
 
 
@@ -284,8 +297,7 @@ def vqa_problems(rec, image_size=None):
     if _fields(rec, out, "question_id", "question", "image"):
         _image(rec["image"], "image", out, image_size)
         _text(rec["question"], "question", out, allow_list=False)
-        if not isinstance(rec["question_id"], (str, int)) or isinstance(rec["question_id"], bool):
-            out.append(("question_id", f"must be a string or an integer, got {rec['question_id']!r}"))
+        _id(rec["question_id"], "question_id", out)
     answer = rec.get("answer")
     if answer is not None:
         answers = answer if isinstance(answer, list) else [answer]

@@ -1,6 +1,5 @@
 # ---- data.py ----
 # Tiny sizes throughout: the whole section runs in well under two minutes on two CPU cores.
-import io
 import json
 
 import numpy as np
@@ -313,7 +312,7 @@ def test_pretrain_batch_has_documented_keys_shapes_and_half_boxed_images(world, 
     loader = make_pretrain_loader(world, world_tok)
     assert len(loader) == 12 // 3  # 12 records of each kind, 3 of each per batch
     for b in loader:
-        B, T, R = len(b["images"]), len(b["text_ids"]), len(b["boxes"])
+        T, R = len(b["text_ids"]), len(b["boxes"])
         assert b["images"].shape == (6, 3, 32, 32) and b["images"].dtype == torch.float32 and b["skipped"] == 0
         assert b["text_ids"].dtype == torch.long and b["text_mask"].dtype == torch.bool
         assert b["text_ids"].shape == b["text_mask"].shape and b["text_ids"].shape[1] <= 20
