@@ -132,6 +132,12 @@ def swap_left_right(text):
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
 
 
+def prepare_text(raw, max_words, flip=False):
+    """A text as the model sees it: cleaned, and mirrored with its image when that was flipped."""
+    text = clean_caption(raw, max_words)
+    return swap_left_right(text) if flip else text
+
+
 # -----------------------------------------------------------------------------
 # Records: reading and checking every format
 #
@@ -544,8 +550,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         return self.image_text_sample(rec, index, img, rng) if kind == 0 else self.region_sample(rec, index, img, rng)
 
     def text(self, raw, flip):
-        text = clean_caption(raw, self.max_words)
-        return swap_left_right(text) if flip else text
+        return prepare_text(raw, self.max_words, flip)
 
     def image_text_sample(self, rec, index, img, rng):
         """Random resized crop and flip of the whole image; one of its captions."""
@@ -780,8 +785,7 @@ class TaskDataset(torch.utils.data.Dataset):
         return to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
 
     def text(self, raw, flip):
-        text = clean_caption(raw, self.max_words)
-        return swap_left_right(text) if flip else text
+        return prepare_text(raw, self.max_words, flip)
 
     def collate_common(self, samples, text_key="text"):
         """images, text_ids, text_mask, index, skipped of the readable samples, and those samples."""
