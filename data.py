@@ -731,6 +731,8 @@ def pretrain_loader(files, image_root, tokenizer, batch_size, image_res, max_tok
     a region image brings its caption if it has one plus up to `max_regions` element texts, the
     randomly chosen element first (region crop that keeps it whole, flip, resize; boxes keeping
     less than half their area are dropped). A flip swaps "left" and "right" in the image's texts.
+    crop_scale (0.2, 1.0) is the authors'; the synthetic world's captions name every shape, and a
+    crop that cuts shapes out makes them partly false, so a gentler (0.8, 1.0) suits it better.
     Resume with loader.state_dict() / load_state_dict() (see PretrainLoader).
     """
     dataset = PretrainDataset(files, image_root, image_res, max_regions, crop_scale, max_words)
@@ -1197,9 +1199,15 @@ KINDS = ("circle", "square", "triangle", "cross")
 SIZES = {"small": (16, 20), "large": (26, 32)}  # side in pixels: a small one covers ~1.5 patches at 64 px
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+def plural(kind):
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
 # Every word the world's texts use (test_synth_vocab_keeps_bert_ids_and_spells_every_text keeps this honest).
 WORDS = sorted(set(" ".join([
-    *COLOURS, *KINDS, *SIZES, *NUMBERS, *(k + ("es" if k.endswith("s") else "s") for k in KINDS),
+    *COLOURS, *KINDS, *SIZES, *NUMBERS, *map(plural, KINDS),
     "a an the and of with picture shapes shape object objects from to left right above below",
     "what color is are there how many in total both images image contains contain exactly",
     "one on at top bottom yes no or shows",
@@ -1216,10 +1224,6 @@ class Shape:
     @property
     def name(self):
         return f"{self.colour} {self.kind}"
-
-
-def plural(kind):
-    return kind + ("es" if kind.endswith("s") else "s")
 
 
 def with_article(phrase):
@@ -1316,7 +1320,7 @@ def caption_templates(shapes, rng):
         out.append("from left to right: " + join_words([with_article(s.name) for s in by_x]))
     pairs = [(a, b, r) for a in order for b in order if a is not b for r in relations(a, b)]
     if pairs:
-        a, b, r = pairs[int(rng.integers(len(pairs)))]
+        a, b, r = pick(rng, pairs)
         rest = [s for s in order if s is not a and s is not b]
         out.append(f"{with_article(a.name)} {r} {with_article(b.name)}" + (f", with {listing(rest)}" if rest else ""))
     return out
@@ -1367,7 +1371,7 @@ def vqa_questions(shapes, rng, k):
     if rng.random() < 0.5:
         options.append((f"is there {with_article(pick(rng, shapes).name)}", "yes"))
     else:  # prefer a decoy whose colour and kind are both in the image, on different shapes
-        decoys = [f"{c} {k}" for c in set(colours) for k in set(kinds) if f"{c} {k}" not in present]
+        decoys = [f"{c} {k}" for c in sorted(set(colours)) for k in sorted(set(kinds)) if f"{c} {k}" not in present]
         decoys = decoys or [f"{c} {k}" for c in COLOURS for k in KINDS if f"{c} {k}" not in present]
         options.append((f"is there {with_article(pick(rng, decoys))}", "no"))
     pairs = [(a, b, r) for a in named for b in named if a is not b for r in relations(a, b)]
@@ -1460,7 +1464,7 @@ def synthesize(out_dir, images=4000, seed=0):
 
     `images` pre-training images (half with captions only, half with boxes), plus downstream image
     pools train = images // 4, val = test = images // 20 (at least 8 / 6), shared by the tasks as
-    COCO's are. Every file is a function of the seed alone.
+    COCO's are. Every file is a function of (images, seed) alone.
     """
     out = Path(out_dir)
     pools = {"pretrain": images, "train": max(8, images // 4), "val": max(6, images // 20), "test": max(6, images // 20)}
@@ -1500,7 +1504,7 @@ def synthesize(out_dir, images=4000, seed=0):
                     for i, (path, shapes) in enumerate(scenes[split]) for j, (q, a) in enumerate(vqa_questions(shapes, rng(3, split, i), 3))])
         records = []
         pool = scenes[split]
-        for i in range(len(pool) * 2 if split != "train" else len(pool)):
+        for i in range(2 * len(pool)):  # pairs: twice as many as images
             r = rng(4, split, i)
             a, b = (pool[j] for j in r.choice(len(pool), 2, replace=False))
             label = bool(r.random() < 0.5)
