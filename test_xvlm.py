@@ -93,6 +93,12 @@ def test_module_shapes():
     assert text.shape == (T, L, cfg.text_width)
     fused = model.fuse(text, batch["text_mask"], image[batch["text_image"]])
     assert fused.shape == (T, L, cfg.text_width)
+    # Indexing the images (keys/values projected once per image) equals gathering them per text.
+    region_bank, bank_mask = xvlm.concept_bank(image, regions, region_mask)
+    pick = torch.tensor([0, 5, 3, 3, 1, 7])
+    by_index = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick)
+    gathered = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank[pick], bank_mask[pick])
+    assert_close(by_index, gathered, atol=1e-5, rtol=1e-5)
     assert model.itm_head(fused[:, 0]).shape == (T, 2) and model.bbox_head(fused[:, 0]).shape == (T, 4)
     assert model.image_features(image).shape == (B, cfg.embed_dim)
     assert_close(model.text_features(text).norm(dim=-1), torch.ones(T))
@@ -841,3 +847,56 @@ def test_convert_coco_and_vg_produce_valid_records(tmp_path):
         {"caption": "tree", "bb": [1, 2, 3, 4], "attributes": ["green"]},
         {"caption": "a tree left of a house", "bb": [0, 0, 9, 8]}]}]
     assert all(data.pretrain_problems(r) == [] for r in records)
+
+
+# ---- train.py: distributed contrastive loss ----
+
+
+class _TwoTowers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+
+    def forward(self, x_img, x_txt):
+        return F.normalize(self.image(x_img), dim=-1), F.normalize(self.text(x_txt), dim=-1)
+
+
+def _itc_worker(rank, world_size, init_file, inputs, results):
+    """One DDP rank: its share of the pairs through the shared towers, then itc_loss."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = DDP(_TwoTowers())
+    x_img, x_txt, ids, split = inputs
+    lo, hi = split[rank], split[rank + 1]
+    loss = xvlm.itc_loss(*model(x_img[lo:hi], x_txt[lo:hi]), 0.1, ids[lo:hi])
+    loss.backward()
+    results[rank] = (loss.detach().clone(), [p.grad.clone() for p in model.parameters()])
+    dist.destroy_process_group()
+
+
+def test_itc_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(1)
+    n = 10
+    x_img, x_txt = torch.randn(n, 8), torch.randn(n, 8)
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0, 5, 6, 6])  # duplicates within and across ranks
+    split = [0, 4, n]  # unequal shares: 4 pairs on rank 0, 6 on rank 1
+    torch.manual_seed(0)
+    towers = _TwoTowers()
+    ref = xvlm.itc_loss(*towers(x_img, x_txt), 0.1, ids)
+    ref.backward()
+    ref_grads = [p.grad for p in towers.parameters()]
+
+    results = mp.Manager().dict()
+    mp.spawn(_itc_worker, args=(2, str(tmp_path / "init"), (x_img, x_txt, ids, split), results), nprocs=2)
+    # DDP averages gradients over ranks; each rank's loss is scaled so that the average is the
+    # global loss: the mean of the two ranks' losses and every gradient equal the one process's.
+    losses = [results[r][0] for r in range(2)]
+    assert_close(sum(losses) / 2, ref.detach(), atol=1e-5, rtol=1e-5)
+    for r in range(2):
+        for got, want in zip(results[r][1], ref_grads):
+            assert_close(got, want, atol=1e-5, rtol=1e-5)

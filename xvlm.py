@@ -106,7 +106,9 @@ class Attention(nn.Module):
     Self-attention (kv_dim=None) projects q, k, v with one fused matrix, as timm's ViT does.
     Cross-attention projects queries from x and keys/values (fused) from `context`, which may be
     wider or narrower than x. `mask` is boolean, True = may attend, broadcastable to
-    (B, heads, Lq, Lk). Set `keep_attention = True` to compute softmax(QK^T/sqrt(d) + M) V
+    (B, heads, Lq, Lk). With `context_index` (B,), row b attends to context[context_index[b]]:
+    keys and values are projected once per distinct context, not once per query row, which is
+    what makes pairing many texts with few images cheap. Set `keep_attention = True` to compute softmax(QK^T/sqrt(d) + M) V
     literally and keep the probabilities in `self.attention` (with their gradient), for Grad-CAM.
     """
 
@@ -122,12 +124,13 @@ class Attention(nn.Module):
         self.keep_attention = False
         self.attention = None
 
-    def forward(self, x, mask=None, context=None):
+    def forward(self, x, mask=None, context=None, context_index=None):
         D = x.shape[-1]
         if context is None:
             q, k, v = self.qkv(x).split(D, dim=-1)
         else:
-            q, (k, v) = self.q(x), self.kv(context).split(D, dim=-1)
+            kv = self.kv(context)
+            q, (k, v) = self.q(x), (kv if context_index is None else kv[context_index]).split(D, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, hd)
         p = self.dropout if self.training else 0.0
         if self.keep_attention:
@@ -318,10 +321,10 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(d, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, context=None, context_mask=None):
+    def forward(self, x, mask, context=None, context_mask=None, context_index=None):
         x = self.attn_norm(x + self.drop(self.attn(x, mask)))
         if context is not None:
-            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context)))
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context, context_index)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
@@ -345,11 +348,13 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(BertLayer(cfg, cross=True) for _ in range(cfg.fusion_layers))
 
-    def forward(self, text_embeds, attention_mask, image_embeds, image_mask=None):
+    def forward(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None):
         x, mask = text_embeds, key_mask(attention_mask.bool())
+        if image_mask is not None and image_index is not None:
+            image_mask = image_mask[image_index]
         image_mask = key_mask(image_mask)
         for layer in self.layers:
-            x = layer(x, mask, image_embeds, image_mask)
+            x = layer(x, mask, image_embeds, image_mask, image_index)
         return x
 
 
@@ -567,9 +572,10 @@ class XVLM(nn.Module):
         """(B, L) ids and mask -> (B, L, D) text encoder output."""
         return self.text(input_ids, attention_mask)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None):
-        """Cross-modal encoder: text (B, L, D) attends to visual tokens (B, S, Dv) -> (B, L, D)."""
-        return self.fusion(text_embeds, attention_mask, image_embeds, image_mask)
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None):
+        """Cross-modal encoder: text (B, L, D) attends to visual tokens (B, S, Dv) -> (B, L, D).
+        With image_index (B,), text b attends to image_embeds[image_index[b]] of (C, S, Dv)."""
+        return self.fusion(text_embeds, attention_mask, image_embeds, image_mask, image_index)
 
     def image_features(self, image_embeds):
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # g_v(v_cls)
@@ -630,7 +636,7 @@ class XVLM(nn.Module):
             target = torch.where((text_box >= 0)[:, None], boxes[text_box.clamp(min=0)].float(), whole)
         located = torch.ones_like(text_box, dtype=torch.bool) if self.cfg.bbox_whole_image else text_box >= 0
         pick = located.nonzero().squeeze(1)
-        fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds[text_image[pick]])
+        fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds, None, text_image[pick])
         pred = self.bbox_head(fused[:, 0]).float().sigmoid()  # eq. (2)
         return bbox_loss(pred, target[pick])
 
@@ -643,7 +649,7 @@ class XVLM(nn.Module):
             neg_text, neg_concept = sample_hard_negatives(sim, sim.T, ids)
         texts = torch.cat([torch.arange(T, device=concept.device), neg_text, torch.arange(T, device=concept.device)])
         concepts = torch.cat([concept, concept, concept[neg_concept]])
-        fused = self.fuse(text_embeds[texts], text_mask[texts], bank[concepts], bank_mask[concepts])
+        fused = self.fuse(text_embeds[texts], text_mask[texts], bank, bank_mask, concepts)
         logits = self.itm_head(fused[:, 0])
         labels = torch.cat([torch.ones(T), torch.zeros(2 * T)]).long().to(logits.device)
         return F.cross_entropy(logits.float(), labels)
@@ -654,7 +660,7 @@ class XVLM(nn.Module):
         special = [cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id]
         masked, labels = mask_tokens(text_ids, text_mask, cfg.vocab_size, cfg.mask_token_id, special,
                                      cfg.mask_prob, cfg.max_masks)
-        fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank[concept], bank_mask[concept])
+        fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank, bank_mask, concept)
         chosen = labels != -100  # only masked positions reach the (vocab-sized) output layer
         logits = self.mlm_head(fused[chosen], self.text.embeddings.word.weight)
         return F.cross_entropy(logits.float(), labels[chosen])
