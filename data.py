@@ -1075,6 +1075,50 @@ def task_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_siz
                                        collate_fn=dataset.collate, drop_last=train)
 
 
+class TaskTrainLoader:
+    """A downstream training set epoch after epoch, the way train.py consumes it; resumable.
+
+    As PretrainLoader: iterating yields the batches left in the current epoch, then moves on to
+    the next, and state_dict() is {"epoch", "batch"}. Epoch e's order is DistributedSampler's
+    shuffle for (seed, e) (this rank's share, last partial batch dropped) and each sample's
+    augmentation is keyed by (seed, e, index), so a resumed run skips straight to its batch (no
+    image is read for the skipped ones) and sees exactly what an uninterrupted run would.
+    """
+
+    def __init__(self, dataset, batch_size, workers=0, seed=0, rank=0, world_size=1):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                           seed=seed, drop_last=True)
+        if len(self) == 0:
+            raise ValueError(f"{len(dataset)} training records make no batch of {batch_size} x {world_size} processes")
+        self.epoch, self.batch, self.carried_skips = 0, 0, 0
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state):
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch)  # workers start afresh each epoch and copy it
+        order, size = list(self.sampler), self.batch_size
+        batches = [order[b * size:(b + 1) * size] for b in range(self.batch, len(self))]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             collate_fn=self.dataset.collate)
+        for batch in loader:
+            self.batch += 1
+            if len(batch["images"]) == 0:
+                self.carried_skips += batch["skipped"]
+                continue
+            batch["skipped"] += self.carried_skips
+            self.carried_skips = 0
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
 # -----------------------------------------------------------------------------
 # Chance: what a model that learns nothing scores, in percent like the metrics themselves
 

@@ -733,6 +733,25 @@ def test_pretrain_loader_resumes_exactly_with_and_without_workers(world, world_t
     assert not torch.equal(straight[0]["images"], other_seed[0]["images"])
 
 
+def test_task_train_loader_resumes_exactly_and_reshuffles_each_epoch(world, world_tok):
+    def make(workers=0):
+        ds = data.RetrievalTrainDataset(world_files(world, "retrieval_train"), world / "images", world_tok, 20, 16, train=True, seed=3)
+        return data.TaskTrainLoader(ds, batch_size=4, workers=workers, seed=3)
+
+    loader = make()
+    per_epoch = len(loader)
+    straight = batch_list(make(), 2 * per_epoch + 1)
+    first = make()
+    head = batch_list(first, per_epoch + 1)
+    assert first.state_dict() == {"epoch": 1, "batch": 1}
+    resumed = make(workers=2)
+    resumed.load_state_dict(first.state_dict())
+    assert_same_batches(straight, head + batch_list(resumed, per_epoch))
+    epoch0 = torch.cat([b["index"] for b in straight[:per_epoch]])
+    epoch1 = torch.cat([b["index"] for b in straight[per_epoch:2 * per_epoch]])
+    assert not torch.equal(epoch0, epoch1) and len(set(epoch0.tolist())) == len(epoch0)
+
+
 def test_pretrain_sampler_shards_disjointly_and_matches_one_process():
     one = data.PretrainSampler(40, 10, batch_size=4, seed=1)
     ranks = [data.PretrainSampler(40, 10, batch_size=4, seed=1, rank=r, world_size=2) for r in (0, 1)]
