@@ -344,9 +344,12 @@ def test_a_few_steps_on_one_batch_halve_the_loss():
 
 # ---- xvlm.py: weights and checkpoints ----
 
+import io
 import os
+import random
 import re
 
+import numpy as np
 import safetensors.torch
 
 
@@ -611,3 +614,124 @@ def test_minilm_text_encoder_matches_transformers(minilm):
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         assert_close(model.encode_text(ids, mask), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rng_state_round_trips_through_a_weights_only_load():
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.randn()  # leave a cached Gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save(xvlm.rng_state(), buffer)
+    draw = lambda: (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))
+    first = draw()
+    buffer.seek(0)
+    xvlm.set_rng_state(torch.load(buffer, map_location="cpu", weights_only=True))
+    second = draw()
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2:] == second[2:]
+
+
+def pretraining_step(model, optimizer, scheduler, batch):
+    loss = model(batch)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def test_checkpoint_resumes_step_exactly(tmp_path):
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.02)
+    make_sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    optimizer = make_opt(model)
+    scheduler = make_sched(optimizer)
+    for _ in range(2):
+        pretraining_step(model, optimizer, scheduler, batch)
+    path = tmp_path / "ckpt" / "last.pth"
+    xvlm.save_checkpoint(path, model, optimizer, scheduler, step=2, extra={"epoch": 0})
+    after = [pretraining_step(model, optimizer, scheduler, batch) for _ in range(2)]
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    assert set(checkpoint) == {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"}
+    assert checkpoint["config"] == model.cfg.to_dict() and checkpoint["step"] == 2 and checkpoint["extra"] == {"epoch": 0}
+    resumed = XVLM.from_checkpoint(path).train()
+    optimizer = make_opt(resumed)
+    scheduler = make_sched(optimizer)  # before loading the optimizer: a new scheduler resets the lr
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    xvlm.set_rng_state(checkpoint["rng"])  # the masks and hard negatives are drawn as in the first run
+    again = [pretraining_step(resumed, optimizer, scheduler, batch) for _ in range(2)]
+    assert again == after
+
+
+def test_from_checkpoint_reproduces_outputs_and_changes_resolution(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "model.pt"
+    xvlm.save_checkpoint(path, model)
+    batch = make_batch(model.cfg)
+    rebuilt = XVLM.from_checkpoint(path).eval()
+    assert rebuilt.cfg == model.cfg
+    for run in (model, rebuilt):
+        torch.manual_seed(0)
+        out = run(batch)
+        run.losses = out
+    for k in model.losses:
+        assert torch.equal(model.losses[k], rebuilt.losses[k]), k
+    # 64px (8x8 grid) -> 96px (12x12) as pre-training 256 -> fine-tuning 384
+    bigger = XVLM.from_checkpoint(path, image_res=96)
+    assert bigger.cfg.image_res == 96
+    assert torch.equal(bigger.vision.pos_embed.detach(), xvlm.resample_pos_embed(model.vision.pos_embed.detach(), 12))
+    assert torch.equal(bigger.text.layers[0].attn.qkv.weight, model.text.layers[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="not an X-VLM checkpoint"):
+        XVLM.from_checkpoint({"model": model.state_dict()})
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = tmp_path / "last.pth"
+    xvlm.save_checkpoint(path, model, step=1)
+    real_save = torch.save
+
+    def dying_save(obj, f):  # writes half a checkpoint, then the process "dies"
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        model.temp.fill_(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        xvlm.save_checkpoint(path, model, step=2)
+    monkeypatch.undo()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == 1 and checkpoint["model"]["temp"].item() == pytest.approx(0.07)
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # no temporary file left behind
+
+
+class WithDecoder(torch.nn.Module):
+    """A downstream model: an XVLM plus a new module, as VQA adds its answer decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.xvlm = XVLM(cfg)
+        self.decoder = torch.nn.Linear(cfg.text_width, 7)
+
+
+def test_load_checkpoint_into_a_downstream_model(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "pretrained.pth"
+    xvlm.save_checkpoint(path, model)
+    task = WithDecoder(XVLMConfig.tiny(image_res=96))
+    report = xvlm.load_checkpoint(task, path, prefix="xvlm.", allow_missing=("decoder.",))
+    assert report.missing == ["decoder.weight", "decoder.bias"]
+    assert torch.equal(task.xvlm.vision.pos_embed.detach(), xvlm.resample_pos_embed(model.vision.pos_embed.detach(), 12))
+    assert torch.equal(task.xvlm.fusion.layers[1].cross_attn.kv.weight, model.fusion.layers[1].cross_attn.kv.weight)
+    with pytest.raises(ValueError, match=r"missing keys: decoder\.weight, decoder\.bias"):
+        xvlm.load_checkpoint(task, path, prefix="xvlm.")
+    extra = {**model.state_dict(), "vqa_head.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"not in the model: xvlm\.vqa_head\.weight"):
+        xvlm.load_checkpoint(task, extra, prefix="xvlm.", allow_missing="decoder.")
+    narrow = {**model.state_dict(), "text_proj.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"text_proj\.weight: \(3, 3\) in the checkpoint"):
+        xvlm.load_checkpoint(model, narrow)

@@ -4,7 +4,7 @@ X-VLM: multi-grained vision language pre-training (Zeng et al.), in one file.
 Read top to bottom: the config, one attention module, the image encoder with mixed attention
 (paper 3.2, eq. 1), the BERT text and cross-modal ("fusion") encoders, the heads, the four
 pre-training losses (paper 3.3, eqs. 2-9) as small functions, the model that ties them together, and
-weight loading: DeiT / timm ViT and Hugging Face BERT through declarative key tables.
+weight loading: DeiT / timm ViT and Hugging Face BERT through declarative key tables, and our checkpoints.
 
     import torch, xvlm
     cfg = xvlm.XVLMConfig.tiny()
@@ -23,11 +23,15 @@ weight loading: DeiT / timm ViT and Hugging Face BERT through declarative key ta
 """
 
 import math
+import os
 import pickle
+import random
 import re
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -552,6 +556,21 @@ class XVLM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    @classmethod
+    def from_checkpoint(cls, source, **overrides):
+        """Rebuild a model from one of our checkpoints alone: its stored config, with `overrides`
+        (image_res=384 to fine-tune at a higher resolution: position embeddings are resampled),
+        and its weights, loaded strictly (see load_checkpoint)."""
+        checkpoint, source = read_file(source)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+            raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
+        unknown = set(checkpoint["config"]) - {f.name for f in fields(XVLMConfig)}
+        if unknown:
+            raise ValueError(f"{source}: config fields this XVLMConfig does not have: {_names(sorted(unknown))}")
+        model = cls(XVLMConfig(**{**checkpoint["config"], **overrides}))
+        _load_own(model, _state_dict(checkpoint, source), source)
+        return model
+
     def param_counts(self):
         return {"vision": num_params(self.vision), "text+fusion": num_params(self.text) + num_params(self.fusion),
                 "total": num_params(self)}
@@ -678,7 +697,7 @@ def concept_bank(image_embeds, region_embeds, region_mask):
 
 
 # -----------------------------------------------------------------------------
-# Weights: DeiT / timm ViT, Hugging Face BERT
+# Weights: DeiT / timm ViT, Hugging Face BERT, our own checkpoints
 #
 # Every loader reads a state dict (a dict, a file, or a directory holding one), renames it to our
 # parameter names with a declarative key table, and copies it in strictly: an unexpected key, a shape
@@ -728,7 +747,7 @@ def read_file(source):
 
 
 def _state_dict(obj, name):
-    """The state dict in a file's object, unwrapping {"model": ...} as DeiT releases store it."""
+    """The state dict in a file's object, unwrapping {"model": ...} as DeiT releases and our checkpoints store it."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
@@ -963,6 +982,77 @@ def load_bert(model, source):
     has_head = any(hf_bert_name(k).startswith("cls.predictions.") for k in state)
     return _load_table(model, state, bert_key_pairs(cfg), source, hf_bert_name,
                        optional=() if has_head else ("mlm_head.",))
+
+
+# -- our own checkpoints ---------------------------------------------------------
+
+
+def rng_state():
+    """This process's random generators (torch CPU and CUDA, numpy, Python) as tensors and plain
+    lists, so that a checkpoint holding them loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(mt), gauss_next]}
+
+
+def set_rng_state(state):
+    """The inverse of rng_state(): every generator continues where it was saved. CUDA states are
+    skipped on a machine without CUDA."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
+
+
+def save_checkpoint(path, model, optimizer=None, scheduler=None, step=0, extra=None):
+    """Write {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"} to `path`.
+    `model` is the unwrapped module (not DDP or compiled), with a `cfg`. Atomic: written to a temporary
+    file beside `path`, then renamed over it, so a crash mid-write leaves the previous file whole.
+
+    To resume: XVLM.from_checkpoint(path), then build the optimizer and the scheduler as at the start,
+    then load their states and set_rng_state(checkpoint["rng"]). Footgun: a scheduler built after the
+    optimizer's state is loaded resets the learning rate to its step-0 value."""
+    path = Path(path)
+    checkpoint = {"model": model.state_dict(),
+                  "optimizer": None if optimizer is None else optimizer.state_dict(),
+                  "scheduler": None if scheduler is None else scheduler.state_dict(),
+                  "step": step, "config": model.cfg.to_dict(), "rng": rng_state(), "extra": extra or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_own(model, state, source, prefix="", allow_missing=()):
+    """load_checkpoint on a state dict already read from `source`."""
+    allow = (allow_missing,) if isinstance(allow_missing, str) else tuple(allow_missing)
+    tensors = {prefix + k: v for k, v in state.items()}
+    own = model.state_dict()
+    _assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
+    return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
+
+
+def load_checkpoint(model, source, prefix="", allow_missing=()):
+    """Load the weights of one of our checkpoints (or a state dict of ours) into `model`, strictly.
+    A checkpoint made at another image_res is resampled to the model's grid (256 -> 384 to fine-tune).
+    For a downstream model wrapping an XVLM, `prefix` is where it sits ("xvlm.") and `allow_missing`
+    names the prefixes of the new modules ("vqa_decoder.",) that the checkpoint lacks: they are returned
+    in the report's `missing`. Any other missing or unexpected key, or a shape mismatch, raises ValueError."""
+    state, source = read_state_dict(source)
+    return _load_own(model, state, source, prefix, allow_missing)
 
 
 if __name__ == "__main__":
