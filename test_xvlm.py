@@ -638,7 +638,17 @@ def pretraining_step(model, optimizer, scheduler, batch):
     return loss.item()
 
 
-def test_checkpoint_resumes_step_exactly(tmp_path):
+@pytest.fixture
+def deterministic():
+    """Bit-exact backward on CPU: with several threads, index backward (gather_regions, the concept
+    bank) otherwise accumulates in a varying order, and losses differ in the last bits from step 2 on."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_checkpoint_resumes_step_exactly(tmp_path, deterministic):
     model = tiny_model().train()
     batch = make_batch(model.cfg)
     make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.02)

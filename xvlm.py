@@ -1017,7 +1017,8 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, step=0, extra=N
 
     To resume: XVLM.from_checkpoint(path), then build the optimizer and the scheduler as at the start,
     then load their states and set_rng_state(checkpoint["rng"]). Footgun: a scheduler built after the
-    optimizer's state is loaded resets the learning rate to its step-0 value."""
+    optimizer's state is loaded resets the learning rate to its step-0 value. Bit-exact resumption also
+    needs torch.use_deterministic_algorithms(True): index backward may accumulate in any order."""
     path = Path(path)
     checkpoint = {"model": model.state_dict(),
                   "optimizer": None if optimizer is None else optimizer.state_dict(),
