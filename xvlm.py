@@ -3,7 +3,8 @@ X-VLM: multi-grained vision language pre-training (Zeng et al.), in one file.
 
 Read top to bottom: the config, one attention module, the image encoder with mixed attention
 (paper 3.2, eq. 1), the BERT text and cross-modal ("fusion") encoders, the heads, the four
-pre-training losses (paper 3.3, eqs. 2-9) as small functions, and the model that ties them together.
+pre-training losses (paper 3.3, eqs. 2-9) as small functions, the model that ties them together, and
+weight loading: DeiT / timm ViT and Hugging Face BERT through declarative key tables, and our checkpoints.
 
     import torch, xvlm
     cfg = xvlm.XVLMConfig.tiny()
@@ -22,8 +23,16 @@ pre-training losses (paper 3.3, eqs. 2-9) as small functions, and the model that
 """
 
 import math
+import os
+import pickle
+import random
+import re
+import tempfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 
+import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -552,6 +561,21 @@ class XVLM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    @classmethod
+    def from_checkpoint(cls, source, **overrides):
+        """Rebuild a model from one of our checkpoints alone: its stored config, with `overrides`
+        (image_res=384 to fine-tune at a higher resolution: position embeddings are resampled),
+        and its weights, loaded strictly (see load_checkpoint)."""
+        checkpoint, source = read_file(source)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+            raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
+        unknown = set(checkpoint["config"]) - {f.name for f in fields(XVLMConfig)}
+        if unknown:
+            raise ValueError(f"{source}: config fields this XVLMConfig does not have: {_names(sorted(unknown))}")
+        model = cls(XVLMConfig(**{**checkpoint["config"], **overrides}))
+        _load_own(model, _state_dict(checkpoint, source), source)
+        return model
+
     def param_counts(self):
         return {"vision": num_params(self.vision), "text+fusion": num_params(self.text) + num_params(self.fusion),
                 "total": num_params(self)}
@@ -676,6 +700,366 @@ def concept_bank(image_embeds, region_embeds, region_mask):
     pad = S - region_embeds.shape[1]
     regions = F.pad(region_embeds, (0, 0, 0, pad))
     return torch.cat([image_embeds, regions]), torch.cat([image_mask, F.pad(region_mask, (0, pad), value=False)])
+
+
+# -----------------------------------------------------------------------------
+# Weights: DeiT / timm ViT, Hugging Face BERT, our own checkpoints
+#
+# Every loader reads a state dict (a dict, a file, or a directory holding one), renames it to our
+# parameter names with a declarative key table, and copies it in strictly: an unexpected key, a shape
+# mismatch or a tied copy that differs raises one ValueError naming every such key and the file.
+# What a complete checkpoint of that kind would fill but this one lacks comes back in a LoadReport.
+# Files never run code: torch.load(weights_only=True) or safetensors.
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".th")
+PREFERRED_FILES = ("model.safetensors", "pytorch_model.bin")  # Hugging Face's, when a directory holds several
+
+
+def _names(keys, most=12):
+    keys = list(keys)
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def weights_file(path):
+    """The file `path` names: itself, or the weights file in a directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+    preferred = [name for name in PREFERRED_FILES if name in found]
+    if len(found) == 1 or preferred:
+        return path / (preferred or found)[0]
+    raise ValueError(f"{path}: " + (f"several weights files ({', '.join(found)}); name one" if found else
+                                    f"no weights file ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})"))
+
+
+def read_file(source):
+    """(object, name): a dict passes through; a file or directory is read without running code."""
+    if isinstance(source, dict):
+        return source, "state dict"
+    path = weights_file(source)
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        raise ValueError(f"{path}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path), str(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), str(path)
+    except pickle.UnpicklingError as e:
+        # Anything but tensors and plain containers could run code when unpickled; torch names it.
+        why = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
+        raise ValueError(f"{path}: refused: it pickles objects other than tensors and plain containers "
+                         f"({why.group(0) if why else str(e).splitlines()[0]}); "
+                         f"save the weights as .safetensors or as a plain state dict") from e
+
+
+def _state_dict(obj, name):
+    """The state dict in a file's object, unwrapping {"model": ...} as DeiT releases and our checkpoints store it."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name}: holds a {type(obj).__name__}, not a state dict")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{name}: not a state dict: {_names(not_tensors)} are not tensors")
+    return obj
+
+
+def read_state_dict(source):
+    """(state dict, name) from a dict, a file (.safetensors .bin .pt .pth .th) or a directory."""
+    obj, name = read_file(source)
+    return _state_dict(obj, name), name
+
+
+def resample_pos_embed(pos_embed, grid, prefix_tokens=1):
+    """Position embeddings (1, prefix + n*n, D) of an n x n patch grid -> (1, prefix + grid*grid, D),
+    as timm's resample_abs_pos_embed: the prefix ([CLS]) rows kept, the grid resized bicubically in
+    float32, the dtype restored. On the same grid it is the identity."""
+    prefix, patches = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
+    n = math.isqrt(patches.shape[1])
+    if n * n != patches.shape[1]:
+        raise ValueError(f"resample_pos_embed: {patches.shape[1]} patch positions do not form a square grid")
+    x = patches.float().unflatten(1, (n, n)).permute(0, 3, 1, 2)  # (1, D, n, n)
+    # antialias (as timm) matters only when shrinking: average the cells rather than skip some
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    patches = x.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # (1, grid*grid, D)
+    return torch.cat([prefix, patches], dim=1)
+
+
+@dataclass
+class LoadReport:
+    """What a loader filled: `loaded` (our keys), and `missing`, the keys a complete checkpoint of this
+    kind fills but this one lacked (e.g. the fusion encoder from a 6-layer BERT). The missing keep their
+    init, as do the modules no such checkpoint has (cross-attention, heads, the other encoder)."""
+    source: str
+    loaded: list
+    missing: list
+
+    def missing_modules(self):
+        """The missing keys by module, a layer counting as one: ["fusion.layers.0", ...]."""
+        modules = []
+        for key in self.missing:
+            m = re.match(r"(.*?\.\d+)\.", key) or re.match(r"(.*)\.", key)  # up to a layer index, or the parameter
+            modules.append(m.group(1) if m else key)
+        return list(dict.fromkeys(modules))
+
+    def __str__(self):
+        missing = f"; not in it, left at init: {', '.join(self.missing_modules())}" if self.missing else ""
+        return f"{self.source}: loaded {len(self.loaded)} tensors{missing}"
+
+
+def concat(*names):
+    """A table entry filled by several tensors concatenated along dim 0 (output features): our fused
+    qkv projection is BERT's query, key and value, in that order."""
+    return tuple(names)
+
+
+# (ours, timm / DeiT); {i}: block, {p}: weight and bias; ours None: known, deliberately not used.
+VIT_KEYS = [
+    ("vision.cls_token", "cls_token"),
+    ("vision.pos_embed", "pos_embed"),  # resampled when the checkpoint's grid differs
+    ("vision.patch_embed.{p}", "patch_embed.proj.{p}"),
+    ("vision.blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
+    ("vision.blocks.{i}.attn.qkv.{p}", "blocks.{i}.attn.qkv.{p}"),  # fused q, k, v as ours
+    ("vision.blocks.{i}.attn.proj.{p}", "blocks.{i}.attn.proj.{p}"),
+    ("vision.blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
+    ("vision.blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
+    ("vision.blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
+    ("vision.norm.{p}", "norm.{p}"),
+    (None, "head.{p}"),  # the ImageNet classifier
+]
+
+# (ours, Hugging Face BERT without its "bert." prefix); {i}: BERT layer, {layer}: where it lives here
+# (text.layers.i, or fusion.layers.(i - text_layers) above the text encoder).
+BERT_KEYS = [
+    ("text.embeddings.word.weight", "embeddings.word_embeddings.weight"),
+    ("text.embeddings.position.weight", "embeddings.position_embeddings.weight"),
+    ("text.embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"),
+    ("text.embeddings.norm.{p}", "embeddings.LayerNorm.{p}"),
+    ("{layer}.attn.qkv.{p}", concat("encoder.layer.{i}.attention.self.query.{p}",
+                                    "encoder.layer.{i}.attention.self.key.{p}",
+                                    "encoder.layer.{i}.attention.self.value.{p}")),
+    ("{layer}.attn.proj.{p}", "encoder.layer.{i}.attention.output.dense.{p}"),
+    ("{layer}.attn_norm.{p}", "encoder.layer.{i}.attention.output.LayerNorm.{p}"),
+    ("{layer}.mlp.fc1.{p}", "encoder.layer.{i}.intermediate.dense.{p}"),
+    ("{layer}.mlp.fc2.{p}", "encoder.layer.{i}.output.dense.{p}"),
+    ("{layer}.mlp_norm.{p}", "encoder.layer.{i}.output.LayerNorm.{p}"),
+    ("mlm_head.dense.{p}", "cls.predictions.transform.dense.{p}"),
+    ("mlm_head.norm.{p}", "cls.predictions.transform.LayerNorm.{p}"),
+    ("mlm_head.bias", "cls.predictions.bias"),
+    # Tied copies, present in some files: a second row for the same key; the copies must be equal.
+    ("mlm_head.bias", "cls.predictions.decoder.bias"),
+    ("text.embeddings.word.weight", "cls.predictions.decoder.weight"),
+    (None, "embeddings.position_ids"),  # a buffer: 0..max_positions-1
+    (None, "pooler.dense.{p}"),  # BertModel's next-sentence pooler
+    (None, "cls.seq_relationship.{p}"),  # BertForPreTraining's next-sentence head
+]
+OLD_LAYERNORM_NAMES = {"gamma": "weight", "beta": "bias"}  # TF-converted .bin files, bert-base-uncased's own
+
+
+def hf_bert_name(key):
+    """A Hugging Face BERT key as BERT_KEYS spells it: no "bert." prefix, LayerNorm weight and bias."""
+    module, _, leaf = key.removeprefix("bert.").rpartition(".")
+    if module.endswith("LayerNorm"):
+        leaf = OLD_LAYERNORM_NAMES.get(leaf, leaf)
+    return f"{module}.{leaf}" if module else leaf
+
+
+def expand_table(table, layers):
+    """Concrete (ours, (theirs, ...)) pairs from a key table: {p} stands for weight and bias; rows
+    with {i} repeat once per entry of `layers`, a dict of format values for each layer."""
+    pairs = []
+    for ours, theirs in table:
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+        for values in (layers if "{i}" in theirs[0] else [{}]):
+            for p in (("weight", "bias") if "{p}" in theirs[0] else ("",)):
+                fill = lambda s: s.format(p=p, **values)
+                pairs.append((None if ours is None else fill(ours), tuple(fill(n) for n in theirs)))
+    return pairs
+
+
+def vit_key_pairs(cfg):
+    """VIT_KEYS for a model of this config: (ours, (timm name,)) pairs, one per tensor."""
+    return expand_table(VIT_KEYS, [dict(i=i) for i in range(cfg.vision_layers)])
+
+
+def bert_key_pairs(cfg):
+    """BERT_KEYS for a model of this config: BERT layer i to text layer i below text_layers, to fusion
+    layer i - text_layers above. (ours, (Hugging Face names, ...)) pairs."""
+    T = cfg.text_layers
+    return expand_table(BERT_KEYS, [dict(i=i, layer=f"text.layers.{i}" if i < T else f"fusion.layers.{i - T}")
+                                    for i in range(T + cfg.fusion_layers)])
+
+
+def map_state_dict(state, pairs, rename=lambda k: k):
+    """Rename a foreign state dict to ours with expanded table pairs; keys are looked up as `rename`
+    spells them and reported as the file does. Returns ({ours: tensor}, {ours: source names}, [problems])."""
+    original = {rename(k): k for k in state}
+    problems = [] if len(original) == len(state) else ["two keys that name the same tensor"]
+    state = {rename(k): v for k, v in state.items()}
+    known = {n for _, names in pairs for n in names}
+    unexpected = [original[k] for k in state if k not in known]
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    tensors, origin = {}, {}
+    for ours, names in pairs:
+        parts = [state[n] for n in names if n in state]
+        if ours is None or not parts:
+            continue
+        shown = [original.get(n, n) for n in names]
+        if len(parts) < len(names) or len({p.shape for p in parts}) > 1:
+            problems.append(f"{' + '.join(shown)}: incomplete or of unequal shapes")
+            continue
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if ours not in tensors:
+            tensors[ours], origin[ours] = tensor, shown
+        elif not torch.equal(tensors[ours], tensor):
+            problems.append(f"{shown[0]} differs from {origin[ours][0]}, to which it is tied ({ours})")
+    return tensors, origin, problems
+
+
+def _assign(model, tensors, source, origin=None, problems=(), required=()):
+    """Copy `tensors` (our names) into `model`, strictly: each must be one of the model's keys, of its
+    shape (a VisionTransformer's pos_embed is resampled to the model's grid), and every `required`
+    key must be there; otherwise raise, naming every problem at once, before anything is copied."""
+    own, origin, problems = model.state_dict(), origin or {}, list(problems)
+    grids = {f"{name}.pos_embed".lstrip("."): m.grid for name, m in model.named_modules() if isinstance(m, VisionTransformer)}
+    tensors = {k: resample_pos_embed(v, grids[k]) if k in grids and v.dim() == 3 and v.shape[1] != own[k].shape[1] else v
+               for k, v in tensors.items()}
+    unexpected = [k for k in tensors if k not in own]
+    if unexpected:
+        problems.append(f"not in the model: {_names(unexpected)}")
+    mismatched = [f"{' + '.join(origin.get(k, [k]))}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model ({k})"
+                  for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    problems += mismatched[:12] + ([f"and {len(mismatched) - 12} more shape mismatches"] if len(mismatched) > 12 else [])
+    absent = [k for k in required if k not in tensors]
+    if absent:
+        problems.append(f"missing keys: {_names(absent)}")
+    if problems:
+        raise ValueError(f"{source}: does not fit the {type(model).__name__}:\n  " + "\n  ".join(problems))
+    model.load_state_dict({**own, **tensors})  # strict: exactly the model's keys
+
+
+def _load_table(model, state, pairs, source, rename=lambda k: k, optional=()):
+    """Map, check and copy a foreign state dict; report the table's keys it did not fill (but those
+    under `optional` prefixes, which this kind of checkpoint need not have)."""
+    tensors, origin, problems = map_state_dict(state, pairs, rename)
+    _assign(model, tensors, source, origin, problems)
+    scope = dict.fromkeys(ours for ours, _ in pairs if ours is not None)
+    missing = [k for k in scope if k not in tensors and not k.startswith(optional)]
+    return LoadReport(source, list(tensors), missing)
+
+
+def _depth(state, pattern):
+    """How many layers a state dict holds, by a regex whose group is the layer index."""
+    found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
+    return max(found) + 1 if found else 0
+
+
+def load_vit(model, source):
+    """Initialise the image encoder from a DeiT / timm ViT state dict (paper 4.2: DeiT-base,
+    ImageNet-1k), e.g. deit_base_patch16_224-b5f2ef4d.pth. Its 224px position embeddings are
+    resampled to the model's grid; the classifier head is ignored. Returns a LoadReport; raises
+    ValueError on unexpected keys, shape mismatches and checkpoints deeper than the model."""
+    state, source = read_state_dict(source)
+    if "dist_token" in state:
+        raise ValueError(f"{source}: a distilled DeiT (dist_token): two prefix tokens where X-VLM's ViT has one; "
+                         f"use the plain DeiT, e.g. deit_base_patch16_224")
+    depth, layers = _depth(state, r"blocks\.(\d+)\."), model.cfg.vision_layers
+    if depth > layers:
+        raise ValueError(f"{source}: {depth} ViT blocks, the model has {layers}; refusing to drop blocks {layers}-{depth - 1}")
+    return _load_table(model, state, vit_key_pairs(model.cfg), source)
+
+
+def load_bert(model, source):
+    """Initialise the text and cross-modal encoders from a Hugging Face BertModel / BertForMaskedLM /
+    BertForPreTraining state dict, with or without the "bert." prefix (paper 4.2: bert-base-uncased).
+
+    BERT layer i goes to text layer i for i < text_layers, and to fusion layer i - text_layers above
+    (12 layers: 0-5 text, 6-11 fusion self-attention and FFN; cross-attention is new). A shallower
+    checkpoint (6-layer MiniLM) fills what it has and reports the rest missing; a deeper one than the
+    model is refused. The MLM head loads when the checkpoint has one (a BertModel has none, and it is
+    then not reported missing). Returns a LoadReport; raises ValueError as load_vit does."""
+    state, source = read_state_dict(source)
+    cfg = model.cfg
+    depth, layers = _depth(state, r"(?:bert\.)?encoder\.layer\.(\d+)\."), cfg.text_layers + cfg.fusion_layers
+    if depth > layers:
+        raise ValueError(f"{source}: {depth} BERT layers, the model has {cfg.text_layers} text + {cfg.fusion_layers} "
+                         f"fusion layers; refusing to drop layers {layers}-{depth - 1}")
+    has_head = any(hf_bert_name(k).startswith("cls.predictions.") for k in state)
+    return _load_table(model, state, bert_key_pairs(cfg), source, hf_bert_name,
+                       optional=() if has_head else ("mlm_head.",))
+
+
+# -- our own checkpoints ---------------------------------------------------------
+
+
+def rng_state():
+    """This process's random generators (torch CPU and CUDA, numpy, Python) as tensors and plain
+    lists, so that a checkpoint holding them loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(mt), gauss_next]}
+
+
+def set_rng_state(state):
+    """The inverse of rng_state(): every generator continues where it was saved. CUDA states are
+    skipped on a machine without CUDA."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt, gauss_next = state["python"]
+    random.setstate((version, tuple(mt), gauss_next))
+
+
+def save_checkpoint(path, model, optimizer=None, scheduler=None, step=0, extra=None):
+    """Write {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"} to `path`.
+    `model` is the unwrapped module (not DDP or compiled), with a `cfg`. Atomic: written to a temporary
+    file beside `path`, then renamed over it, so a crash mid-write leaves the previous file whole.
+
+    To resume: XVLM.from_checkpoint(path), then build the optimizer and the scheduler as at the start,
+    then load their states and set_rng_state(checkpoint["rng"]). Footgun: a scheduler built after the
+    optimizer's state is loaded resets the learning rate to its step-0 value. Bit-exact resumption also
+    needs torch.use_deterministic_algorithms(True): index backward may accumulate in any order."""
+    path = Path(path)
+    checkpoint = {"model": model.state_dict(),
+                  "optimizer": None if optimizer is None else optimizer.state_dict(),
+                  "scheduler": None if scheduler is None else scheduler.state_dict(),
+                  "step": step, "config": model.cfg.to_dict(), "rng": rng_state(), "extra": extra or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _load_own(model, state, source, prefix="", allow_missing=()):
+    """load_checkpoint on a state dict already read from `source`."""
+    allow = (allow_missing,) if isinstance(allow_missing, str) else tuple(allow_missing)
+    tensors = {prefix + k: v for k, v in state.items()}
+    own = model.state_dict()
+    _assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
+    return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
+
+
+def load_checkpoint(model, source, prefix="", allow_missing=()):
+    """Load the weights of one of our checkpoints (or a state dict of ours) into `model`, strictly.
+    A checkpoint made at another image_res is resampled to the model's grid (256 -> 384 to fine-tune).
+    For a downstream model wrapping an XVLM, `prefix` is where it sits ("xvlm.") and `allow_missing`
+    names the prefixes of the new modules ("vqa_decoder.",) that the checkpoint lacks: they are returned
+    in the report's `missing`. Any other missing or unexpected key, or a shape mismatch, raises ValueError."""
+    state, source = read_state_dict(source)
+    return _load_own(model, state, source, prefix, allow_missing)
 
 
 if __name__ == "__main__":
