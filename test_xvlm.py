@@ -340,3 +340,137 @@ def test_a_few_steps_on_one_batch_halve_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+# ---- tasks.py ----
+
+import itertools
+
+import tasks
+
+
+def task_texts(n, length=8, seed=0):
+    """n texts "[CLS] w.. [SEP] [PAD].." of random lengths in [4, length], right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=g)
+    lengths = torch.randint(4, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None] < lengths[:, None]
+    ids[:, 0] = 101
+    ids[torch.arange(n), lengths - 1] = 102
+    return ids.masked_fill(~mask, 0), mask
+
+
+def task_images(n, res=64, seed=0):
+    """Noise over a distinct colour per image, so that a tiny random model tells them apart from the start."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 * torch.randn(n, 3, res, res, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
+
+
+def task_model(cls=XVLM, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return cls(XVLMConfig.tiny(**overrides)).eval()
+
+
+# -- metrics
+
+
+def test_tasks_hit_rate_hand_made_ties():
+    # Image 0's best positive (text 0) ties with negative text 2: a coin flip for R@1.
+    # Image 1's best positive (text 3) ties with negatives 0 and 1: 1/3 for R@1, 2/3 for R@2.
+    scores = torch.tensor([[0.9, 0.1, 0.9, 0.2], [0.5, 0.5, 0.1, 0.5]])
+    positive = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    got = tasks.hit_rate(scores, positive, ks=(1, 2, 5))
+    assert got[1] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
+    assert got[2] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert got[5] == pytest.approx(100.0)
+    # Ties among positives only cost nothing; a negative strictly above costs a place.
+    assert tasks.hit_rate(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[True, True, False]]), (1,))[1] == 100
+    assert tasks.hit_rate(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[True, False, False]]), (1, 2)) == {1: 0.0, 2: 100.0}
+
+
+def test_tasks_hit_rate_is_the_average_over_every_tie_break():
+    # Scores with many ties: the expectation must equal the mean, over all orders of the
+    # candidates, of "a positive among the first K" under a stable sort.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        scores = torch.randint(0, 3, (4, 6), generator=g).float()
+        positive = torch.rand(4, 6, generator=g) < 0.3
+        positive[:, 0] |= ~positive.any(1)
+        expected = {k: 0.0 for k in (1, 2, 3, 5)}
+        orders = list(itertools.permutations(range(6)))
+        for order in orders:
+            order = torch.tensor(order)
+            ranked = order[scores[:, order].argsort(dim=1, descending=True, stable=True)]  # (Q, C) candidate ids
+            first = positive.gather(1, ranked).float().argmax(1)  # position of the first positive
+            for k in expected:
+                expected[k] += 100 * (first < k).float().mean().item() / len(orders)
+        got = tasks.hit_rate(scores, positive, expected.keys())
+        for k in expected:
+            assert got[k] == pytest.approx(expected[k], abs=1e-6)
+
+
+def test_tasks_recall_at_k_perfect_constant_and_inverted():
+    text_image = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    I, T = 6, 12
+    truth = (text_image[None] == torch.arange(I)[:, None]).float()
+    perfect = tasks.recall_at_k(truth + 0.01 * torch.rand(I, T), text_image)
+    assert perfect == {k: 100.0 for k in perfect}
+    assert set(perfect) == {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"}
+    constant = tasks.recall_at_k(torch.zeros(I, T), text_image)  # chance, exactly
+    tr = lambda k: 100 * (1 - math.comb(T - 2, k) / math.comb(T, k))  # 2 of 12 texts are positive
+    assert constant["txt_r1"] == pytest.approx(tr(1)) and constant["txt_r5"] == pytest.approx(tr(5))
+    assert constant["txt_r10"] == pytest.approx(tr(10))
+    assert constant["img_r1"] == pytest.approx(100 / 6) and constant["img_r5"] == pytest.approx(500 / 6)
+    assert constant["img_r10"] == 100.0
+    assert tasks.retrieval_chance(I, text_image) == pytest.approx(constant["r_mean"])
+    inverted = tasks.recall_at_k(-truth, text_image, ks=(1, 5, 10, 11))  # every negative first
+    assert inverted["txt_r10"] == 0 and inverted["txt_r11"] == 100  # 10 negative texts per image
+    assert inverted["img_r5"] == 0 and inverted["img_r10"] == 100  # 5 negative images per text
+    # The two directions can come from separately re-ranked matrices.
+    mixed = tasks.recall_at_k(truth, text_image, scores_t2i=-truth.T)
+    assert mixed["txt_r1"] == 100 and mixed["img_r1"] == 0
+    with pytest.raises(ValueError, match="image 2 has no text"):
+        tasks.recall_at_k(torch.zeros(3, 2), torch.tensor([0, 1]))
+
+
+def test_tasks_vqa_accuracy_with_ten_annotators():
+    annotators = [
+        ["yes"] * 7 + ["no"] * 3,  # "no": 3 of 10 -> full credit
+        ["2"] * 8 + ["3"] * 2,  # "3": 2 of 10 -> 2/3
+        ["red"] * 9 + ["dark red"],  # "dark red": 1 -> 1/3
+        ["cat"] * 10,  # "dog": none -> 0
+    ]
+    assert tasks.vqa_accuracy(["no", "3", "dark red", "dog"], annotators) == pytest.approx(100 * (1 + 2 / 3 + 1 / 3 + 0) / 4)
+    assert tasks.vqa_accuracy(["yes", "2", "red", "cat"], annotators) == 100.0
+    assert tasks.vqa_chance(annotators) == pytest.approx(100 * 1 / 4)  # "cat" (10 votes) answers everything
+    with pytest.raises(ValueError):
+        tasks.vqa_accuracy(["yes"], annotators)
+
+
+def test_tasks_box_iou_and_grounding_accuracy_at_the_boundary():
+    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    left_half = torch.tensor([[0.25, 0.5, 0.5, 1.0]])  # IoU exactly 1/2, in binary fractions
+    just_under = torch.tensor([[0.25, 0.5, 0.5, 0.998]])
+    assert tasks.box_iou(whole, left_half).item() == 0.5
+    assert tasks.grounding_accuracy(left_half, whole) == 100.0  # >= 0.5 counts
+    assert tasks.grounding_accuracy(just_under, whole) == 0.0
+    assert tasks.grounding_accuracy(torch.cat([left_half, just_under]), torch.cat([whole, whole])) == 50.0
+    # Nested boxes: the hull is the union, so IoU equals xvlm's GIoU.
+    torch.manual_seed(0)
+    outer = torch.cat([torch.rand(20, 2) * 0.2 + 0.4, torch.rand(20, 2) * 0.3 + 0.5], 1)
+    inner = torch.cat([outer[:, :2], outer[:, 2:] * torch.rand(20, 2)], 1)
+    assert_close(tasks.box_iou(outer, inner), xvlm.giou(outer, inner))
+    assert_close(tasks.box_iou(inner, outer), (inner[:, 2] * inner[:, 3]) / (outer[:, 2] * outer[:, 3]))
+    assert tasks.box_iou(torch.tensor([[0.2, 0.2, 0.1, 0.1]]), torch.tensor([[0.8, 0.8, 0.1, 0.1]])).item() == 0
+    assert tasks.box_iou(torch.zeros(1, 4), torch.zeros(1, 4)).item() == 0  # degenerate, no NaN
+
+
+def test_tasks_accuracy_and_chance_baselines():
+    assert tasks.accuracy(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2])) == 75.0
+    assert tasks.majority_chance(torch.tensor([1, 1, 1, 0])) == 75.0
+    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 3 + [[0.5, 0.5, 0.8, 0.8]])
+    assert tasks.box_chance(boxes) == 75.0  # the mean box, side 0.5: IoU 0.64 with the small ones, 0.39 with the big
+    proposals = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]] * 2)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    targets = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]])
+    assert tasks.proposal_chance(proposals, mask, targets) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
