@@ -474,3 +474,65 @@ def test_tasks_accuracy_and_chance_baselines():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     targets = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]])
     assert tasks.proposal_chance(proposals, mask, targets) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+
+
+# -- retrieval
+
+
+def retrieval_eval_setup(n_images=5, texts_per_image=2, seed=0):
+    model = task_model(seed=seed)
+    images = task_images(n_images, seed=seed)
+    ids, mask = task_texts(n_images * texts_per_image, seed=seed)
+    text_image = torch.arange(n_images).repeat_interleave(texts_per_image)
+    return model, images, ids, mask, text_image
+
+
+def test_tasks_batched_itm_rerank_equals_one_by_one():
+    model, images, ids, mask, _ = retrieval_eval_setup(n_images=6)
+    # Two text batches of different padded lengths: the features are padded to the longest.
+    f = tasks.retrieval_features(model, [images[:4], images[4:]], [(ids[:5], mask[:5]), (ids[5:, :7], mask[5:, :7])])
+    assert f.text_embeds.shape[:2] == (12, 8) and not f.text_mask[5:, 7].any()
+    sims = f.image_feat @ f.text_feat.T
+    k = 4
+    fast_i2t, fast_t2i = tasks.itm_rerank(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k, chunk=7)
+    ref_i2t, ref_t2i = tasks.itm_rerank_one_by_one(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k)
+    assert_close(fast_i2t, ref_i2t, atol=1e-5, rtol=1e-5)
+    assert_close(fast_t2i, ref_t2i, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_i2t.argsort(1, descending=True)[:, :k], ref_i2t.argsort(1, descending=True)[:, :k])
+    assert torch.equal(fast_t2i.argsort(1, descending=True)[:, :k], ref_t2i.argsort(1, descending=True)[:, :k])
+    # Exactly each query's top k by s(I, T) is re-scored; the rest rank below all of them.
+    assert torch.equal(torch.isfinite(fast_i2t), torch.zeros_like(sims).scatter(1, sims.topk(k, 1).indices, 1.0).bool())
+    assert torch.equal(torch.isfinite(fast_t2i), torch.zeros_like(sims.T).scatter(1, sims.T.topk(k, 1).indices, 1.0).bool())
+    # A pair scored from both directions gets one score.
+    both = torch.isfinite(fast_i2t) & torch.isfinite(fast_t2i.T)
+    assert both.any() and torch.equal(fast_i2t[both], fast_t2i.T[both])
+
+
+def test_tasks_evaluate_retrieval_with_k_covering_everything_is_the_itm_ranking():
+    model, images, ids, mask, text_image = retrieval_eval_setup()
+    got = tasks.evaluate_retrieval(model, [images], [(ids, mask)], text_image, k=100)
+    f = tasks.retrieval_features(model, [images], [(ids, mask)])
+    I, T = len(images), len(ids)
+    with torch.no_grad():
+        itm = tasks.itm_scores(model, f.image_embeds, f.text_embeds, f.text_mask,
+                               torch.arange(I).repeat_interleave(T), torch.arange(T).repeat(I)).view(I, T)
+    assert got == pytest.approx(tasks.recall_at_k(itm, text_image))
+    assert not model.training  # evaluation leaves the mode as it found it
+    model.train()
+    tasks.evaluate_retrieval(model, [images], [(ids, mask)], text_image, k=3)
+    assert model.training
+
+
+def test_tasks_retrieval_loss_uses_image_ids_for_itc():
+    model = task_model()
+    ids, mask = task_texts(4)
+    images = task_images(4)  # pairs 0 and 1: two augmented views of one image, two captions
+    batch = {"images": images, "text_ids": ids, "text_mask": mask, "image_ids": torch.tensor([7, 7, 8, 9])}
+    out = tasks.retrieval_loss(model, batch)
+    assert set(out) == {"loss", "itc", "itm"} and torch.isfinite(out["loss"])
+    assert_close(out["loss"], out["itc"] + out["itm"])
+    image_embeds = model.encode_image(images)[0]
+    feats = model.image_features(image_embeds), model.text_features(model.encode_text(ids, mask))
+    shared = xvlm.itc_loss(*feats, model.temp, torch.tensor([7, 7, 8, 9]))
+    assert_close(out["itc"], shared)
+    assert abs(out["itc"].item() - xvlm.itc_loss(*feats, model.temp).item()) > 1e-4  # ids matter
