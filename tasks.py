@@ -284,3 +284,138 @@ def evaluate_retrieval(model, image_batches, text_batches, text_image, k=128, ch
         sims = f.image_feat @ f.text_feat.T  # s(I, T), cosine
         scores_i2t, scores_t2i = itm_rerank(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k, chunk)
     return recall_at_k(scores_i2t.cpu(), text_image.cpu(), ks, scores_t2i.cpu())
+
+
+# -----------------------------------------------------------------------------
+# VQA (paper 4.3, appendix B): a 6-layer answer decoder over the fused question, ranking a closed answer list
+
+
+def decoder_layer(cfg):
+    """A cross-modal layer whose cross-attention reads the fused question (text width), not the image."""
+    layer = BertLayer(cfg, cross=True)
+    if cfg.vision_width != cfg.text_width:
+        layer.cross_attn = Attention(cfg.text_width, cfg.text_heads, kv_dim=cfg.text_width, dropout=cfg.dropout)
+    return layer
+
+
+class AnswerDecoder(nn.Module):
+    """The answer decoder (appendix B, following ALBEF): text embeddings, `fusion_layers` BERT
+    layers with causal self-attention over the answer so far and cross-attention to the fused
+    question, and an LM head tied to its own word embeddings. Shaped like the text embeddings +
+    cross-modal encoder + MLM head, from which VQAModel.init_decoder_from_fusion copies it."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = TextEmbeddings(cfg)
+        self.layers = nn.ModuleList(decoder_layer(cfg) for _ in range(cfg.fusion_layers))
+        self.head = MLMHead(cfg)
+
+    def forward(self, answer_ids, answer_mask, question_states, question_mask):
+        """answer_ids, answer_mask (A, La); question_states (A, Lq, D), question_mask (A, Lq) -> (A, La, D)."""
+        La = answer_ids.shape[1]
+        causal = torch.ones(La, La, dtype=torch.bool, device=answer_ids.device).tril()
+        mask = key_mask(answer_mask.bool()) & causal  # (A, 1, La, La): real tokens at or before the query
+        question_mask = key_mask(question_mask.bool())
+        x = self.embeddings(answer_ids)
+        for layer in self.layers:
+            x = layer(x, mask, question_states, question_mask)
+        return x
+
+    def logits(self, hidden):
+        return self.head(hidden, self.embeddings.word.weight)
+
+
+class VQAModel(XVLM):
+    """X-VLM plus the answer decoder. An X-VLM state dict loads into it by name; the decoder's
+    keys (`decoder.*`) are the new ones, copied from the cross-modal encoder (load_pretrained)."""
+
+    new_modules = ("decoder",)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.decoder = AnswerDecoder(cfg)
+        self.decoder.apply(self._init_weights)
+        self.init_decoder_from_fusion()
+
+    def init_decoder_from_fusion(self):
+        """Appendix B: the decoder starts as the pre-trained cross-modal encoder: embeddings from the
+        text encoder, layer i from cross-modal layer i, the LM head from the MLM head. Returns the
+        decoder tensors left as they were: the cross-attention key/value when the image and text
+        widths differ (it reads the question, not the image), as in the authors' code."""
+        kept = [f"embeddings.{n}" for n in copy_matching(self.decoder.embeddings, self.text.embeddings)]
+        for i, (dec, enc) in enumerate(zip(self.decoder.layers, self.fusion.layers, strict=True)):
+            kept += [f"layers.{i}.{n}" for n in copy_matching(dec, enc)]
+        kept += [f"head.{n}" for n in copy_matching(self.decoder.head, self.mlm_head)]
+        return kept
+
+    def init_new_modules(self, names):
+        if "decoder" in names:
+            self.init_decoder_from_fusion()
+
+
+def answer_log_likelihood(decoder, answer_ids, answer_mask, question_states, question_mask):
+    """log p(answer | question) = sum_t log p(a_t | [CLS] a_<t, question): teacher forcing over every
+    token after the [CLS] that starts each answer, [SEP] included. (A,)."""
+    answer_mask = answer_mask.bool()
+    hidden = decoder(answer_ids[:, :-1], answer_mask[:, :-1], question_states, question_mask)
+    target, real = answer_ids[:, 1:], answer_mask[:, 1:]
+    log_p = decoder.logits(hidden[real]).float().log_softmax(-1)  # only real targets reach the vocab
+    token = log_p.gather(1, target[real][:, None]).squeeze(1)
+    rows = real.nonzero()[:, 0]
+    return torch.zeros(answer_ids.shape[0], device=token.device).index_add(0, rows, token)
+
+
+def vqa_loss(model, batch):
+    """The answer likelihood (appendix B), weighted as the authors: an answer given by k of a
+    question's n annotators has weight k/n; the decoder sees the fused question once per answer.
+
+    batch: images (B, 3, H, W), question_ids (B, Lq), question_mask (B, Lq) bool,
+    answer_ids (A, La) "[CLS] answer [SEP] [PAD]..", answer_mask (A, La) bool,
+    answer_question (A,) int64 the question of each answer, answer_weights (A,) float.
+    Returns {"loss", "answer"}: the weighted negative log-likelihood summed per question, averaged
+    over questions.
+    """
+    question_mask = batch["question_mask"].bool()
+    states = fuse_image_text(model, batch["images"], batch["question_ids"], question_mask)
+    q = batch["answer_question"]
+    nll = -answer_log_likelihood(model.decoder, batch["answer_ids"], batch["answer_mask"], states[q], question_mask[q])
+    loss = (batch["answer_weights"].float() * nll).sum() / states.shape[0]
+    return {"loss": loss, "answer": loss}
+
+
+@torch.no_grad()
+def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_mask, k=128):
+    """Answer from the closed candidate list (paper 4.3, the authors' `rank_answer`): score every
+    candidate's first token after [CLS], keep the k best candidates, and pick the one of those
+    with the highest full log-likelihood. Batched over questions and candidates.
+
+    answer_ids, answer_mask (C, La): the candidates, "[CLS] answer [SEP] [PAD]..". Returns the
+    chosen candidate index of each question (B,).
+    """
+    with evaluating(model):
+        question_mask = question_mask.bool()
+        states = fuse_image_text(model, images, question_ids, question_mask)
+        B, k = states.shape[0], min(k, answer_ids.shape[0])
+        bos = answer_ids[:1, :1].expand(B, 1)
+        after_bos = model.decoder(bos, torch.ones_like(bos, dtype=torch.bool), states, question_mask)[:, 0]
+        first = model.decoder.logits(after_bos).float().log_softmax(-1)[:, answer_ids[:, 1]]  # (B, C)
+        top = first.topk(k, dim=1).indices  # (B, k)
+        cand = top.flatten()
+        ll = answer_log_likelihood(model.decoder, answer_ids[cand], answer_mask[cand],
+                                   states.repeat_interleave(k, 0), question_mask.repeat_interleave(k, 0))
+        return top.gather(1, ll.view(B, k).argmax(1, keepdim=True)).squeeze(1)
+
+
+def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
+    """VQA accuracy of the ranked answers. batches yield {images, question_ids, question_mask,
+    answers: list (per question) of the annotators' answer strings}; answer_list[c] is the string
+    of candidate c."""
+    device = model_device(model)
+    answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+    predicted, truth = [], []
+    for batch in batches:
+        b = to_device(batch, device)
+        best = rank_answers(model, b["images"], b["question_ids"], b["question_mask"], answer_ids, answer_mask, k)
+        predicted += [answer_list[c] for c in best.tolist()]
+        truth += b["answers"]
+    return {"vqa_acc": vqa_accuracy(predicted, truth)}

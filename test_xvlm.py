@@ -536,3 +536,114 @@ def test_tasks_retrieval_loss_uses_image_ids_for_itc():
     shared = xvlm.itc_loss(*feats, model.temp, torch.tensor([7, 7, 8, 9]))
     assert_close(out["itc"], shared)
     assert abs(out["itc"].item() - xvlm.itc_loss(*feats, model.temp).item()) > 1e-4  # ids matter
+
+
+# -- VQA
+
+
+def test_tasks_vqa_decoder_starts_as_the_cross_modal_encoder():
+    model = task_model(tasks.VQAModel)
+    dec = model.decoder
+    for i, (d, f) in enumerate(zip(dec.layers, model.fusion.layers)):
+        fs = f.state_dict()
+        for name, t in d.state_dict().items():
+            assert torch.equal(t, fs[name]), (i, name)
+    for name, t in dec.embeddings.state_dict().items():
+        assert torch.equal(t, model.text.embeddings.state_dict()[name]), name
+    for name, t in dec.head.state_dict().items():
+        assert torch.equal(t, model.mlm_head.state_dict()[name]), name
+    # A one-token answer sees only itself, so the decoder is the cross-modal encoder reading the question.
+    ids, mask = task_texts(2)
+    states = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(task_images(2))[0])
+    first = torch.full((2, 1), 101)
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    ref = model.fuse(model.text.embeddings(first), ones, states, mask)
+    assert_close(dec(first, ones, states, mask), ref, atol=1e-5, rtol=1e-5)
+    # When image and text widths differ the decoder's cross-attention key/value cannot be copied.
+    narrow = task_model(tasks.VQAModel, vision_width=64)
+    kept = narrow.init_decoder_from_fusion()
+    assert kept == [f"layers.{i}.cross_attn.kv.weight" for i in range(2)]  # the bias has the same shape
+    assert narrow.decoder.layers[0].cross_attn.kv.in_features == 96
+
+
+def test_tasks_vqa_decoder_is_causal():
+    model = task_model(tasks.VQAModel)
+    states = torch.randn(2, 5, 96)
+    q_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    ids, mask = task_texts(2, length=6)
+    changed = ids.clone()
+    changed[:, 3:] = torch.randint(1000, 2000, (2, 3))
+    a, b = model.decoder(ids, mask, states, q_mask), model.decoder(changed, mask, states, q_mask)
+    assert_close(a[:, :3], b[:, :3], atol=1e-6, rtol=0)
+    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-3
+    # And the question's padding is masked: garbage there changes nothing.
+    noisy = states.clone()
+    noisy[0, 3:] = 100.0
+    assert_close(model.decoder(ids, mask, noisy, q_mask), a, atol=1e-6, rtol=0)
+
+
+def vqa_setup():
+    """Two questions; six candidate answers, some sharing a first token so only the full
+    likelihood tells them apart. Question 0's answer is candidate 1, question 1's is candidate 3."""
+    candidates = [[1500], [1500, 1501], [1600], [1600, 1700, 1701], [1800], [1900, 1901]]
+    La = 2 + max(map(len, candidates))
+    answer_ids = torch.zeros(len(candidates), La, dtype=torch.long)
+    for c, toks in enumerate(candidates):
+        answer_ids[c, :len(toks) + 2] = torch.tensor([101, *toks, 102])
+    answer_mask = answer_ids != 0
+    q_ids, q_mask = task_texts(2, seed=3)
+    return task_images(2, seed=3), q_ids, q_mask, answer_ids, answer_mask
+
+
+def test_tasks_vqa_loss_weights_each_answer():
+    model = task_model(tasks.VQAModel)
+    images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+    pick = torch.tensor([1, 0, 3])
+    batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[pick],
+             "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
+             "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
+    out = tasks.vqa_loss(model, batch)
+    states = model.fuse(model.encode_text(q_ids, q_mask), q_mask, model.encode_image(images)[0])
+
+    def nll(q, c):  # written out: - sum over the tokens after [CLS] of log p(token | prefix)
+        n = int(answer_mask[c].sum())
+        h = model.decoder(answer_ids[c:c + 1, :n - 1], answer_mask[c:c + 1, :n - 1], states[q:q + 1], q_mask[q:q + 1])
+        logp = model.decoder.logits(h)[0].log_softmax(-1)
+        return -logp[torch.arange(n - 1), answer_ids[c, 1:n]].sum()
+
+    expected = (0.7 * nll(0, 1) + 0.3 * nll(0, 0) + 1.0 * nll(1, 3)) / 2
+    assert_close(out["loss"], expected, atol=1e-4, rtol=1e-5)
+    zero = dict(batch, answer_weights=torch.tensor([1.0, 0.0, 1.0]))
+    assert_close(tasks.vqa_loss(model, zero)["loss"], (nll(0, 1) + nll(1, 3)) / 2, atol=1e-4, rtol=1e-5)
+
+
+def test_tasks_rank_answers_picks_the_overfit_answer():
+    model = task_model(tasks.VQAModel).train()
+    images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+    target = torch.tensor([1, 3])
+    batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[target],
+             "answer_mask": answer_mask[target], "answer_question": torch.tensor([0, 1]), "answer_weights": torch.ones(2)}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        loss = tasks.vqa_loss(model, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert torch.equal(tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=2), target)
+    # With k covering every candidate it is the argmax of the full likelihood, one candidate at a time.
+    with torch.no_grad():
+        states = model.fuse(model.encode_text(q_ids, q_mask), q_mask, model.encode_image(images)[0])
+        ll = torch.tensor([[tasks.answer_log_likelihood(model.decoder, answer_ids[c:c + 1], answer_mask[c:c + 1],
+                                                        states[q:q + 1], q_mask[q:q + 1]).item()
+                            for c in range(6)] for q in range(2)])
+    got = tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=6)
+    assert torch.equal(got, ll.argmax(1)) and torch.equal(got, target)
+    # k = 1 keeps a candidate with the most likely first token: log p(a_1 | [CLS]), from the
+    # likelihood of the answers cut after their first token.
+    with torch.no_grad():
+        first = torch.stack([tasks.answer_log_likelihood(model.decoder, answer_ids[:, :2], answer_mask[:, :2],
+                                                         states[q:q + 1].expand(6, -1, -1), q_mask[q:q + 1].expand(6, -1))
+                             for q in range(2)])  # (2, 6)
+    one = tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=1)
+    assert_close(first[torch.arange(2), one], first.max(1).values)
