@@ -419,3 +419,133 @@ def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
         predicted += [answer_list[c] for c in best.tolist()]
         truth += b["answers"]
     return {"vqa_acc": vqa_accuracy(predicted, truth)}
+
+
+# -----------------------------------------------------------------------------
+# NLVR2 (paper 4.3, appendix B, following ALBEF): every cross-modal layer doubled, one block per image
+
+
+class NLVR2Model(XVLM):
+    """X-VLM whose cross-modal layers each become two consecutive blocks: `fusion.layers[i]` (the
+    pre-trained layer) cross-attends to image 1, then its twin `fusion_second.layers[i]` to
+    image 2. The twins start as copies, and each pair shares the cross-attention key/value
+    projection (one module in both blocks), as ALBEF. Heads on the final [CLS]: `cls_head`
+    (true / false, the task) and `assign_head` (the pre-step: the text describes image 1 /
+    image 2 / neither; one linear layer, as the authors').
+
+    An X-VLM state dict loads by name; new keys: fusion_second.* (copied from fusion.*),
+    cls_head.*, assign_head.*. The inherited single-image `fuse` runs the first blocks only.
+    """
+
+    new_modules = ("fusion_second", "assign_head", "cls_head")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.fusion_second = FusionEncoder(cfg)
+        for first, second in zip(self.fusion.layers, self.fusion_second.layers):
+            second.cross_attn.kv = first.cross_attn.kv  # shared: both images go through one key/value map
+        self.assign_head = nn.Linear(cfg.text_width, 3)
+        self.cls_head = mlp_head(cfg.text_width, 2)
+        self.assign_head.apply(self._init_weights)
+        self.cls_head.apply(self._init_weights)
+        self.init_second_blocks()
+
+    def init_second_blocks(self):
+        """Each image-2 block starts as the same pre-trained layer as its image-1 block."""
+        for first, second in zip(self.fusion.layers, self.fusion_second.layers):
+            second.load_state_dict(first.state_dict())
+
+    def init_new_modules(self, names):
+        if "fusion_second" in names:
+            self.init_second_blocks()
+
+    def fuse_pair(self, text_embeds, text_mask, image1_embeds, image2_embeds):
+        """Text (B, L, D) through each doubled layer: the block over image 1, then the one over image 2."""
+        x, mask = text_embeds, key_mask(text_mask.bool())
+        for first, second in zip(self.fusion.layers, self.fusion_second.layers):
+            x = first(x, mask, image1_embeds)
+            x = second(x, mask, image2_embeds)
+        return x
+
+
+def nlvr2_logits(model, batch):
+    """batch: images (B, 3, H, W) image 1, images2 (B, 3, H, W) image 2, text_ids (B, L), text_mask (B, L)."""
+    B = batch["images"].shape[0]
+    image_embeds = model.encode_image(torch.cat([batch["images"], batch["images2"]]))[0]  # one ViT pass
+    text_mask = batch["text_mask"].bool()
+    fused = model.fuse_pair(model.encode_text(batch["text_ids"], text_mask), text_mask, image_embeds[:B], image_embeds[B:])
+    return model.cls_head(fused[:, 0])
+
+
+def nlvr2_loss(model, batch):
+    """Does the text describe the image pair? batch as nlvr2_logits, plus labels (B,) int64 (1 = true).
+    Returns {"loss", "nlvr2"}."""
+    loss = F.cross_entropy(nlvr2_logits(model, batch).float(), batch["labels"])
+    return {"loss": loss, "nlvr2": loss}
+
+
+def assignment_pairs(sim, ids=None, generator=None):
+    """The text-assignment pre-step's pairs (appendix B; sampling as the authors'): text b goes with
+    its own image and a hard negative, in random order (labels 0: own image first, 1: second), or
+    with two distinct hard negatives (label 2: neither); each label has probability 1/3. Negatives
+    are drawn from softmax(image-image similarity), never an image sharing b's id.
+
+    sim (B, B); ids (B,) image ids (default: all distinct). Returns image indices first, second
+    and labels, each (B,).
+    """
+    B = sim.shape[0]
+    ids = torch.arange(B, device=sim.device) if ids is None else ids
+    same = ids[:, None] == ids[None, :]
+    if bool(((~same).sum(1) < 2).any()):
+        raise ValueError("text assignment: every image needs two others with a different id in the batch")
+    # + 1e-5 as xvlm.sample_hard_negatives: an underflowed negative can still be drawn
+    weights = (F.softmax(sim.float(), dim=1) + 1e-5).masked_fill(same, 0.0)
+    neg = torch.multinomial(weights, 2, generator=generator)  # (B, 2), without replacement
+    labels = torch.randint(3, (B,), device=sim.device, generator=generator)
+    own = torch.arange(B, device=sim.device)
+    first = torch.where(labels == 0, own, neg[:, 0])
+    second = torch.where(labels == 0, neg[:, 0], torch.where(labels == 1, own, neg[:, 1]))
+    return first, second, labels
+
+
+def text_assignment_logits(model, batch, generator=None):
+    """batch: images (B, 3, H, W), text_ids (B, L), text_mask (B, L), optional image_ids (B,): image-text
+    pairs, as retrieval's. Each image is encoded once; the pairs index into the batch."""
+    image_embeds = model.encode_image(batch["images"])[0]
+    with torch.no_grad():
+        feat = model.image_features(image_embeds)
+        sim = feat @ feat.T / 0.07  # the authors' fixed temperature for this sampling
+    first, second, labels = assignment_pairs(sim, batch.get("image_ids"), generator)
+    text_mask = batch["text_mask"].bool()
+    fused = model.fuse_pair(model.encode_text(batch["text_ids"], text_mask), text_mask, image_embeds[first], image_embeds[second])
+    return model.assign_head(fused[:, 0]), labels
+
+
+def text_assignment_loss(model, batch, generator=None):
+    """The NLVR2 pre-step: assign the text to image 1, image 2 or neither. Returns {"loss", "assign"}."""
+    logits, labels = text_assignment_logits(model, batch, generator)
+    loss = F.cross_entropy(logits.float(), labels)
+    return {"loss": loss, "assign": loss}
+
+
+@torch.no_grad()
+def evaluate_classifier(model, batches, logits_and_labels):
+    """Accuracy over batches; logits_and_labels(model, batch) -> (logits (B, n), labels (B,))."""
+    predicted, labels = [], []
+    with evaluating(model):
+        for batch in batches:
+            logits, y = logits_and_labels(model, to_device(batch, model_device(model)))
+            predicted.append(logits.argmax(1))
+            labels.append(y)
+    return {"acc": accuracy(torch.cat(predicted), torch.cat(labels))}
+
+
+def evaluate_nlvr2(model, batches):
+    """NLVR2 accuracy. batches yield nlvr2_loss's batches."""
+    return evaluate_classifier(model, batches, lambda m, b: (nlvr2_logits(m, b), b["labels"]))
+
+
+def evaluate_text_assignment(model, batches, seed=0):
+    """Accuracy of the pre-step on pairs drawn with a fixed seed, so that runs compare."""
+    generator = torch.Generator(model_device(model)).manual_seed(seed)
+    return evaluate_classifier(model, batches, lambda m, b: text_assignment_logits(m, b, generator))

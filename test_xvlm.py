@@ -647,3 +647,64 @@ def test_tasks_rank_answers_picks_the_overfit_answer():
                              for q in range(2)])  # (2, 6)
     one = tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=1)
     assert_close(first[torch.arange(2), one], first.max(1).values)
+
+
+# -- NLVR2
+
+
+def test_tasks_nlvr2_doubled_encoder_equals_each_layer_once_per_image():
+    base = task_model()
+    model = task_model(tasks.NLVR2Model, seed=1)
+    model.load_state_dict(base.state_dict(), strict=False)  # the new keys: fusion_second.*, the heads
+    model.init_second_blocks()
+    ids, mask = task_texts(3)
+    text = base.encode_text(ids, mask)
+    image1, image2 = base.encode_image(task_images(3, seed=1))[0], base.encode_image(task_images(3, seed=2))[0]
+
+    def reference(a, b):  # the pre-trained layers, each run twice: over image 1, then over image 2
+        x = text
+        for layer in base.fusion.layers:
+            x = layer(layer(x, xvlm.key_mask(mask), a), xvlm.key_mask(mask), b)
+        return x
+
+    got = model.fuse_pair(text, mask, image1, image2)
+    assert_close(got, reference(image1, image2), atol=1e-6, rtol=1e-6)
+    assert_close(model.fuse_pair(text, mask, image1, image1), reference(image1, image1), atol=1e-6, rtol=1e-6)
+    assert (got - model.fuse_pair(text, mask, image2, image1)).abs().max() > 1e-3  # the blocks know which image
+    # Key/value shared: one module; the rest are separate copies that drift apart in training.
+    for first, second in zip(model.fusion.layers, model.fusion_second.layers):
+        assert second.cross_attn.kv is first.cross_attn.kv
+        assert second.cross_attn.q is not first.cross_attn.q and second.mlp is not first.mlp
+    model.train()
+    batch = {"images": task_images(3, seed=1), "images2": task_images(3, seed=2), "text_ids": ids, "text_mask": mask,
+             "labels": torch.tensor([0, 1, 1])}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tasks.nlvr2_loss(model, batch)["loss"].backward()
+    opt.step()
+    first, second = model.fusion.layers[0], model.fusion_second.layers[0]
+    assert not torch.equal(first.cross_attn.q.weight, second.cross_attn.q.weight)
+    assert torch.equal(first.cross_attn.kv.weight, second.cross_attn.kv.weight)
+
+
+def test_tasks_assignment_pairs_labels_and_hard_negatives():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])  # texts 0 and 1 describe the same image
+    sim = torch.randn(6, 6, generator=g)
+    counts = torch.zeros(3)
+    for _ in range(300):
+        first, second, labels = tasks.assignment_pairs(sim, ids, g)
+        own = torch.arange(6)
+        assert (first != second).all()
+        assert torch.equal(first == own, labels == 0) and torch.equal(second == own, labels == 1)
+        # The other image is never one sharing the text's id.
+        other = torch.where(labels == 0, second, first)
+        assert (ids[other] != ids).all() and (ids[second][labels == 2] != ids[labels == 2]).all()
+        counts += torch.bincount(labels, minlength=3)
+    assert ((counts / counts.sum() - 1 / 3).abs() < 0.03).all()
+    # Hard negatives follow similarity: a very similar image is drawn almost always.
+    sharp = torch.zeros(4, 4)
+    sharp[0, 3] = 20.0
+    draws = [tasks.assignment_pairs(sharp, generator=g) for _ in range(50)]
+    assert all(3 in (f[0].item(), s[0].item()) for f, s, _ in draws)
+    with pytest.raises(ValueError, match="two others"):
+        tasks.assignment_pairs(torch.zeros(3, 3), torch.tensor([0, 0, 1]))
