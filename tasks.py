@@ -549,3 +549,110 @@ def evaluate_text_assignment(model, batches, seed=0):
     """Accuracy of the pre-step on pairs drawn with a fixed seed, so that runs compare."""
     generator = torch.Generator(model_device(model)).manual_seed(seed)
     return evaluate_classifier(model, batches, lambda m, b: text_assignment_logits(m, b, generator))
+
+
+# -----------------------------------------------------------------------------
+# Visual grounding (paper 4.3, appendix B): the bbox head, or Grad-CAM ranking proposals
+
+
+def predict_boxes(model, images, text_ids, text_mask):
+    """Eq. (2) on the fused [CLS] of the full-attention image and the text: (B, 4) normalised cxcywh."""
+    fused = fuse_image_text(model, images, text_ids, text_mask.bool())
+    return model.bbox_head(fused[:, 0]).float().sigmoid()
+
+
+def grounding_loss(model, batch):
+    """Supervised grounding: L_bbox (eq. 3), L1 + (1 - GIoU), on the referred box.
+    batch: images (B, 3, H, W), text_ids (B, L), text_mask (B, L), boxes (B, 4) normalised cxcywh.
+    Returns {"loss", "l1", "giou"}."""
+    pred, target = predict_boxes(model, batch["images"], batch["text_ids"], batch["text_mask"]), batch["boxes"].float()
+    l1 = (pred - target).abs().sum(-1).mean()
+    g = (1.0 - giou(pred, target)).mean()
+    return {"loss": l1 + g, "l1": l1, "giou": g}
+
+
+@torch.no_grad()
+def evaluate_grounding(model, batches):
+    """Accuracy (IoU >= 0.5) of the predicted boxes. batches yield grounding_loss's batches."""
+    pred, target = [], []
+    with evaluating(model):
+        for batch in batches:
+            b = to_device(batch, model_device(model))
+            pred.append(predict_boxes(model, b["images"], b["text_ids"], b["text_mask"]))
+            target.append(b["boxes"].float())
+    return {"acc": grounding_accuracy(torch.cat(pred), torch.cat(target))}
+
+
+def gradcam(model, images, text_ids, text_mask, layer=2):
+    """Grad-CAM on a cross-attention map (paper 4.3 and Figures 3-5, following ALBEF): the
+    gradient of the ITM positive logit w.r.t. layer `layer`'s cross-attention probabilities,
+    cam = relu(grad) * attention, averaged over heads, without the image [CLS] column.
+
+    layer: 2, the 3rd cross-modal layer, as the paper; clamped to the last layer of smaller
+    models. Returns heat (B, grid, grid), the mean over each text's real tokens, and per-word
+    maps (B, L, grid, grid), zero at padding. Both are non-negative.
+    """
+    layer = min(layer, len(model.fusion.layers) - 1)
+    attn = model.fusion.layers[layer].cross_attn
+    text_mask = text_mask.bool()
+    B, L = text_ids.shape
+    grid = model.cfg.grid
+    with evaluating(model):
+        with torch.no_grad():
+            image_embeds = model.encode_image(images)[0]
+            text_embeds = model.encode_text(text_ids, text_mask)
+        attn.keep_attention = True
+        try:
+            with torch.enable_grad():
+                # A leaf that needs grad: the map gets a gradient even with frozen weights, and
+                # backward stops at the cross-modal encoder.
+                image_embeds.requires_grad_()
+                fused = model.fuse(text_embeds, text_mask, image_embeds)
+                score = model.itm_head(fused[:, 0])[:, 1].sum()  # samples are independent: one backward
+                grad, = torch.autograd.grad(score, attn.attention)
+            attention = attn.attention.detach()
+        finally:
+            attn.keep_attention, attn.attention = False, None
+    cam = (grad.clamp(min=0) * attention)[..., 1:].mean(1)  # (B, L, N): heads averaged, image [CLS] dropped
+    words = cam * text_mask[..., None]
+    heat = words.sum(1) / text_mask.sum(1, keepdim=True)
+    return heat.view(B, grid, grid), words.view(B, L, grid, grid)
+
+
+def rank_proposals(heat, proposals, proposal_mask=None):
+    """Score each proposal by the heat inside it / sqrt(its area), in patch units (ALBEF's rule,
+    alpha = 0.5), and return the best proposal's index (B,) and all scores (B, P).
+
+    heat (B, g, g), constant over each patch; proposals (B, P, 4) normalised cxcywh;
+    proposal_mask (B, P) bool, False for padding. A patch partly inside a box counts by the part
+    inside: the exact integral of the map over the box. (The authors upsample the map bicubically to
+    pixels first; the sum / sqrt(area) rule is the same.)
+    """
+    g = heat.shape[-1]
+    corners = box_corners(proposals.float()) * g  # (B, P, 4) in patch units
+    cells = torch.arange(g, device=heat.device, dtype=corners.dtype)
+
+    def overlap(lo, hi):  # (B, P, g): how much of each patch row / column lies inside [lo, hi]
+        return (torch.minimum(hi[..., None], cells + 1) - torch.maximum(lo[..., None], cells)).clamp(min=0)
+
+    ox, oy = overlap(corners[..., 0], corners[..., 2]), overlap(corners[..., 1], corners[..., 3])
+    inside = torch.einsum("bpy,byx,bpx->bp", oy, heat.float(), ox)
+    area = (proposals[..., 2] * proposals[..., 3]).float() * g * g
+    scores = inside / area.clamp(min=1e-6).sqrt()
+    if proposal_mask is not None:
+        scores = scores.masked_fill(~proposal_mask.bool(), float("-inf"))
+    return scores.argmax(1), scores
+
+
+def evaluate_grounding_weak(model, batches, layer=2):
+    """Weakly supervised grounding accuracy: the proposal ranked first by Grad-CAM, IoU >= 0.5.
+    batches yield {images, text_ids, text_mask, boxes (B, 4), proposals (B, P, 4) normalised
+    cxcywh, proposal_mask (B, P) bool}."""
+    pred, target = [], []
+    for batch in batches:
+        b = to_device(batch, model_device(model))
+        heat, _ = gradcam(model, b["images"], b["text_ids"], b["text_mask"], layer)
+        best, _ = rank_proposals(heat, b["proposals"], b.get("proposal_mask"))
+        pred.append(b["proposals"][torch.arange(len(best)), best].float())
+        target.append(b["boxes"].float())
+    return {"acc": grounding_accuracy(torch.cat(pred), torch.cat(target))}

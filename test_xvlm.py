@@ -708,3 +708,49 @@ def test_tasks_assignment_pairs_labels_and_hard_negatives():
     assert all(3 in (f[0].item(), s[0].item()) for f, s, _ in draws)
     with pytest.raises(ValueError, match="two others"):
         tasks.assignment_pairs(torch.zeros(3, 3), torch.tensor([0, 0, 1]))
+
+
+# -- grounding
+
+
+def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
+    model = task_model()
+    ids, mask = task_texts(3)
+    images = task_images(3)
+    heat, words = tasks.gradcam(model, images, ids, mask, layer=2)
+    g = model.cfg.grid
+    assert heat.shape == (3, g, g) and words.shape == (3, ids.shape[1], g, g)
+    assert (heat >= 0).all() and (words >= 0).all() and (heat.flatten(1).sum(1) > 0).all()
+    assert (words[~mask] == 0).all()
+    assert_close(heat, words.sum(1) / mask.sum(1)[:, None, None])
+    assert model.fusion.layers[1].cross_attn.keep_attention is False and model.fusion.layers[1].cross_attn.attention is None
+    # layer 2 does not exist in the tiny model: the last layer. Compare with a plain backward
+    # through the whole model and the retained attention gradient, as the authors compute it.
+    attn = model.fusion.layers[1].cross_attn
+    attn.keep_attention = True
+    fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(images)[0])
+    model.itm_head(fused[:, 0])[:, 1].sum().backward()
+    cam = (attn.attention.grad.clamp(min=0) * attn.attention.detach())[..., 1:].mean(1) * mask[..., None]
+    attn.keep_attention, attn.attention = False, None
+    assert_close(words, cam.view(3, -1, g, g), atol=1e-7, rtol=1e-4)
+    assert not torch.equal(heat, tasks.gradcam(model, images, ids, mask, layer=0)[0])
+
+
+def test_tasks_rank_proposals_hand_made_heat_map():
+    heat = torch.zeros(1, 4, 4)
+    heat[0, 1:3, 1:3] = 1.0  # a hot 2x2 block of patches in the middle
+    proposals = torch.tensor([[
+        [0.5, 0.5, 0.5, 0.5],  # exactly the block: 4 / sqrt(4) = 2
+        [0.5, 0.5, 1.0, 1.0],  # the whole image: 4 / sqrt(16) = 1
+        [0.375, 0.375, 0.25, 0.25],  # one hot patch: 1 / 1
+        [0.125, 0.125, 0.25, 0.25],  # a cold corner: 0
+        [0.3125, 0.375, 0.125, 0.25],  # half a hot patch: 0.5 / sqrt(0.5)
+        [0.5, 0.5, 0.5, 0.5],  # the block again, but padding
+    ]])
+    mask = torch.tensor([[True] * 5 + [False]])
+    best, scores = tasks.rank_proposals(heat, proposals, mask)
+    assert best.tolist() == [0]
+    assert_close(scores[0, :5], torch.tensor([2.0, 1.0, 1.0, 0.0, 0.5 / math.sqrt(0.5)]))
+    assert scores[0, 5] == float("-inf")
+    heat[0, 0, 0] = 10.0  # a hotter corner now wins
+    assert tasks.rank_proposals(heat, proposals, mask)[0].tolist() == [3]
