@@ -2,6 +2,18 @@
 X-VLM's downstream tasks (paper section 4.3 and appendix B): the task models, their fine-tuning
 losses, evaluation, and the metrics the field reports, as small functions on tensors.
 
+Read top to bottom: the metrics (pure functions), image-text retrieval (ITC + ITM fine-tuning,
+top-k re-ranking by ITM), VQA (an answer decoder initialised from the cross-modal encoder,
+ranking a closed answer list), NLVR2 (every cross-modal layer doubled, one block per image, and
+the text-assignment pre-step), visual grounding (the bbox head, and Grad-CAM ranking proposals),
+then loading a pre-trained X-VLM into a task model and the table `train.py --task` runs.
+
+    import torch, xvlm, tasks
+    cfg = xvlm.XVLMConfig.tiny(image_res=96)       # fine-tune above the pre-training resolution
+    model = xvlm.XVLM(cfg).eval()
+    images, ids, mask = torch.randn(2, 3, 96, 96), torch.randint(1000, 2000, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    heat, per_word = tasks.gradcam(model, images, ids, mask)   # (2, 12, 12), (2, 6, 12, 12)
+
 Every loss takes (model, batch) and returns a dict of named 0-dim tensors with the sum in "loss";
 each batch contract is in its loss's docstring. Tests: `python -m pytest -q test_xvlm.py -k tasks`.
 """
@@ -656,3 +668,78 @@ def evaluate_grounding_weak(model, batches, layer=2):
         pred.append(b["proposals"][torch.arange(len(best)), best].float())
         target.append(b["boxes"].float())
     return {"acc": grounding_accuracy(torch.cat(pred), torch.cat(target))}
+
+
+# -----------------------------------------------------------------------------
+# Loading a pre-trained X-VLM into a task model, and the task table
+
+
+def load_pretrained(model, state_dict):
+    """Load an X-VLM state dict (pre-trained, or a task's own) into a task model by name, strictly:
+    every key must exist in the model, and a model key may be missing only if it belongs to one
+    of the model's `new_modules`, and then all of that module's keys must be. Those modules are
+    initialised by the model from its loaded weights (the VQA decoder and the NLVR2 twins from the
+    cross-modal encoder). Position embeddings must already be at the model's resolution
+    (xvlm's resampling). Returns the names of the modules initialised here.
+    """
+    name = type(model).__name__
+    new = getattr(model, "new_modules", ())
+    own = model.state_dict(keep_vars=True)
+    unexpected = [k for k in state_dict if k not in own]
+    if unexpected:
+        raise KeyError(f"load_pretrained: {len(unexpected)} checkpoint keys are not in {name}, e.g. {unexpected[:3]}")
+    # A tensor shared under two names (NLVR2's key/value) is loaded when either name is present,
+    # as in a .safetensors file, which stores shared tensors once.
+    aliases = {}
+    for k, t in own.items():
+        aliases.setdefault(id(t), set()).add(k)
+    missing = [k for k in own if not aliases[id(own[k])] & state_dict.keys()]
+    owner = lambda key: next((m for m in new if key.startswith(m + ".")), None)
+    stray = [k for k in missing if owner(k) is None]
+    if stray:
+        raise KeyError(f"load_pretrained: the checkpoint lacks {len(stray)} keys of {name}, e.g. {stray[:3]}")
+    fresh = sorted({owner(k) for k in missing})
+    for m in fresh:
+        part = [k for k in state_dict if k.startswith(m + ".")]
+        if part:
+            raise KeyError(f"load_pretrained: the checkpoint holds part of {m!r} ({part[:3]}), not all of it")
+    model.load_state_dict(state_dict, strict=False)  # the key sets are checked above
+    if fresh:
+        model.init_new_modules(fresh)
+    return fresh
+
+
+@dataclass(frozen=True)
+class Task:
+    """One downstream task as `train.py --task NAME` runs it."""
+
+    build: Callable  # build(cfg) -> model; load_pretrained(model, state) maps an X-VLM checkpoint onto it
+    loss: Callable  # loss(model, batch) -> {"loss": total, name: term, ...}, 0-dim tensors
+    evaluate: Callable  # evaluate(model, ...) -> {metric: value}, percent; the caller adds "chance"
+    unused: tuple  # parameter prefixes the loss never reaches: freeze them, or DDP waits for their gradients
+
+
+class TaskLoss(nn.Module):
+    """A task model and its loss as one module: `TaskLoss(model, task.loss)(batch)`. DDP syncs
+    gradients correctly only for work done inside its forward, and the losses call the model's
+    methods, so train.py wraps this in DDP (and saves `.model`, the unwrapped task model)."""
+
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch):
+        return self.loss(self.model, batch)
+
+
+_ITC_ITM = ("vision_proj", "text_proj", "temp", "itm_head")  # the contrastive and matching heads
+
+TASKS = {
+    "retrieval": Task(XVLM, retrieval_loss, evaluate_retrieval, ("bbox_head", "mlm_head")),
+    "vqa": Task(VQAModel, vqa_loss, evaluate_vqa, _ITC_ITM + ("bbox_head", "mlm_head")),
+    "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, evaluate_text_assignment,
+                           _ITC_ITM + ("bbox_head", "mlm_head", "cls_head")),
+    "nlvr2": Task(NLVR2Model, nlvr2_loss, evaluate_nlvr2, _ITC_ITM + ("bbox_head", "mlm_head", "assign_head")),
+    "grounding": Task(XVLM, grounding_loss, evaluate_grounding, _ITC_ITM + ("mlm_head",)),
+    "grounding_weak": Task(XVLM, retrieval_loss, evaluate_grounding_weak, ("bbox_head", "mlm_head")),
+}

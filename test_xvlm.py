@@ -655,8 +655,7 @@ def test_tasks_rank_answers_picks_the_overfit_answer():
 def test_tasks_nlvr2_doubled_encoder_equals_each_layer_once_per_image():
     base = task_model()
     model = task_model(tasks.NLVR2Model, seed=1)
-    model.load_state_dict(base.state_dict(), strict=False)  # the new keys: fusion_second.*, the heads
-    model.init_second_blocks()
+    assert tasks.load_pretrained(model, base.state_dict()) == ["assign_head", "cls_head", "fusion_second"]
     ids, mask = task_texts(3)
     text = base.encode_text(ids, mask)
     image1, image2 = base.encode_image(task_images(3, seed=1))[0], base.encode_image(task_images(3, seed=2))[0]
@@ -754,3 +753,115 @@ def test_tasks_rank_proposals_hand_made_heat_map():
     assert scores[0, 5] == float("-inf")
     heat[0, 0, 0] = 10.0  # a hotter corner now wins
     assert tasks.rank_proposals(heat, proposals, mask)[0].tolist() == [3]
+
+
+# -- loading and every task end to end
+
+
+def test_tasks_load_pretrained_maps_an_xvlm_checkpoint_onto_each_task_model():
+    base = task_model(seed=5)
+    state = base.state_dict()
+    vqa = task_model(tasks.VQAModel)
+    assert tasks.load_pretrained(vqa, state) == ["decoder"]
+    assert torch.equal(vqa.decoder.layers[1].mlp.fc1.weight, base.fusion.layers[1].mlp.fc1.weight)
+    assert torch.equal(vqa.decoder.head.dense.weight, base.mlm_head.dense.weight)
+    assert torch.equal(vqa.vision.pos_embed, base.vision.pos_embed)
+    # A task's own checkpoint loads whole: nothing is re-initialised.
+    with torch.no_grad():
+        vqa.decoder.layers[0].mlp.fc1.weight.add_(1.0)
+    again = task_model(tasks.VQAModel, seed=9)
+    assert tasks.load_pretrained(again, vqa.state_dict()) == []
+    assert torch.equal(again.decoder.layers[0].mlp.fc1.weight, vqa.decoder.layers[0].mlp.fc1.weight)
+    assert tasks.load_pretrained(task_model(), state) == []
+    nlvr = task_model(tasks.NLVR2Model)
+    tasks.load_pretrained(nlvr, state)
+    assert torch.equal(nlvr.fusion_second.layers[0].attn.qkv.weight, base.fusion.layers[0].attn.qkv.weight)
+    # A shared tensor stored once (as .safetensors does) still counts as loaded.
+    once = {k: v for k, v in nlvr.state_dict().items() if not k.startswith("fusion_second.") or ".kv." not in k}
+    assert tasks.load_pretrained(task_model(tasks.NLVR2Model, seed=2), once) == []
+    with pytest.raises(KeyError, match="not in XVLM"):
+        tasks.load_pretrained(task_model(), vqa.state_dict())
+    with pytest.raises(KeyError, match="lacks"):
+        tasks.load_pretrained(vqa, {k: v for k, v in state.items() if not k.startswith("itm_head.")})
+    with pytest.raises(KeyError, match="part of 'decoder'"):
+        tasks.load_pretrained(vqa, state | {"decoder.head.bias": vqa.decoder.head.bias.detach()})
+
+
+def task_case(name):
+    """A fixed random batch for the task's loss and a call of its evaluate on a tiny eval set."""
+    images = task_images(6)
+    ids, mask = task_texts(6)
+    if name in ("retrieval", "grounding_weak"):
+        batch = {"images": images[[0, 0, 1, 2, 3, 4]], "text_ids": ids, "text_mask": mask,
+                 "image_ids": torch.tensor([0, 0, 1, 2, 3, 4])}
+    if name == "retrieval":
+        return batch, lambda m: tasks.evaluate_retrieval(m, [images[:3]], [(ids, mask)], torch.tensor([0, 0, 1, 1, 2, 2]), k=4)
+    if name == "grounding_weak":
+        boxes = torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.5]])
+        proposals = torch.stack([torch.cat([boxes, torch.tensor([[0.5, 0.5, 1.0, 1.0]])])] * 2)
+        ev = {"images": images[:2], "text_ids": ids[:2], "text_mask": mask[:2], "boxes": boxes, "proposals": proposals,
+              "proposal_mask": torch.ones(2, 3, dtype=torch.bool)}
+        return batch, lambda m: tasks.evaluate_grounding_weak(m, [ev])
+    if name == "grounding":
+        batch = {"images": images[:4], "text_ids": ids[:4], "text_mask": mask[:4],
+                 "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.9, 0.9], [0.2, 0.8, 0.2, 0.2]])}
+        return batch, lambda m: tasks.evaluate_grounding(m, [batch])
+    if name == "vqa":
+        images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+        pick = torch.tensor([1, 0, 3])
+        batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[pick],
+                 "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
+                 "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
+        ev = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answers": [["b"] * 7 + ["a"] * 3, ["d"] * 10]}
+        return batch, lambda m: tasks.evaluate_vqa(m, [ev], answer_ids, answer_mask, list("abcdef"), k=3)
+    if name == "nlvr2":
+        batch = {"images": images[:4], "images2": images[2:], "text_ids": ids[:4], "text_mask": mask[:4],
+                 "labels": torch.tensor([0, 1, 1, 0])}
+        return batch, lambda m: tasks.evaluate_nlvr2(m, [batch])
+    batch = {"images": images, "text_ids": ids, "text_mask": mask}  # nlvr2_pretrain: image-text pairs
+    return batch, lambda m: tasks.evaluate_text_assignment(m, [batch])
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_tasks_each_task_trains_and_evaluates(name):
+    task = tasks.TASKS[name]
+    torch.manual_seed(0)
+    model = task.build(XVLMConfig.tiny()).train()
+    batch, evaluate = task_case(name)
+    # The loss reaches exactly the parameters outside the task's `unused` prefixes.
+    out = task.loss(model, batch)
+    assert "loss" in out and all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    unreached = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()}
+    assert unreached == {n for n, _ in model.named_parameters() if n.startswith(task.unused)}
+    # A few steps on one batch reduce the loss; the same random draws (negatives, pairs) every step.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(20):
+        torch.manual_seed(1)
+        loss = task.loss(model, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    torch.manual_seed(1)
+    direct = task.loss(model, batch)["loss"]
+    torch.manual_seed(1)
+    assert_close(tasks.TaskLoss(model, task.loss)(batch)["loss"], direct)  # the module DDP wraps
+    metrics = evaluate(model)
+    assert metrics and all(0.0 <= v <= 100.0 for v in metrics.values()), metrics
+    assert model.training
+
+
+def test_tasks_models_build_and_run_at_a_higher_resolution():
+    # Fine-tuning raises the resolution (paper: 256 -> 384); here 64 -> 96, a 12x12 patch grid.
+    cfg = XVLMConfig.tiny(image_res=96)
+    for name in ("retrieval", "vqa", "nlvr2"):
+        torch.manual_seed(0)
+        model = tasks.TASKS[name].build(cfg)
+        batch, _ = task_case(name)
+        batch = {k: F.interpolate(v, size=96) if k.startswith("images") else v for k, v in batch.items()}
+        assert torch.isfinite(tasks.TASKS[name].loss(model, batch)["loss"])
+    heat, _ = tasks.gradcam(model, batch["images"][:2], batch["text_ids"][:2], batch["text_mask"][:2])
+    assert heat.shape == (2, 12, 12)
