@@ -6,6 +6,7 @@ data, training, DDP. Tiny configs on CPU; the whole suite runs in minutes on 2 c
 """
 
 import io
+import itertools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 import data
+import tasks
 import xvlm
 from xvlm import XVLM, XVLMConfig
 
@@ -1320,3 +1322,524 @@ def test_itc_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
     for r in range(2):
         for got, want in zip(results[r][1], ref_grads):
             assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- tasks.py ----
+
+
+def task_texts(n, length=8, seed=0):
+    """n texts "[CLS] w.. [SEP] [PAD].." of random lengths in [4, length], right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=g)
+    lengths = torch.randint(4, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None] < lengths[:, None]
+    ids[:, 0] = 101
+    ids[torch.arange(n), lengths - 1] = 102
+    return ids.masked_fill(~mask, 0), mask
+
+
+def task_images(n, res=64, seed=0):
+    """Noise over a distinct colour per image, so that a tiny random model tells them apart from the start."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 * torch.randn(n, 3, res, res, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
+
+
+def task_model(cls=XVLM, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return cls(XVLMConfig.tiny(**overrides)).eval()
+
+
+# -- metrics
+
+
+def test_tasks_hit_rate_hand_made_ties():
+    # Image 0's best positive (text 0) ties with negative text 2: a coin flip for R@1.
+    # Image 1's best positive (text 3) ties with negatives 0 and 1: 1/3 for R@1, 2/3 for R@2.
+    scores = torch.tensor([[0.9, 0.1, 0.9, 0.2], [0.5, 0.5, 0.1, 0.5]])
+    positive = torch.tensor([[True, True, False, False], [False, False, True, True]])
+    got = tasks.hit_rate(scores, positive, ks=(1, 2, 5))
+    assert got[1] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
+    assert got[2] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert got[5] == pytest.approx(100.0)
+    # Ties among positives only cost nothing; a negative strictly above costs a place.
+    assert tasks.hit_rate(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[True, True, False]]), (1,))[1] == 100
+    assert tasks.hit_rate(torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[True, False, False]]), (1, 2)) == {1: 0.0, 2: 100.0}
+
+
+def test_tasks_hit_rate_is_the_average_over_every_tie_break():
+    # Scores with many ties: the expectation must equal the mean, over all orders of the
+    # candidates, of "a positive among the first K" under a stable sort.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        scores = torch.randint(0, 3, (4, 6), generator=g).float()
+        positive = torch.rand(4, 6, generator=g) < 0.3
+        positive[:, 0] |= ~positive.any(1)
+        expected = {k: 0.0 for k in (1, 2, 3, 5)}
+        orders = list(itertools.permutations(range(6)))
+        for order in orders:
+            order = torch.tensor(order)
+            ranked = order[scores[:, order].argsort(dim=1, descending=True, stable=True)]  # (Q, C) candidate ids
+            first = positive.gather(1, ranked).float().argmax(1)  # position of the first positive
+            for k in expected:
+                expected[k] += 100 * (first < k).float().mean().item() / len(orders)
+        got = tasks.hit_rate(scores, positive, expected.keys())
+        for k in expected:
+            assert got[k] == pytest.approx(expected[k], abs=1e-6)
+
+
+def test_tasks_recall_at_k_perfect_constant_and_inverted():
+    text_image = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    I, T = 6, 12
+    truth = (text_image[None] == torch.arange(I)[:, None]).float()
+    perfect = tasks.recall_at_k(truth + 0.01 * torch.rand(I, T), text_image)
+    assert perfect == {k: 100.0 for k in perfect}
+    assert set(perfect) == {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"}
+    constant = tasks.recall_at_k(torch.zeros(I, T), text_image)  # chance, exactly
+    tr = lambda k: 100 * (1 - math.comb(T - 2, k) / math.comb(T, k))  # 2 of 12 texts are positive
+    assert constant["txt_r1"] == pytest.approx(tr(1)) and constant["txt_r5"] == pytest.approx(tr(5))
+    assert constant["txt_r10"] == pytest.approx(tr(10))
+    assert constant["img_r1"] == pytest.approx(100 / 6) and constant["img_r5"] == pytest.approx(500 / 6)
+    assert constant["img_r10"] == 100.0
+    assert tasks.retrieval_chance(I, text_image) == pytest.approx(constant["r_mean"])
+    inverted = tasks.recall_at_k(-truth, text_image, ks=(1, 5, 10, 11))  # every negative first
+    assert inverted["txt_r10"] == 0 and inverted["txt_r11"] == 100  # 10 negative texts per image
+    assert inverted["img_r5"] == 0 and inverted["img_r10"] == 100  # 5 negative images per text
+    # The two directions can come from separately re-ranked matrices.
+    mixed = tasks.recall_at_k(truth, text_image, scores_t2i=-truth.T)
+    assert mixed["txt_r1"] == 100 and mixed["img_r1"] == 0
+    with pytest.raises(ValueError, match="image 2 has no text"):
+        tasks.recall_at_k(torch.zeros(3, 2), torch.tensor([0, 1]))
+
+
+def test_tasks_vqa_accuracy_with_ten_annotators():
+    annotators = [
+        ["yes"] * 7 + ["no"] * 3,  # "no": 3 of 10 -> full credit
+        ["2"] * 8 + ["3"] * 2,  # "3": 2 of 10 -> 2/3
+        ["red"] * 9 + ["dark red"],  # "dark red": 1 -> 1/3
+        ["cat"] * 10,  # "dog": none -> 0
+    ]
+    assert tasks.vqa_accuracy(["no", "3", "dark red", "dog"], annotators) == pytest.approx(100 * (1 + 2 / 3 + 1 / 3 + 0) / 4)
+    assert tasks.vqa_accuracy(["yes", "2", "red", "cat"], annotators) == 100.0
+    assert tasks.vqa_chance(annotators) == pytest.approx(100 * 1 / 4)  # "cat" (10 votes) answers everything
+    with pytest.raises(ValueError):
+        tasks.vqa_accuracy(["yes"], annotators)
+
+
+def test_tasks_box_iou_and_grounding_accuracy_at_the_boundary():
+    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    left_half = torch.tensor([[0.25, 0.5, 0.5, 1.0]])  # IoU exactly 1/2, in binary fractions
+    just_under = torch.tensor([[0.25, 0.5, 0.5, 0.998]])
+    assert tasks.box_iou(whole, left_half).item() == 0.5
+    assert tasks.grounding_accuracy(left_half, whole) == 100.0  # >= 0.5 counts
+    assert tasks.grounding_accuracy(just_under, whole) == 0.0
+    assert tasks.grounding_accuracy(torch.cat([left_half, just_under]), torch.cat([whole, whole])) == 50.0
+    # Nested boxes: the hull is the union, so IoU equals xvlm's GIoU.
+    torch.manual_seed(0)
+    outer = torch.cat([torch.rand(20, 2) * 0.2 + 0.4, torch.rand(20, 2) * 0.3 + 0.5], 1)
+    inner = torch.cat([outer[:, :2], outer[:, 2:] * torch.rand(20, 2)], 1)
+    assert_close(tasks.box_iou(outer, inner), xvlm.giou(outer, inner))
+    assert_close(tasks.box_iou(inner, outer), (inner[:, 2] * inner[:, 3]) / (outer[:, 2] * outer[:, 3]))
+    assert tasks.box_iou(torch.tensor([[0.2, 0.2, 0.1, 0.1]]), torch.tensor([[0.8, 0.8, 0.1, 0.1]])).item() == 0
+    assert tasks.box_iou(torch.zeros(1, 4), torch.zeros(1, 4)).item() == 0  # degenerate, no NaN
+
+
+def test_tasks_accuracy_and_chance_baselines():
+    assert tasks.accuracy(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2])) == 75.0
+    assert tasks.majority_chance(torch.tensor([1, 1, 1, 0])) == 75.0
+    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 3 + [[0.5, 0.5, 0.8, 0.8]])
+    assert tasks.box_chance(boxes) == 75.0  # the mean box, side 0.5: IoU 0.64 with the small ones, 0.39 with the big
+    proposals = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]] * 2)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    targets = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]])
+    assert tasks.proposal_chance(proposals, mask, targets) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+
+
+# -- retrieval
+
+
+def retrieval_eval_setup(n_images=5, texts_per_image=2, seed=0):
+    model = task_model(seed=seed)
+    images = task_images(n_images, seed=seed)
+    ids, mask = task_texts(n_images * texts_per_image, seed=seed)
+    text_image = torch.arange(n_images).repeat_interleave(texts_per_image)
+    return model, images, ids, mask, text_image
+
+
+def test_tasks_batched_itm_rerank_equals_one_by_one():
+    model, images, ids, mask, _ = retrieval_eval_setup(n_images=6)
+    # Two text batches of different padded lengths: the features are padded to the longest.
+    f = tasks.retrieval_features(model, [images[:4], images[4:]], [(ids[:5], mask[:5]), (ids[5:, :7], mask[5:, :7])])
+    assert f.text_embeds.shape[:2] == (12, 8) and not f.text_mask[5:, 7].any()
+    sims = f.image_feat @ f.text_feat.T
+    k = 4
+    fast_i2t, fast_t2i = tasks.itm_rerank(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k, chunk=7)
+    ref_i2t, ref_t2i = tasks.itm_rerank_one_by_one(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k)
+    assert_close(fast_i2t, ref_i2t, atol=1e-5, rtol=1e-5)
+    assert_close(fast_t2i, ref_t2i, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_i2t.argsort(1, descending=True)[:, :k], ref_i2t.argsort(1, descending=True)[:, :k])
+    assert torch.equal(fast_t2i.argsort(1, descending=True)[:, :k], ref_t2i.argsort(1, descending=True)[:, :k])
+    # Exactly each query's top k by s(I, T) is re-scored; the rest rank below all of them.
+    assert torch.equal(torch.isfinite(fast_i2t), torch.zeros_like(sims).scatter(1, sims.topk(k, 1).indices, 1.0).bool())
+    assert torch.equal(torch.isfinite(fast_t2i), torch.zeros_like(sims.T).scatter(1, sims.T.topk(k, 1).indices, 1.0).bool())
+    # A pair scored from both directions gets one score.
+    both = torch.isfinite(fast_i2t) & torch.isfinite(fast_t2i.T)
+    assert both.any() and torch.equal(fast_i2t[both], fast_t2i.T[both])
+
+
+def test_tasks_evaluate_retrieval_with_k_covering_everything_is_the_itm_ranking():
+    model, images, ids, mask, text_image = retrieval_eval_setup()
+    got = tasks.evaluate_retrieval(model, [images], [(ids, mask)], text_image, k=100)
+    f = tasks.retrieval_features(model, [images], [(ids, mask)])
+    I, T = len(images), len(ids)
+    with torch.no_grad():
+        itm = tasks.itm_scores(model, f.image_embeds, f.text_embeds, f.text_mask,
+                               torch.arange(I).repeat_interleave(T), torch.arange(T).repeat(I)).view(I, T)
+    assert got == pytest.approx(tasks.recall_at_k(itm, text_image))
+    assert not model.training  # evaluation leaves the mode as it found it
+    model.train()
+    tasks.evaluate_retrieval(model, [images], [(ids, mask)], text_image, k=3)
+    assert model.training
+
+
+def test_tasks_retrieval_loss_uses_image_ids_for_itc():
+    model = task_model()
+    ids, mask = task_texts(4)
+    images = task_images(4)  # pairs 0 and 1: two augmented views of one image, two captions
+    batch = {"images": images, "text_ids": ids, "text_mask": mask, "image_ids": torch.tensor([7, 7, 8, 9])}
+    out = tasks.retrieval_loss(model, batch)
+    assert set(out) == {"loss", "itc", "itm"} and torch.isfinite(out["loss"])
+    assert_close(out["loss"], out["itc"] + out["itm"])
+    image_embeds = model.encode_image(images)[0]
+    feats = model.image_features(image_embeds), model.text_features(model.encode_text(ids, mask))
+    shared = xvlm.itc_loss(*feats, model.temp, torch.tensor([7, 7, 8, 9]))
+    assert_close(out["itc"], shared)
+    assert abs(out["itc"].item() - xvlm.itc_loss(*feats, model.temp).item()) > 1e-4  # ids matter
+
+
+# -- VQA
+
+
+def test_tasks_vqa_decoder_starts_as_the_cross_modal_encoder():
+    model = task_model(tasks.VQAModel)
+    dec = model.decoder
+    for i, (d, f) in enumerate(zip(dec.layers, model.fusion.layers)):
+        fs = f.state_dict()
+        for name, t in d.state_dict().items():
+            assert torch.equal(t, fs[name]), (i, name)
+    for name, t in dec.embeddings.state_dict().items():
+        assert torch.equal(t, model.text.embeddings.state_dict()[name]), name
+    for name, t in dec.head.state_dict().items():
+        assert torch.equal(t, model.mlm_head.state_dict()[name]), name
+    # A one-token answer sees only itself, so the decoder is the cross-modal encoder reading the question.
+    ids, mask = task_texts(2)
+    states = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(task_images(2))[0])
+    first = torch.full((2, 1), 101)
+    ones = torch.ones(2, 1, dtype=torch.bool)
+    ref = model.fuse(model.text.embeddings(first), ones, states, mask)
+    assert_close(dec(first, ones, states, mask), ref, atol=1e-5, rtol=1e-5)
+    # When image and text widths differ the decoder's cross-attention key/value cannot be copied.
+    narrow = task_model(tasks.VQAModel, vision_width=64)
+    kept = narrow.init_decoder_from_fusion()
+    assert kept == [f"layers.{i}.cross_attn.kv.weight" for i in range(2)]  # the bias has the same shape
+    assert narrow.decoder.layers[0].cross_attn.kv.in_features == 96
+
+
+def test_tasks_vqa_decoder_is_causal():
+    model = task_model(tasks.VQAModel)
+    states = torch.randn(2, 5, 96)
+    q_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    ids, mask = task_texts(2, length=6)
+    changed = ids.clone()
+    changed[:, 3:] = torch.randint(1000, 2000, (2, 3))
+    a, b = model.decoder(ids, mask, states, q_mask), model.decoder(changed, mask, states, q_mask)
+    assert_close(a[:, :3], b[:, :3], atol=1e-6, rtol=0)
+    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-3
+    # And the question's padding is masked: garbage there changes nothing.
+    noisy = states.clone()
+    noisy[0, 3:] = 100.0
+    assert_close(model.decoder(ids, mask, noisy, q_mask), a, atol=1e-6, rtol=0)
+
+
+def vqa_setup():
+    """Two questions; six candidate answers, some sharing a first token so only the full
+    likelihood tells them apart. Question 0's answer is candidate 1, question 1's is candidate 3."""
+    candidates = [[1500], [1500, 1501], [1600], [1600, 1700, 1701], [1800], [1900, 1901]]
+    La = 2 + max(map(len, candidates))
+    answer_ids = torch.zeros(len(candidates), La, dtype=torch.long)
+    for c, toks in enumerate(candidates):
+        answer_ids[c, :len(toks) + 2] = torch.tensor([101, *toks, 102])
+    answer_mask = answer_ids != 0
+    q_ids, q_mask = task_texts(2, seed=3)
+    return task_images(2, seed=3), q_ids, q_mask, answer_ids, answer_mask
+
+
+def test_tasks_vqa_loss_weights_each_answer():
+    model = task_model(tasks.VQAModel)
+    images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+    pick = torch.tensor([1, 0, 3])
+    batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[pick],
+             "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
+             "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
+    out = tasks.vqa_loss(model, batch)
+    states = model.fuse(model.encode_text(q_ids, q_mask), q_mask, model.encode_image(images)[0])
+
+    def nll(q, c):  # written out: - sum over the tokens after [CLS] of log p(token | prefix)
+        n = int(answer_mask[c].sum())
+        h = model.decoder(answer_ids[c:c + 1, :n - 1], answer_mask[c:c + 1, :n - 1], states[q:q + 1], q_mask[q:q + 1])
+        logp = model.decoder.logits(h)[0].log_softmax(-1)
+        return -logp[torch.arange(n - 1), answer_ids[c, 1:n]].sum()
+
+    expected = (0.7 * nll(0, 1) + 0.3 * nll(0, 0) + 1.0 * nll(1, 3)) / 2
+    assert_close(out["loss"], expected, atol=1e-4, rtol=1e-5)
+    zero = dict(batch, answer_weights=torch.tensor([1.0, 0.0, 1.0]))
+    assert_close(tasks.vqa_loss(model, zero)["loss"], (nll(0, 1) + nll(1, 3)) / 2, atol=1e-4, rtol=1e-5)
+
+
+def test_tasks_rank_answers_picks_the_overfit_answer():
+    model = task_model(tasks.VQAModel).train()
+    images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+    target = torch.tensor([1, 3])
+    batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[target],
+             "answer_mask": answer_mask[target], "answer_question": torch.tensor([0, 1]), "answer_weights": torch.ones(2)}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(25):
+        loss = tasks.vqa_loss(model, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert torch.equal(tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=2), target)
+    # With k covering every candidate it is the argmax of the full likelihood, one candidate at a time.
+    with torch.no_grad():
+        states = model.fuse(model.encode_text(q_ids, q_mask), q_mask, model.encode_image(images)[0])
+        ll = torch.tensor([[tasks.answer_log_likelihood(model.decoder, answer_ids[c:c + 1], answer_mask[c:c + 1],
+                                                        states[q:q + 1], q_mask[q:q + 1]).item()
+                            for c in range(6)] for q in range(2)])
+    got = tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=6)
+    assert torch.equal(got, ll.argmax(1)) and torch.equal(got, target)
+    # k = 1 keeps a candidate with the most likely first token: log p(a_1 | [CLS]), from the
+    # likelihood of the answers cut after their first token.
+    with torch.no_grad():
+        first = torch.stack([tasks.answer_log_likelihood(model.decoder, answer_ids[:, :2], answer_mask[:, :2],
+                                                         states[q:q + 1].expand(6, -1, -1), q_mask[q:q + 1].expand(6, -1))
+                             for q in range(2)])  # (2, 6)
+    one = tasks.rank_answers(model, images, q_ids, q_mask, answer_ids, answer_mask, k=1)
+    assert_close(first[torch.arange(2), one], first.max(1).values)
+
+
+# -- NLVR2
+
+
+def test_tasks_nlvr2_doubled_encoder_equals_each_layer_once_per_image():
+    base = task_model()
+    model = task_model(tasks.NLVR2Model, seed=1)
+    assert tasks.load_pretrained(model, base.state_dict()) == ["assign_head", "cls_head", "fusion_second"]
+    ids, mask = task_texts(3)
+    text = base.encode_text(ids, mask)
+    image1, image2 = base.encode_image(task_images(3, seed=1))[0], base.encode_image(task_images(3, seed=2))[0]
+
+    def reference(a, b):  # the pre-trained layers, each run twice: over image 1, then over image 2
+        x = text
+        for layer in base.fusion.layers:
+            x = layer(layer(x, xvlm.key_mask(mask), a), xvlm.key_mask(mask), b)
+        return x
+
+    got = model.fuse_pair(text, mask, image1, image2)
+    assert_close(got, reference(image1, image2), atol=1e-6, rtol=1e-6)
+    assert_close(model.fuse_pair(text, mask, image1, image1), reference(image1, image1), atol=1e-6, rtol=1e-6)
+    assert (got - model.fuse_pair(text, mask, image2, image1)).abs().max() > 1e-3  # the blocks know which image
+    # Key/value shared: one module; the rest are separate copies that drift apart in training.
+    for first, second in zip(model.fusion.layers, model.fusion_second.layers):
+        assert second.cross_attn.kv is first.cross_attn.kv
+        assert second.cross_attn.q is not first.cross_attn.q and second.mlp is not first.mlp
+    model.train()
+    batch = {"images": task_images(3, seed=1), "images2": task_images(3, seed=2), "text_ids": ids, "text_mask": mask,
+             "labels": torch.tensor([0, 1, 1])}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tasks.nlvr2_loss(model, batch)["loss"].backward()
+    opt.step()
+    first, second = model.fusion.layers[0], model.fusion_second.layers[0]
+    assert not torch.equal(first.cross_attn.q.weight, second.cross_attn.q.weight)
+    assert torch.equal(first.cross_attn.kv.weight, second.cross_attn.kv.weight)
+
+
+def test_tasks_assignment_pairs_labels_and_hard_negatives():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])  # texts 0 and 1 describe the same image
+    sim = torch.randn(6, 6, generator=g)
+    counts = torch.zeros(3)
+    for _ in range(300):
+        first, second, labels = tasks.assignment_pairs(sim, ids, g)
+        own = torch.arange(6)
+        assert (first != second).all()
+        assert torch.equal(first == own, labels == 0) and torch.equal(second == own, labels == 1)
+        # The other image is never one sharing the text's id.
+        other = torch.where(labels == 0, second, first)
+        assert (ids[other] != ids).all() and (ids[second][labels == 2] != ids[labels == 2]).all()
+        counts += torch.bincount(labels, minlength=3)
+    assert ((counts / counts.sum() - 1 / 3).abs() < 0.03).all()
+    # Hard negatives follow similarity: a very similar image is drawn almost always.
+    sharp = torch.zeros(4, 4)
+    sharp[0, 3] = 20.0
+    draws = [tasks.assignment_pairs(sharp, generator=g) for _ in range(50)]
+    assert all(3 in (f[0].item(), s[0].item()) for f, s, _ in draws)
+    with pytest.raises(ValueError, match="two others"):
+        tasks.assignment_pairs(torch.zeros(3, 3), torch.tensor([0, 0, 1]))
+
+
+# -- grounding
+
+
+def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
+    model = task_model()
+    ids, mask = task_texts(3)
+    images = task_images(3)
+    heat, words = tasks.gradcam(model, images, ids, mask, layer=2)
+    g = model.cfg.grid
+    assert heat.shape == (3, g, g) and words.shape == (3, ids.shape[1], g, g)
+    assert (heat >= 0).all() and (words >= 0).all() and (heat.flatten(1).sum(1) > 0).all()
+    assert (words[~mask] == 0).all()
+    assert_close(heat, words.sum(1) / mask.sum(1)[:, None, None])
+    assert model.fusion.layers[1].cross_attn.keep_attention is False and model.fusion.layers[1].cross_attn.attention is None
+    # layer 2 does not exist in the tiny model: the last layer. Compare with a plain backward
+    # through the whole model and the retained attention gradient, as the authors compute it.
+    attn = model.fusion.layers[1].cross_attn
+    attn.keep_attention = True
+    fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(images)[0])
+    model.itm_head(fused[:, 0])[:, 1].sum().backward()
+    cam = (attn.attention.grad.clamp(min=0) * attn.attention.detach())[..., 1:].mean(1) * mask[..., None]
+    attn.keep_attention, attn.attention = False, None
+    assert_close(words, cam.view(3, -1, g, g), atol=1e-7, rtol=1e-4)
+    assert not torch.equal(heat, tasks.gradcam(model, images, ids, mask, layer=0)[0])
+
+
+def test_tasks_rank_proposals_hand_made_heat_map():
+    heat = torch.zeros(1, 4, 4)
+    heat[0, 1:3, 1:3] = 1.0  # a hot 2x2 block of patches in the middle
+    proposals = torch.tensor([[
+        [0.5, 0.5, 0.5, 0.5],  # exactly the block: 4 / sqrt(4) = 2
+        [0.5, 0.5, 1.0, 1.0],  # the whole image: 4 / sqrt(16) = 1
+        [0.375, 0.375, 0.25, 0.25],  # one hot patch: 1 / 1
+        [0.125, 0.125, 0.25, 0.25],  # a cold corner: 0
+        [0.3125, 0.375, 0.125, 0.25],  # half a hot patch: 0.5 / sqrt(0.5)
+        [0.5, 0.5, 0.5, 0.5],  # the block again, but padding
+    ]])
+    mask = torch.tensor([[True] * 5 + [False]])
+    best, scores = tasks.rank_proposals(heat, proposals, mask)
+    assert best.tolist() == [0]
+    assert_close(scores[0, :5], torch.tensor([2.0, 1.0, 1.0, 0.0, 0.5 / math.sqrt(0.5)]))
+    assert scores[0, 5] == float("-inf")
+    heat[0, 0, 0] = 10.0  # a hotter corner now wins
+    assert tasks.rank_proposals(heat, proposals, mask)[0].tolist() == [3]
+
+
+# -- loading and every task end to end
+
+
+def test_tasks_load_pretrained_maps_an_xvlm_checkpoint_onto_each_task_model():
+    base = task_model(seed=5)
+    state = base.state_dict()
+    vqa = task_model(tasks.VQAModel)
+    assert tasks.load_pretrained(vqa, state) == ["decoder"]
+    assert torch.equal(vqa.decoder.layers[1].mlp.fc1.weight, base.fusion.layers[1].mlp.fc1.weight)
+    assert torch.equal(vqa.decoder.head.dense.weight, base.mlm_head.dense.weight)
+    assert torch.equal(vqa.vision.pos_embed, base.vision.pos_embed)
+    # A task's own checkpoint loads whole: nothing is re-initialised.
+    with torch.no_grad():
+        vqa.decoder.layers[0].mlp.fc1.weight.add_(1.0)
+    again = task_model(tasks.VQAModel, seed=9)
+    assert tasks.load_pretrained(again, vqa.state_dict()) == []
+    assert torch.equal(again.decoder.layers[0].mlp.fc1.weight, vqa.decoder.layers[0].mlp.fc1.weight)
+    assert tasks.load_pretrained(task_model(), state) == []
+    nlvr = task_model(tasks.NLVR2Model)
+    tasks.load_pretrained(nlvr, state)
+    assert torch.equal(nlvr.fusion_second.layers[0].attn.qkv.weight, base.fusion.layers[0].attn.qkv.weight)
+    # A shared tensor stored once (as .safetensors does) still counts as loaded.
+    once = {k: v for k, v in nlvr.state_dict().items() if not k.startswith("fusion_second.") or ".kv." not in k}
+    assert tasks.load_pretrained(task_model(tasks.NLVR2Model, seed=2), once) == []
+    with pytest.raises(KeyError, match="not in XVLM"):
+        tasks.load_pretrained(task_model(), vqa.state_dict())
+    with pytest.raises(KeyError, match="lacks"):
+        tasks.load_pretrained(vqa, {k: v for k, v in state.items() if not k.startswith("itm_head.")})
+    with pytest.raises(KeyError, match="part of 'decoder'"):
+        tasks.load_pretrained(vqa, state | {"decoder.head.bias": vqa.decoder.head.bias.detach()})
+
+
+def task_case(name):
+    """A fixed random batch for the task's loss and a call of its evaluate on a tiny eval set."""
+    images = task_images(6)
+    ids, mask = task_texts(6)
+    if name in ("retrieval", "grounding_weak"):
+        batch = {"images": images[[0, 0, 1, 2, 3, 4]], "text_ids": ids, "text_mask": mask,
+                 "image_ids": torch.tensor([0, 0, 1, 2, 3, 4])}
+    if name == "retrieval":
+        return batch, lambda m: tasks.evaluate_retrieval(m, [images[:3]], [(ids, mask)], torch.tensor([0, 0, 1, 1, 2, 2]), k=4)
+    if name == "grounding_weak":
+        boxes = torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.5]])
+        proposals = torch.stack([torch.cat([boxes, torch.tensor([[0.5, 0.5, 1.0, 1.0]])])] * 2)
+        ev = {"images": images[:2], "text_ids": ids[:2], "text_mask": mask[:2], "boxes": boxes, "proposals": proposals,
+              "proposal_mask": torch.ones(2, 3, dtype=torch.bool)}
+        return batch, lambda m: tasks.evaluate_grounding_weak(m, [ev])
+    if name == "grounding":
+        batch = {"images": images[:4], "text_ids": ids[:4], "text_mask": mask[:4],
+                 "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.9, 0.9], [0.2, 0.8, 0.2, 0.2]])}
+        return batch, lambda m: tasks.evaluate_grounding(m, [batch])
+    if name == "vqa":
+        images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+        pick = torch.tensor([1, 0, 3])
+        batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[pick],
+                 "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
+                 "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
+        ev = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answers": [["b"] * 7 + ["a"] * 3, ["d"] * 10]}
+        return batch, lambda m: tasks.evaluate_vqa(m, [ev], answer_ids, answer_mask, list("abcdef"), k=3)
+    if name == "nlvr2":
+        batch = {"images": images[:4], "images2": images[2:], "text_ids": ids[:4], "text_mask": mask[:4],
+                 "labels": torch.tensor([0, 1, 1, 0])}
+        return batch, lambda m: tasks.evaluate_nlvr2(m, [batch])
+    batch = {"images": images, "text_ids": ids, "text_mask": mask}  # nlvr2_pretrain: image-text pairs
+    return batch, lambda m: tasks.evaluate_text_assignment(m, [batch])
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_tasks_each_task_trains_and_evaluates(name):
+    task = tasks.TASKS[name]
+    torch.manual_seed(0)
+    model = task.build(XVLMConfig.tiny()).train()
+    batch, evaluate = task_case(name)
+    # The loss reaches exactly the parameters outside the task's `unused` prefixes.
+    out = task.loss(model, batch)
+    assert "loss" in out and all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    unreached = {n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()}
+    assert unreached == {n for n, _ in model.named_parameters() if n.startswith(task.unused)}
+    # A few steps on one batch reduce the loss; the same random draws (negatives, pairs) every step.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(20):
+        torch.manual_seed(1)
+        loss = task.loss(model, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+    torch.manual_seed(1)
+    direct = task.loss(model, batch)["loss"]
+    torch.manual_seed(1)
+    assert_close(tasks.TaskLoss(model, task.loss)(batch)["loss"], direct)  # the module DDP wraps
+    metrics = evaluate(model)
+    assert metrics and all(0.0 <= v <= 100.0 for v in metrics.values()), metrics
+    assert model.training
+
+
+def test_tasks_models_build_and_run_at_a_higher_resolution():
+    # Fine-tuning raises the resolution (paper: 256 -> 384); here 64 -> 96, a 12x12 patch grid.
+    cfg = XVLMConfig.tiny(image_res=96)
+    for name in ("retrieval", "vqa", "nlvr2"):
+        torch.manual_seed(0)
+        model = tasks.TASKS[name].build(cfg)
+        batch, _ = task_case(name)
+        batch = {k: F.interpolate(v, size=96) if k.startswith("images") else v for k, v in batch.items()}
+        assert torch.isfinite(tasks.TASKS[name].loss(model, batch)["loss"])
+    heat, _ = tasks.gradcam(model, batch["images"][:2], batch["text_ids"][:2], batch["text_mask"][:2])
+    assert heat.shape == (2, 12, 12)
