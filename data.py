@@ -14,7 +14,7 @@ world in the same formats so that everything runs with no download.
 From Python (train.py / tasks.py):
 
     import data
-    data.synthesize("synth", images=4000, seed=0)    # layout: data.SYNTH_FILES; chance: data.chance_levels
+    data.synthesize("synth", images=4000, seed=0)    # layout: data.SYNTH_FILES
     tok = data.Tokenizer("synth/vocab.txt")
     loader = data.pretrain_loader(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
                                   "synth/images", tok, batch_size=32, image_res=64, max_tokens=25)
@@ -27,8 +27,7 @@ Contents, top to bottom:
   images    load_image (any mode), crops, flips, resizes that carry boxes, to_tensor
   pretrain  pretrain_loader: half image-text, half box-annotated images per batch (paper 4.2)
   tasks     RetrievalTrainDataset, RetrievalEvalDataset, VQADataset, NLVR2Dataset,
-            NLVR2AssignDataset, GroundingDataset, task_loader
-  chance    the score of a model that learns nothing, for each downstream metric
+            GroundingDataset, task_loader, TaskTrainLoader
   synth     synthesize(): the synthetic multi-grained world
   cli       synth, check, convert-coco, convert-vg
 """
@@ -887,7 +886,9 @@ class VQADataset(TaskDataset):
     and in the answers. Batch: images [B, 3, H, W], text_ids / text_mask [B, L] (questions),
     answers list[list[str]] (distinct answers of each question, [] without annotations),
     counts list[list[int]] (k, for VQA accuracy min(k / 3, 1)), weights list[list[float]],
-    question_ids list, index, skipped.
+    question_ids list, index, skipped; and for the answer decoder's loss (tasks.vqa_loss), every
+    distinct answer of the batch as a row: answer_ids / answer_mask [A, La] ("[CLS] answer [SEP]"),
+    answer_question int64 [A] (its question's row), answer_weights float32 [A].
     """
     fmt, train_fmt = "vqa", "vqa_train"
 
@@ -911,6 +912,10 @@ class VQADataset(TaskDataset):
         for key in ("answers", "counts", "weights"):
             batch[key] = [s[key] for s in kept]
         batch["question_ids"] = [s["question_id"] for s in kept]
+        answers = [a for s in kept for a in s["answers"]]
+        batch["answer_ids"], batch["answer_mask"] = self.tokenizer.encode_batch(answers, self.max_tokens)
+        batch["answer_question"] = torch.tensor([i for i, s in enumerate(kept) for _ in s["answers"]], dtype=torch.long)
+        batch["answer_weights"] = torch.tensor([w for s in kept for w in s["weights"]], dtype=torch.float32)
         return batch
 
 
@@ -940,46 +945,6 @@ class NLVR2Dataset(TaskDataset):
             return None
         return {"image": image, "image2": image2, "text": self.text(rec["sentence"], flip),
                 "label": int(rec["label"] == "True"), "index": index}
-
-    def collate(self, samples):
-        return collate_pairs(self, samples)
-
-
-class NLVR2AssignDataset(TaskDataset):
-    """The NLVR2 pre-step (appendix B): given two images and a text, say whether the text belongs to
-    image 1, image 2 or neither. Built from image-text pre-training records (region records with a
-    caption count too); label 0 = image 1, 1 = image 2, 2 = neither, drawn uniformly.
-
-    Batch: as NLVR2Dataset, labels in {0, 1, 2}.
-    """
-    fmt = "pretrain"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.records = [r for r in self.records if "caption" in r]
-        if len({r["image"] for r in self.records}) < 3:
-            raise ValueError("text assignment needs captions of at least 3 distinct images")
-
-    def other(self, rng, *images):
-        """A random record whose image is none of `images`."""
-        while True:
-            j = int(rng.integers(len(self.records)))
-            if self.records[j]["image"] not in images:
-                return j
-
-    def __getitem__(self, index):
-        rec, rng = self.records[index], self.rng(index)
-        label = int(rng.integers(3))
-        partner = self.records[self.other(rng, rec["image"])]
-        text = pick(rng, rec["caption"])
-        if label == 2:
-            text = pick(rng, self.records[self.other(rng, rec["image"], partner["image"])]["caption"])
-        first, second = (partner, rec) if label == 1 else (rec, partner)
-        flip = self.flip(rng)
-        image, image2 = self.image(first["image"], rng, flip), self.image(second["image"], rng, flip)
-        if image is None or image2 is None:
-            return None
-        return {"image": image, "image2": image2, "text": self.text(text, flip), "label": label, "index": index}
 
     def collate(self, samples):
         return collate_pairs(self, samples)
@@ -1017,7 +982,9 @@ class GroundingDataset(TaskDataset):
     Images are only resized (train and eval), so boxes stay valid: a box normalised by the
     original size is the box of the resized image (IoU does not change under per-axis scaling).
     Batch: images [B, 3, H, W], text_ids / text_mask [B, L], boxes float32 [B, 4] (normalised
-    (cx, cy, w, h) of the target), image_sizes int64 [B, 2] (original W, H), index, skipped; with
+    (cx, cy, w, h) of the target), image_sizes int64 [B, 2] (original W, H), image_ids int64 [B]
+    (one per image path: the weakly supervised setting trains image-text matching on these
+    pairs, where expressions of one image are positives of each other), index, skipped; with
     `proposals` (read_proposals file) also proposals float32 [B, P, 4] (normalised cxcywh,
     zero-padded) and proposal_mask bool [B, P].
     """
@@ -1030,6 +997,8 @@ class GroundingDataset(TaskDataset):
             missing = [r["image"] for r in self.records if r["image"] not in self.proposals]
             if missing:
                 raise RecordError(f"{proposals}: no proposals for image {missing[0]!r} ({len(missing)} images lack them)")
+        ids = {}
+        self.image_ids = [ids.setdefault(r["image"], len(ids)) for r in self.records]
 
     def __getitem__(self, index):
         rec = self.records[index]
@@ -1042,7 +1011,8 @@ class GroundingDataset(TaskDataset):
         x0, y0, w, h = rec["bbox"]
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
         sample = {"image": image, "text": clean_caption(rec["text"], self.max_words), "index": index,
-                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "size": (W, H)}
+                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "size": (W, H),
+                  "image_id": self.image_ids[index]}
         if self.proposals is not None:
             sample["proposals"] = xywh_to_cxcywh(self.proposals[rec["image"]], W, H)
         return sample
@@ -1051,6 +1021,7 @@ class GroundingDataset(TaskDataset):
         batch, kept = self.collate_common(samples)
         batch["boxes"] = torch.stack([s["box"] for s in kept]) if kept else torch.zeros(0, 4)
         batch["image_sizes"] = torch.tensor([s["size"] for s in kept], dtype=torch.long).reshape(-1, 2)
+        batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
         if self.proposals is not None:
             most = max((len(s["proposals"]) for s in kept), default=0)
             batch["proposals"] = torch.zeros(len(kept), most, 4)
@@ -1118,92 +1089,6 @@ class TaskTrainLoader:
             self.carried_skips = 0
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
-
-# -----------------------------------------------------------------------------
-# Chance: what a model that learns nothing scores, in percent like the metrics themselves
-
-def box_iou(a, b):
-    """IoU of pixel or normalised (x, y, w, h) boxes a [n, 4] and b [m, 4] -> [n, m]."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 0] + a[:, None, 2], b[None, :, 0] + b[None, :, 2])
-    y1 = np.minimum(a[:, None, 1] + a[:, None, 3], b[None, :, 1] + b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    union = a[:, None, 2] * a[:, None, 3] + b[None, :, 2] * b[None, :, 3] - inter
-    return inter / np.maximum(union, 1e-12)
-
-
-def retrieval_chance(img2txt, n_texts, ks=(1, 5, 10)):
-    """R@k of a random ranking: image retrieval k / n_images; text retrieval P(one of the image's
-    c captions is among k of n_texts) = 1 - C(n - c, k) / C(n, k). Names as the authors' metrics."""
-    n_images = len(img2txt)
-    out = {}
-    for k in ks:
-        out[f"txt_r{k}"] = 100 * float(np.mean([1 - math.comb(n_texts - len(t), k) / math.comb(n_texts, k) for t in img2txt]))
-        out[f"img_r{k}"] = 100 * min(k, n_images) / n_images
-    out["txt_r_mean"] = float(np.mean([out[f"txt_r{k}"] for k in ks]))
-    out["img_r_mean"] = float(np.mean([out[f"img_r{k}"] for k in ks]))
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    return out
-
-
-def _answers(rec):
-    return rec["answer"] if isinstance(rec["answer"], list) else [rec["answer"]]
-
-
-def vqa_accuracy(answer, given):
-    """VQA accuracy of one predicted answer: min(#annotators who gave it / 3, 1)."""
-    return min(given.count(answer) / 3, 1.0)
-
-
-def vqa_chance(train_records, test_records, answer_list):
-    """'prior': answer each test question with the most frequent training answer of its question
-    type (first three words, VQA's question-type heuristic), i.e. what a model that ignores the
-    image can reach; 'uniform': a uniformly random candidate from the answer list."""
-    by_type, overall = {}, {}
-    for rec in train_records:
-        key = " ".join(clean_caption(rec["question"]).split()[:3])
-        for a in _answers(rec):
-            by_type.setdefault(key, {}).setdefault(a, 0)
-            by_type[key][a] += 1
-            overall[a] = overall.get(a, 0) + 1
-    fallback = max(overall, key=overall.get)
-    prior, uniform = [], []
-    for rec in test_records:
-        given = _answers(rec)
-        counts = by_type.get(" ".join(clean_caption(rec["question"]).split()[:3]))
-        prior.append(vqa_accuracy(max(counts, key=counts.get) if counts else fallback, given))
-        uniform.append(np.mean([vqa_accuracy(a, given) for a in answer_list]))
-    return {"prior": 100 * float(np.mean(prior)), "uniform": 100 * float(np.mean(uniform))}
-
-
-def nlvr2_chance(train_records, test_records):
-    """'majority': always answer the label most frequent in training."""
-    majority = max(("True", "False"), key=[r["label"] for r in train_records].count)
-    return {"majority": 100 * float(np.mean([r["label"] == majority for r in test_records]))}
-
-
-def grounding_chance(train_records, test_records, image_root, proposals=None):
-    """'box_mean': predict the mean normalised training box for every expression (box accuracy,
-    IoU >= 0.5); 'proposal_random' (with proposals): pick one of the image's proposals at random."""
-    sizes = {}
-
-    def normalised(rec):
-        if rec["image"] not in sizes:
-            with Image.open(Path(image_root) / rec["image"]) as img:
-                sizes[rec["image"]] = img.size
-        W, H = sizes[rec["image"]]
-        x, y, w, h = rec["bbox"]
-        return [x / W, y / H, w / W, h / H]
-
-    mean_box = np.mean([normalised(r) for r in train_records], axis=0)
-    out = {"box_mean": 100 * float(np.mean([box_iou(normalised(r), mean_box)[0, 0] >= 0.5 for r in test_records]))}
-    if proposals is not None:
-        out["proposal_random"] = 100 * float(np.mean([(box_iou(r["bbox"], proposals[r["image"]]) >= 0.5).mean()
-                                                      for r in test_records]))
-    return out
-
 
 # -----------------------------------------------------------------------------
 # The synthetic world
@@ -1504,7 +1389,7 @@ def write_json(path, records, lines=False):
 
 
 def synthesize(out_dir, images=4000, seed=0):
-    """Write the synthetic world under out_dir (layout: SYNTH_FILES) and return its chance levels.
+    """Write the synthetic world under out_dir (layout: SYNTH_FILES); return how many records each file holds.
 
     `images` pre-training images (half with captions only, half with boxes), plus downstream image
     pools train = images // 4, val = test = images // 20 (at least 8 / 6), shared by the tasks as
@@ -1578,30 +1463,14 @@ def synthesize(out_dir, images=4000, seed=0):
             proposals[path] = [boxes[j] for j in r.permutation(len(boxes))]
     (out / SYNTH_FILES["grounding_proposals"]).write_text(json.dumps(proposals) + "\n")
     (out / SYNTH_FILES["vocab"]).write_text("\n".join(synth_vocab()) + "\n")
-    return chance_levels(out)
+    return {key: len(read_records(out / name)[0]) for key, name in SYNTH_FILES.items()
+            if name.endswith((".json", ".jsonl")) and key != "grounding_proposals"}
 
 
-def chance_levels(root):
-    """Chance of every downstream metric on the val and test splits of a synthesized world (percent)."""
-    root = Path(root)
+def synth_ready(out_dir):
+    """Whether out_dir holds a complete synthetic world (train.py writes one when it does not)."""
+    return all((Path(out_dir) / name).exists() for name in SYNTH_FILES.values())
 
-    def records(key):
-        return read_records(root / SYNTH_FILES[key])[0]
-
-    out = {}
-    for split in ("val", "test"):
-        retrieval = records(f"retrieval_{split}")
-        img2txt, n = [], 0
-        for rec in retrieval:
-            img2txt.append(list(range(n, n + len(rec["caption"]))))
-            n += len(rec["caption"])
-        out[f"retrieval_{split}"] = retrieval_chance(img2txt, n)
-        out[f"vqa_{split}"] = vqa_chance(records("vqa_train"), records(f"vqa_{split}"), records("answer_list"))
-        out[f"nlvr2_{split}"] = nlvr2_chance(records("nlvr2_train"), records(f"nlvr2_{split}"))
-        out[f"grounding_{split}"] = grounding_chance(records("grounding_train"), records(f"grounding_{split}"),
-                                                     root / SYNTH_FILES["images"],
-                                                     read_proposals(root / SYNTH_FILES["grounding_proposals"]))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1759,11 +1628,10 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     if args.command == "synth":
-        chance = synthesize(args.out, images=args.images, seed=args.seed)
-        print(f"wrote the synthetic world to {args.out}; chance levels of the test splits (percent):")
-        for task, levels in chance.items():
-            if task.endswith("_test"):
-                print(f"  {task:16s} " + "  ".join(f"{k} {v:.1f}" for k, v in levels.items()))
+        counts = synthesize(args.out, images=args.images, seed=args.seed)
+        print(f"wrote the synthetic world to {args.out}/ (images under {args.out}/{SYNTH_FILES['images']}/):")
+        for key, n in counts.items():
+            print(f"  {SYNTH_FILES[key]:26s} {n:6d} records")
         return 0
     if args.command == "check":
         problems, count = check_files(args.files, args.image_root, args.format)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+import xvlm
 from xvlm import (XVLM, Attention, BertLayer, FusionEncoder, MLMHead, TextEmbeddings, box_corners, giou, itc_loss,
                   key_mask, mlp_head)
 
@@ -235,7 +237,10 @@ def itm_scores(model, image_embeds, text_embeds, text_mask, image_index, text_in
     scores = []
     for s in range(0, len(image_index), chunk):
         i, t = image_index[s:s + chunk], text_index[s:s + chunk]
-        fused = model.fuse(text_embeds[t], text_mask[t], image_embeds[i])
+        # A chunk holds few distinct images (a query's k candidates sit together): project their
+        # keys/values once each, not once per pair.
+        images, which = i.unique(return_inverse=True)
+        fused = model.fuse(text_embeds[t], text_mask[t], image_embeds[images], None, which)
         scores.append(model.itm_head(fused[:, 0])[:, 1].float())
     return torch.cat(scores) if scores else image_embeds.new_zeros(0)
 
@@ -289,13 +294,15 @@ def itm_rerank_one_by_one(model, sims, image_embeds, text_embeds, text_mask, k):
 
 
 def evaluate_retrieval(model, image_batches, text_batches, text_image, k=128, chunk=256, ks=(1, 5, 10)):
-    """TR and IR R@K after ITM re-ranking of the top k (paper: 256 on COCO, 128 on Flickr30K).
-    text_image (T,): the index of each text's image in the order image_batches yields them."""
+    """TR and IR R@K after ITM re-ranking of the top k (paper: 256 on COCO, 128 on Flickr30K), and
+    `chance`, the r_mean of a random ranking. text_image (T,): the index of each text's image in
+    the order image_batches yields them."""
     with evaluating(model), torch.no_grad():
         f = retrieval_features(model, image_batches, text_batches)
         sims = f.image_feat @ f.text_feat.T  # s(I, T), cosine
         scores_i2t, scores_t2i = itm_rerank(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k, chunk)
-    return recall_at_k(scores_i2t.cpu(), text_image.cpu(), ks, scores_t2i.cpu())
+    metrics = recall_at_k(scores_i2t.cpu(), text_image.cpu(), ks, scores_t2i.cpu())
+    return {**metrics, "chance": retrieval_chance(sims.shape[0], text_image.cpu(), ks)}
 
 
 # -----------------------------------------------------------------------------
@@ -381,14 +388,14 @@ def vqa_loss(model, batch):
     """The answer likelihood (appendix B), weighted as the authors: an answer given by k of a
     question's n annotators has weight k/n; the decoder sees the fused question once per answer.
 
-    batch: images (B, 3, H, W), question_ids (B, Lq), question_mask (B, Lq) bool,
+    batch (data.VQADataset's): images (B, 3, H, W), text_ids (B, Lq), text_mask (B, Lq) bool (the questions),
     answer_ids (A, La) "[CLS] answer [SEP] [PAD]..", answer_mask (A, La) bool,
     answer_question (A,) int64 the question of each answer, answer_weights (A,) float.
     Returns {"loss", "answer"}: the weighted negative log-likelihood summed per question, averaged
     over questions.
     """
-    question_mask = batch["question_mask"].bool()
-    states = fuse_image_text(model, batch["images"], batch["question_ids"], question_mask)
+    question_mask = batch["text_mask"].bool()
+    states = fuse_image_text(model, batch["images"], batch["text_ids"], question_mask)
     q = batch["answer_question"]
     nll = -answer_log_likelihood(model.decoder, batch["answer_ids"], batch["answer_mask"], states[q], question_mask[q])
     loss = (batch["answer_weights"].float() * nll).sum() / states.shape[0]
@@ -419,18 +426,19 @@ def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_
 
 
 def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
-    """VQA accuracy of the ranked answers. batches yield {images, question_ids, question_mask,
-    answers: list (per question) of the annotators' answer strings}; answer_list[c] is the string
-    of candidate c."""
+    """VQA accuracy of the ranked answers, and `chance`, that of always giving the split's most
+    common answer. batches yield data.VQADataset's {images, text_ids, text_mask (the questions),
+    answers, counts (each distinct answer and how many annotators gave it)}; answer_list[c] is the
+    string of candidate c."""
     device = model_device(model)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     predicted, truth = [], []
     for batch in batches:
         b = to_device(batch, device)
-        best = rank_answers(model, b["images"], b["question_ids"], b["question_mask"], answer_ids, answer_mask, k)
+        best = rank_answers(model, b["images"], b["text_ids"], b["text_mask"], answer_ids, answer_mask, k)
         predicted += [answer_list[c] for c in best.tolist()]
-        truth += b["answers"]
-    return {"vqa_acc": vqa_accuracy(predicted, truth)}
+        truth += [[a for a, n in zip(answers, counts) for _ in range(n)] for answers, counts in zip(b["answers"], b["counts"])]
+    return {"vqa_acc": vqa_accuracy(predicted, truth), "chance": vqa_chance(truth)}
 
 
 # -----------------------------------------------------------------------------
@@ -542,14 +550,16 @@ def text_assignment_loss(model, batch, generator=None):
 
 @torch.no_grad()
 def evaluate_classifier(model, batches, logits_and_labels):
-    """Accuracy over batches; logits_and_labels(model, batch) -> (logits (B, n), labels (B,))."""
+    """Accuracy over batches, and `chance`, always answering the most common label;
+    logits_and_labels(model, batch) -> (logits (B, n), labels (B,))."""
     predicted, labels = [], []
     with evaluating(model):
         for batch in batches:
             logits, y = logits_and_labels(model, to_device(batch, model_device(model)))
             predicted.append(logits.argmax(1))
             labels.append(y)
-    return {"acc": accuracy(torch.cat(predicted), torch.cat(labels))}
+    labels = torch.cat(labels)
+    return {"acc": accuracy(torch.cat(predicted), labels), "chance": majority_chance(labels)}
 
 
 def evaluate_nlvr2(model, batches):
@@ -585,14 +595,16 @@ def grounding_loss(model, batch):
 
 @torch.no_grad()
 def evaluate_grounding(model, batches):
-    """Accuracy (IoU >= 0.5) of the predicted boxes. batches yield grounding_loss's batches."""
+    """Accuracy (IoU >= 0.5) of the predicted boxes, and `chance`, always predicting the split's
+    mean box. batches yield grounding_loss's batches."""
     pred, target = [], []
     with evaluating(model):
         for batch in batches:
             b = to_device(batch, model_device(model))
             pred.append(predict_boxes(model, b["images"], b["text_ids"], b["text_mask"]))
             target.append(b["boxes"].float())
-    return {"acc": grounding_accuracy(torch.cat(pred), torch.cat(target))}
+    target = torch.cat(target)
+    return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": box_chance(target)}
 
 
 def gradcam(model, images, text_ids, text_mask, layer=2):
@@ -657,66 +669,206 @@ def rank_proposals(heat, proposals, proposal_mask=None):
 
 
 def evaluate_grounding_weak(model, batches, layer=2):
-    """Weakly supervised grounding accuracy: the proposal ranked first by Grad-CAM, IoU >= 0.5.
-    batches yield {images, text_ids, text_mask, boxes (B, 4), proposals (B, P, 4) normalised
-    cxcywh, proposal_mask (B, P) bool}."""
-    pred, target = [], []
+    """Weakly supervised grounding accuracy: the proposal ranked first by Grad-CAM, IoU >= 0.5; and
+    `chance`, picking a proposal at random. batches yield {images, text_ids, text_mask, boxes
+    (B, 4), proposals (B, P, 4) normalised cxcywh, proposal_mask (B, P) bool}."""
+    pred, target, lucky = [], [], 0.0
     for batch in batches:
         b = to_device(batch, model_device(model))
         heat, _ = gradcam(model, b["images"], b["text_ids"], b["text_mask"], layer)
         best, _ = rank_proposals(heat, b["proposals"], b.get("proposal_mask"))
         pred.append(b["proposals"][torch.arange(len(best)), best].float())
         target.append(b["boxes"].float())
-    return {"acc": grounding_accuracy(torch.cat(pred), torch.cat(target))}
+        mask = b.get("proposal_mask", torch.ones(b["proposals"].shape[:2], dtype=torch.bool, device=best.device))
+        lucky += proposal_chance(b["proposals"].float(), mask.bool(), target[-1]) * len(best)
+    target = torch.cat(target)
+    return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": lucky / len(target)}
 
 
 # -----------------------------------------------------------------------------
-# Loading a pre-trained X-VLM into a task model, and the task table
+# Loading a pre-trained X-VLM into a task model
 
 
-def load_pretrained(model, state_dict):
-    """Load an X-VLM state dict (pre-trained, or a task's own) into a task model by name, strictly:
-    every key must exist in the model, and a model key may be missing only if it belongs to one
-    of the model's `new_modules`, and then all of that module's keys must be. Those modules are
-    initialised by the model from its loaded weights (the VQA decoder and the NLVR2 twins from the
-    cross-modal encoder). Position embeddings must already be at the model's resolution
-    (xvlm's resampling). Returns the names of the modules initialised here.
+def load_pretrained(model, source):
+    """Load one of our checkpoints (pre-trained X-VLM, or the task's own) into a task model, strictly,
+    through xvlm.load_checkpoint (position embeddings resampled to the model's resolution, shapes
+    and key sets checked). A model key may be absent only if it belongs to one of the model's
+    `new_modules`, and then the whole module must be; those modules are then initialised by the
+    model from its loaded weights (the VQA decoder and the NLVR2 twins from the cross-modal
+    encoder). Returns the names of the modules initialised here.
     """
-    name = type(model).__name__
+    state, source = xvlm.read_state_dict(source)
     new = getattr(model, "new_modules", ())
     own = model.state_dict(keep_vars=True)
-    unexpected = [k for k in state_dict if k not in own]
-    if unexpected:
-        raise KeyError(f"load_pretrained: {len(unexpected)} checkpoint keys are not in {name}, e.g. {unexpected[:3]}")
     # A tensor shared under two names (NLVR2's key/value) is loaded when either name is present,
     # as in a .safetensors file, which stores shared tensors once.
     aliases = {}
     for k, t in own.items():
         aliases.setdefault(id(t), set()).add(k)
-    missing = [k for k in own if not aliases[id(own[k])] & state_dict.keys()]
+    absent = [k for k in own if k not in state]
+    covered = [k for k in absent if aliases[id(own[k])] & state.keys()]
     owner = lambda key: next((m for m in new if key.startswith(m + ".")), None)
-    stray = [k for k in missing if owner(k) is None]
-    if stray:
-        raise KeyError(f"load_pretrained: the checkpoint lacks {len(stray)} keys of {name}, e.g. {stray[:3]}")
-    fresh = sorted({owner(k) for k in missing})
+    fresh = sorted({owner(k) for k in absent if k not in covered and owner(k)})
     for m in fresh:
-        part = [k for k in state_dict if k.startswith(m + ".")]
+        part = [k for k in state if k.startswith(m + ".")]
         if part:
-            raise KeyError(f"load_pretrained: the checkpoint holds part of {m!r} ({part[:3]}), not all of it")
-    model.load_state_dict(state_dict, strict=False)  # the key sets are checked above
+            raise ValueError(f"{source}: holds part of {type(model).__name__}.{m} ({part[:3]}), not all of it")
+    xvlm.load_checkpoint(model, state, allow_missing=covered + [m + "." for m in fresh])
     if fresh:
         model.init_new_modules(fresh)
     return fresh
 
 
+# -----------------------------------------------------------------------------
+# What `train.py --task NAME` runs: each task's model, loss, data and evaluation
+
+
+@dataclass
+class Files:
+    """Where a run's data is; train.py fills it from the flags or the synthetic world."""
+
+    train: list  # training records
+    val: list  # evaluation records
+    image_root: str
+    vocab: str
+    answer_list: str = None  # VQA's candidate answers
+    proposals: str = None  # weakly supervised grounding's proposal boxes
+    grounding_val: list = None  # pre-training's zero-shot grounding records
+
+
+class Counted:
+    """Iterate a loader's batches, counting the unreadable images it skipped (reported, not hidden)."""
+
+    def __init__(self, loader):
+        self.loader, self.skipped = loader, 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped += batch.pop("skipped", 0)
+            yield batch
+
+
+def eval_batches(dataset, batch_size=64):
+    return Counted(torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate))
+
+
+def with_skipped(metrics, counted):
+    return {**metrics, "skipped_images": counted.skipped} if counted.skipped else metrics
+
+
+def retrieval_eval_data(files, tokenizer, cfg):
+    """The retrieval split's images (batches), texts (tokenised batches) and the image of each text,
+    leaving out the texts of images that turn out unreadable (counted in `skipped`)."""
+    ds = data.RetrievalEvalDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
+    images, kept = [], []
+    batches = eval_batches(ds)
+    for b in batches:
+        images.append(b["images"])
+        kept += b["index"].tolist()
+    row = {image: r for r, image in enumerate(kept)}
+    texts = [t for t in range(len(ds.texts)) if ds.txt2img[t] in row]
+    text_batches = [tokenizer.encode_batch([ds.texts[t] for t in texts[i:i + 256]], cfg.max_tokens)
+                    for i in range(0, len(texts), 256)]
+    return images, text_batches, torch.tensor([row[ds.txt2img[t]] for t in texts]), batches
+
+
+def run_retrieval_eval(model, files, tokenizer, cfg, args):
+    images, texts, text_image, counted = retrieval_eval_data(files, tokenizer, cfg)
+    return with_skipped(evaluate_retrieval(model, images, texts, text_image, k=args.rerank_k), counted)
+
+
+def run_grounding_eval(model, files, tokenizer, cfg, args):
+    batches = eval_batches(data.GroundingDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res))
+    return with_skipped(evaluate_grounding(model, batches), batches)
+
+
+def run_pretrain_eval(model, files, tokenizer, cfg, args):
+    """Zero-shot, straight after pre-training: retrieval by ITC + ITM re-ranking, and grounding by
+    the pre-training bbox head (eq. 2); each next to its chance level."""
+    out = {}
+    if files.val:
+        out["retrieval"] = run_retrieval_eval(model, files, tokenizer, cfg, args)
+    if files.grounding_val:
+        out["grounding"] = run_grounding_eval(model, Files([], files.grounding_val, files.image_root, files.vocab),
+                                              tokenizer, cfg, args)
+    return out
+
+
+def run_vqa_eval(model, files, tokenizer, cfg, args):
+    answer_list = data.read_answer_list(files.answer_list)
+    answer_ids, answer_mask = tokenizer.encode_batch(answer_list, cfg.max_tokens)
+    batches = eval_batches(data.VQADataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res))
+    return with_skipped(evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=args.rerank_k), batches)
+
+
+def run_nlvr2_eval(model, files, tokenizer, cfg, args):
+    batches = eval_batches(data.NLVR2Dataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res))
+    return with_skipped(evaluate_nlvr2(model, batches), batches)
+
+
+def run_assignment_eval(model, files, tokenizer, cfg, args):
+    """The pre-step's accuracy on the retrieval split's images, each with its first caption."""
+    ds = data.RetrievalEvalDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
+    batches = eval_batches(ds)
+
+    def pairs():
+        for b in batches:
+            ids, mask = tokenizer.encode_batch([ds.texts[ds.img2txt[i][0]] for i in b["index"].tolist()], cfg.max_tokens)
+            yield {"images": b["images"], "text_ids": ids, "text_mask": mask}
+
+    return with_skipped(evaluate_text_assignment(model, pairs()), batches)
+
+
+def run_grounding_weak_eval(model, files, tokenizer, cfg, args):
+    batches = eval_batches(data.GroundingDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
+                                                 proposals=files.proposals))
+    return with_skipped(evaluate_grounding_weak(model, batches), batches)
+
+
+def pretrain_loss(model, batch):
+    return model(batch)  # XVLM.forward is the pre-training loss, eq. (9)
+
+
+def retrieval_set(files, tokenizer, cfg, args):
+    return data.RetrievalTrainDataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
+                                      train=True, seed=args.seed, crop_scale=args.crop_scale or (0.5, 1.0))
+
+
+def vqa_set(files, tokenizer, cfg, args):
+    return data.VQADataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
+                           train=True, seed=args.seed, crop_scale=args.crop_scale or (0.5, 1.0))
+
+
+def nlvr2_set(files, tokenizer, cfg, args):
+    return data.NLVR2Dataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
+                             train=True, seed=args.seed, crop_scale=args.crop_scale or (0.5, 1.0))
+
+
+def grounding_set(files, tokenizer, cfg, args):
+    return data.GroundingDataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
+
+
+def train_loader(task, files, tokenizer, cfg, batch_size, args, rank=0, world_size=1):
+    """The task's training batches, epoch after epoch, resumable (state_dict / load_state_dict)."""
+    if task.train_set is None:  # pre-training: half image-text, half box-annotated images
+        return data.pretrain_loader(files.train, files.image_root, tokenizer, batch_size, cfg.image_res, cfg.max_tokens,
+                                    args.max_regions, args.workers, args.seed, rank, world_size,
+                                    crop_scale=args.crop_scale or (0.2, 1.0))
+    return data.TaskTrainLoader(task.train_set(files, tokenizer, cfg, args), batch_size, args.workers, args.seed,
+                                rank, world_size)
+
+
 @dataclass(frozen=True)
 class Task:
-    """One downstream task as `train.py --task NAME` runs it."""
+    """One task as `train.py --task NAME` runs it."""
 
-    build: Callable  # build(cfg) -> model; load_pretrained(model, state) maps an X-VLM checkpoint onto it
+    build: Callable  # build(cfg) -> model; load_pretrained(model, checkpoint) puts an X-VLM into it
     loss: Callable  # loss(model, batch) -> {"loss": total, name: term, ...}, 0-dim tensors
-    evaluate: Callable  # evaluate(model, ...) -> {metric: value}, percent; the caller adds "chance"
-    unused: tuple  # parameter prefixes the loss never reaches: freeze them, or DDP waits for their gradients
+    unused: tuple  # parameter prefixes the loss never reaches: train.py freezes them (DDP needs every gradient)
+    train_set: Callable  # train_set(files, tokenizer, cfg, args) -> a data.py dataset; None: pre-training
+    evaluate: Callable  # evaluate(model, files, tokenizer, cfg, args) -> metrics, each with "chance"
+    synth: dict  # the synthetic world's files (data.SYNTH_FILES keys): "train", "val", maybe more
+    tiny: dict  # defaults for the tiny preset on the synthetic world: steps, batch_size, lr, rerank_k
 
 
 class TaskLoss(nn.Module):
@@ -735,11 +887,26 @@ class TaskLoss(nn.Module):
 _ITC_ITM = ("vision_proj", "text_proj", "temp", "itm_head")  # the contrastive and matching heads
 
 TASKS = {
-    "retrieval": Task(XVLM, retrieval_loss, evaluate_retrieval, ("bbox_head", "mlm_head")),
-    "vqa": Task(VQAModel, vqa_loss, evaluate_vqa, _ITC_ITM + ("bbox_head", "mlm_head")),
-    "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, evaluate_text_assignment,
-                           _ITC_ITM + ("bbox_head", "mlm_head", "cls_head")),
-    "nlvr2": Task(NLVR2Model, nlvr2_loss, evaluate_nlvr2, _ITC_ITM + ("bbox_head", "mlm_head", "assign_head")),
-    "grounding": Task(XVLM, grounding_loss, evaluate_grounding, _ITC_ITM + ("mlm_head",)),
-    "grounding_weak": Task(XVLM, retrieval_loss, evaluate_grounding_weak, ("bbox_head", "mlm_head")),
+    "pretrain": Task(XVLM, pretrain_loss, (), None, run_pretrain_eval,
+                     {"train": ["pretrain_captions", "pretrain_regions"], "val": ["retrieval_val"],
+                      "grounding_val": ["grounding_val"]},
+                     dict(steps=400, batch_size=32, lr=5e-4, rerank_k=16)),
+    "retrieval": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), retrieval_set, run_retrieval_eval,
+                      {"train": ["retrieval_train"], "val": ["retrieval_val"]},
+                      dict(steps=300, batch_size=32, lr=2e-4, rerank_k=16)),
+    "vqa": Task(VQAModel, vqa_loss, _ITC_ITM + ("bbox_head", "mlm_head"), vqa_set, run_vqa_eval,
+                {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"},
+                dict(steps=300, batch_size=32, lr=2e-4, rerank_k=8)),
+    "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, _ITC_ITM + ("bbox_head", "mlm_head", "cls_head"),
+                           retrieval_set, run_assignment_eval, {"train": ["retrieval_train"], "val": ["retrieval_val"]},
+                           dict(steps=150, batch_size=32, lr=2e-4, rerank_k=16)),
+    "nlvr2": Task(NLVR2Model, nlvr2_loss, _ITC_ITM + ("bbox_head", "mlm_head", "assign_head"), nlvr2_set,
+                  run_nlvr2_eval, {"train": ["nlvr2_train"], "val": ["nlvr2_val"]},
+                  dict(steps=300, batch_size=32, lr=2e-4, rerank_k=16)),
+    "grounding": Task(XVLM, grounding_loss, _ITC_ITM + ("mlm_head",), grounding_set, run_grounding_eval,
+                      {"train": ["grounding_train"], "val": ["grounding_val"]},
+                      dict(steps=300, batch_size=32, lr=2e-4, rerank_k=16)),
+    "grounding_weak": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), grounding_set, run_grounding_weak_eval,
+                           {"train": ["grounding_train"], "val": ["grounding_val"], "proposals": "grounding_proposals"},
+                           dict(steps=300, batch_size=32, lr=2e-4, rerank_k=16)),
 }

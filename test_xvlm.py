@@ -273,6 +273,23 @@ def test_hard_negatives_are_never_positive():
         xvlm.sample_hard_negatives(sim[:2, :2], sim[:2, :2], torch.tensor([5, 5]))
 
 
+def test_ids_with_several_columns_make_pairs_sharing_any_of_them_positive():
+    torch.manual_seed(0)
+    concept = torch.tensor([0, 1, 2, 3])
+    words = xvlm.text_key(torch.tensor([[101, 7, 8, 102], [101, 9, 102, 0], [101, 7, 8, 102], [101, 7, 102, 0]]),
+                          torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]]).bool())
+    assert words[0] == words[2] and len(set(words.tolist())) == 3  # texts 0 and 2 are the same words
+    ids = torch.stack([concept, words], 1)
+    feat = F.normalize(torch.randn(4, 8), dim=-1)
+    logits = feat @ feat.T / 0.5
+    target = torch.tensor([[0.5, 0, 0.5, 0], [0, 1, 0, 0], [0.5, 0, 0.5, 0], [0, 0, 0, 1]])
+    ref = -(logits.log_softmax(1) * target).sum(1).mean()
+    assert_close(xvlm.itc_loss(feat, feat, 0.5, ids), ref)
+    for _ in range(50):
+        neg_t, neg_i = xvlm.sample_hard_negatives(logits, logits.T, ids)
+        assert not ({(0, 2), (2, 0)} & {*zip(range(4), neg_t.tolist()), *zip(range(4), neg_i.tolist())})
+
+
 def test_hard_negatives_follow_similarity():
     torch.manual_seed(0)
     sim = torch.zeros(3, 3)
@@ -999,16 +1016,6 @@ def test_synth_relations_are_geometrically_true(world):
     assert checked > 5
 
 
-def test_synth_chance_levels_are_low(world):
-    chance = data.chance_levels(world)
-    test = chance["retrieval_test"]
-    assert test["img_r1"] == pytest.approx(100 / 6) and 0 < test["txt_r1"] < 100
-    assert chance["vqa_test"]["uniform"] == pytest.approx(100 / len(data.VQA_ANSWERS))
-    assert chance["vqa_test"]["prior"] < 80 and chance["grounding_test"]["proposal_random"] < 50
-    # the text-retrieval formula against counting: 1 image with 2 of 4 texts, top 1 -> 1/2
-    assert data.retrieval_chance([[0, 1], [2, 3]], 4, ks=(1,))["txt_r1"] == pytest.approx(50)
-
-
 def test_every_task_split_parses_with_its_dataset(world, world_tok):
     tok, images = world_tok, world / data.SYNTH_FILES["images"]
     common = dict(image_root=images, tokenizer=tok, max_tokens=25, image_res=32)
@@ -1028,18 +1035,21 @@ def test_every_task_split_parses_with_its_dataset(world, world_tok):
         assert b["text_ids"].shape[0] == 4 and b["text_mask"].dtype == torch.bool
         assert all(w == [1.0] for w in b["weights"]) and all(c == [10] for c in b["counts"])
         assert set(a for ans in b["answers"] for a in ans) <= set(data.read_answer_list(world / "answer_list.json"))
+        A = sum(map(len, b["answers"]))
+        assert b["answer_ids"].shape[0] == b["answer_mask"].shape[0] == A and (b["answer_ids"][:, 0] == tok.cls_id).all()
+        assert b["answer_question"].tolist() == [i for i, ans in enumerate(b["answers"]) for _ in ans]
+        assert b["answer_weights"].tolist() == [w for ws in b["weights"] for w in ws]
         ds = data.NLVR2Dataset(world / f"nlvr2_{split}.json", train=train, **common)
         b = next(iter(data.task_loader(ds, 4, train=train)))
         assert b["images"].shape == b["images2"].shape == (4, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1}
         ds = data.GroundingDataset(world / f"grounding_{split}.json", proposals=world / "grounding_proposals.json", **common)
         b = next(iter(data.task_loader(ds, 4, train=train)))
         assert b["boxes"].shape == (4, 4) and ((b["boxes"] >= 0) & (b["boxes"] <= 1)).all()
+        paths = [ds.records[i]["image"] for i in b["index"]]
+        assert [a == c for a in paths for c in paths] == [a == c for a in b["image_ids"] for c in b["image_ids"]]
         assert b["proposals"].shape[:2] == b["proposal_mask"].shape and b["proposal_mask"].sum(1).min() >= 4
         # the target is one of the proposals
         assert all((b["proposals"][i] - b["boxes"][i]).abs().sum(1).min() < 1e-6 for i in range(4))
-    ds = data.NLVR2AssignDataset(world_files(world, "pretrain_captions"), train=True, **common)
-    b = next(iter(data.task_loader(ds, 6, train=True)))
-    assert b["images2"].shape == (6, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1, 2}
 
 
 def test_vqa_flip_swaps_left_right_in_question_and_answers(tmp_path, world_tok):
@@ -1494,6 +1504,7 @@ def test_tasks_evaluate_retrieval_with_k_covering_everything_is_the_itm_ranking(
     with torch.no_grad():
         itm = tasks.itm_scores(model, f.image_embeds, f.text_embeds, f.text_mask,
                                torch.arange(I).repeat_interleave(T), torch.arange(T).repeat(I)).view(I, T)
+    assert got.pop("chance") == pytest.approx(tasks.retrieval_chance(I, text_image))
     assert got == pytest.approx(tasks.recall_at_k(itm, text_image))
     assert not model.training  # evaluation leaves the mode as it found it
     model.train()
@@ -1577,7 +1588,7 @@ def test_tasks_vqa_loss_weights_each_answer():
     model = task_model(tasks.VQAModel)
     images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
     pick = torch.tensor([1, 0, 3])
-    batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[pick],
+    batch = {"images": images, "text_ids": q_ids, "text_mask": q_mask, "answer_ids": answer_ids[pick],
              "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
              "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
     out = tasks.vqa_loss(model, batch)
@@ -1599,7 +1610,7 @@ def test_tasks_rank_answers_picks_the_overfit_answer():
     model = task_model(tasks.VQAModel).train()
     images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
     target = torch.tensor([1, 3])
-    batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[target],
+    batch = {"images": images, "text_ids": q_ids, "text_mask": q_mask, "answer_ids": answer_ids[target],
              "answer_mask": answer_mask[target], "answer_question": torch.tensor([0, 1]), "answer_weights": torch.ones(2)}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(25):
@@ -1757,11 +1768,11 @@ def test_tasks_load_pretrained_maps_an_xvlm_checkpoint_onto_each_task_model():
     # A shared tensor stored once (as .safetensors does) still counts as loaded.
     once = {k: v for k, v in nlvr.state_dict().items() if not k.startswith("fusion_second.") or ".kv." not in k}
     assert tasks.load_pretrained(task_model(tasks.NLVR2Model, seed=2), once) == []
-    with pytest.raises(KeyError, match="not in XVLM"):
+    with pytest.raises(ValueError, match="not in the model"):
         tasks.load_pretrained(task_model(), vqa.state_dict())
-    with pytest.raises(KeyError, match="lacks"):
+    with pytest.raises(ValueError, match="missing keys"):
         tasks.load_pretrained(vqa, {k: v for k, v in state.items() if not k.startswith("itm_head.")})
-    with pytest.raises(KeyError, match="part of 'decoder'"):
+    with pytest.raises(ValueError, match="part of VQAModel.decoder"):
         tasks.load_pretrained(vqa, state | {"decoder.head.bias": vqa.decoder.head.bias.detach()})
 
 
@@ -1787,10 +1798,11 @@ def task_case(name):
     if name == "vqa":
         images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
         pick = torch.tensor([1, 0, 3])
-        batch = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": answer_ids[pick],
+        batch = {"images": images, "text_ids": q_ids, "text_mask": q_mask, "answer_ids": answer_ids[pick],
                  "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
                  "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
-        ev = {"images": images, "question_ids": q_ids, "question_mask": q_mask, "answers": [["b"] * 7 + ["a"] * 3, ["d"] * 10]}
+        ev = {"images": images, "text_ids": q_ids, "text_mask": q_mask, "answers": [["b", "a"], ["d"]],
+              "counts": [[7, 3], [10]]}
         return batch, lambda m: tasks.evaluate_vqa(m, [ev], answer_ids, answer_mask, list("abcdef"), k=3)
     if name == "nlvr2":
         batch = {"images": images[:4], "images2": images[2:], "text_ids": ids[:4], "text_mask": mask[:4],
@@ -1800,7 +1812,7 @@ def task_case(name):
     return batch, lambda m: tasks.evaluate_text_assignment(m, [batch])
 
 
-@pytest.mark.parametrize("name", list(tasks.TASKS))
+@pytest.mark.parametrize("name", [name for name in tasks.TASKS if name != "pretrain"])
 def test_tasks_each_task_trains_and_evaluates(name):
     task = tasks.TASKS[name]
     torch.manual_seed(0)

@@ -71,6 +71,10 @@ class XVLMConfig:
     mask_prob: float = 0.25  # paper 3.3: 25%, replaced 80/10/10
     max_masks: int = 8  # as the authors' config: at most 8 masked tokens per text
     bbox_whole_image: bool = False  # put whole-image texts, target (0.5, 0.5, 1, 1), in the bbox loss
+    # Texts of equal words are positives of each other in itc and never itm negatives. Object
+    # labels repeat across images ("person", "red circle"): as one-hot targets they are false
+    # negatives, and the hardest ITM "negatives" (so many labelled wrong that ITM cannot learn).
+    equal_texts_positive: bool = True
     # Special token ids: BERT's. The synthetic world's vocab.txt keeps them at the same ids.
     pad_token_id: int = 0
     cls_token_id: int = 101
@@ -227,6 +231,18 @@ def gather_regions(x, patch_mask, box_index):
     mask = F.pad(real, (1, 0), value=True)
     tokens = x[box_index[:, None], index]  # (R, 1+M, D)
     return tokens, mask
+
+
+def sincos_pos_embed(dim, grid):
+    """(1, 1+grid*grid, dim) 2-D sin-cos position embeddings: a quarter of the channels each for
+    sin and cos of the row and of the column, at geometric frequencies; zero for [CLS]."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    angles = [pos.flatten()[:, None] * omega[None] for pos in (rows, cols)]  # (N, quarter) each
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (N, 4 * quarter)
+    table = F.pad(table, (0, dim - table.shape[1]))  # dim not a multiple of 4: zero the remainder
+    return F.pad(table, (0, 0, 1, 0)).float()[None]
 
 
 class VisionBlock(nn.Module):
@@ -466,7 +482,9 @@ def itc_loss(image_feat, text_feat, temp, ids=None):
     pairs; in-batch negatives; symmetric cross-entropy.
 
     `ids` (n,) names each pair's visual concept: pairs sharing an id are all positives, with the
-    target uniform over them (appendix B). Under DDP this rank's rows are scored against the
+    target uniform over them (appendix B). ids (n, k) give several names per pair (XVLM.forward:
+    the concept and the text's words): pairs sharing any of them are positives. Under DDP this
+    rank's rows are scored against the
     global batch (features gathered with gradient) and the sum is scaled so that DDP's gradient
     averaging gives exactly the loss and gradients of one process holding the whole batch.
     """
@@ -477,12 +495,30 @@ def itc_loss(image_feat, text_feat, temp, ids=None):
     start, total = sum(sizes[:rank]), sum(sizes)
     if ids is None:
         ids = torch.arange(n, device=image_feat.device) + start
-    all_ids = _all_gather(ids[:, None], sizes)[:, 0] if size > 1 else ids
-    positive = (ids[:, None] == all_ids[None, :]).float()  # (n, total)
+    ids = ids.view(n, -1)  # (n, k)
+    all_ids = _all_gather(ids, sizes) if size > 1 else ids
+    positive = same_id(ids, all_ids).float()  # (n, total)
     target = positive / positive.sum(1, keepdim=True)
     i2t = -(F.log_softmax(image_feat @ all_text.T / temp, dim=1) * target).sum(1)
     t2i = -(F.log_softmax(text_feat @ all_image.T / temp, dim=1) * target).sum(1)
     return (i2t + t2i).sum() / 2 / total * size
+
+
+def same_id(a, b):
+    """(n, k), (m, k) ids -> (n, m) bool: rows that share an id in any of the k columns."""
+    return (a[:, None, :] == b[None, :, :]).any(-1)
+
+
+def text_key(input_ids, attention_mask):
+    """One int64 per text, equal for texts of equal tokens: a 62-bit polynomial hash (two 31-bit
+    halves, computed without int64 overflow), the same on every rank."""
+    ids = input_ids.masked_fill(~attention_mask.bool(), 0)
+    modulus = 2**31 - 1
+    halves = []
+    for base in (1_000_003, 999_983):
+        powers = torch.tensor([pow(base, t, modulus) for t in range(ids.shape[1])], device=ids.device)
+        halves.append((ids * powers).sum(1) % modulus)  # ids < 2^20, powers < 2^31: the sum fits
+    return halves[0] * 2**31 + halves[1]
 
 
 def sample_hard_negatives(sim_i2t, sim_t2i, ids=None):
@@ -491,8 +527,8 @@ def sample_hard_negatives(sim_i2t, sim_t2i, ids=None):
     Square (n, n) similarities; `ids` as in itc_loss. Returns (text index per concept,
     concept index per text), never a positive."""
     n = sim_i2t.shape[0]
-    ids = torch.arange(n, device=sim_i2t.device) if ids is None else ids
-    positive = ids[:, None] == ids[None, :]
+    ids = torch.arange(n, device=sim_i2t.device) if ids is None else ids.view(n, -1)
+    positive = same_id(ids.view(n, -1), ids.view(n, -1))
     if bool(positive.all(1).any()):
         raise ValueError("ITM hard negatives: a batch needs at least two distinct visual concepts")
 
@@ -548,7 +584,14 @@ class XVLM(nn.Module):
         self.bbox_head = mlp_head(cfg.text_width, 4)
         self.mlm_head = MLMHead(cfg)
         self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.vision.pos_embed, std=0.02)
+        # From scratch, the image encoder starts as MAE's: position embeddings learned (as DeiT's,
+        # whose weights replace all this) but started from 2-D sin-cos, and the patch projection
+        # initialised as a linear layer. The model then knows where each patch is from the first
+        # step, which localisation (the bbox loss) needs; from a std-0.02 init it learns it slowly.
+        with torch.no_grad():
+            self.vision.pos_embed.copy_(sincos_pos_embed(cfg.vision_width, cfg.grid))
+        patch = self.vision.patch_embed.weight
+        nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
         nn.init.trunc_normal_(self.vision.cls_token, std=0.02)
         sizes = self.param_counts()
         print(f"XVLM: {sizes['vision'] / 1e6:.1f}M vision, {sizes['text+fusion'] / 1e6:.1f}M text+fusion, "
@@ -621,7 +664,8 @@ class XVLM(nn.Module):
           boxes       (R, 4)        normalised (cx, cy, w, h) of the region texts' boxes
           box_image   (R,) int64    image of each box
           concept_ids (T,) int64    optional: a global id of each text's visual concept; texts
-                                    sharing one are positives of each other in itc and itm
+                                    sharing one (or, with cfg.equal_texts_positive, the same
+                                    words) are positives of each other in itc and itm
         A region text is paired with its region's copy of the image (mixed attention) for itc,
         itm and mlm, and with the full image for bbox, which locates its box (paper 3.3).
         Returns {"loss", "itc", "itm", "mlm", "bbox"}, 0-dim tensors; loss is the sum.
@@ -640,6 +684,8 @@ class XVLM(nn.Module):
         if ids is None:
             # bank rows are unique only within this process; itc compares ids across ranks
             ids = concept + (world()[0] << 32)
+        if cfg.equal_texts_positive:
+            ids = torch.stack([ids, text_key(text_ids, text_mask)], 1)  # (T, 2): same concept or same words
 
         text_embeds = self.encode_text(text_ids, text_mask)
         image_feat = self.image_features(bank)[concept]  # (T, E): each text's visual concept
