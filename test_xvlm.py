@@ -14,6 +14,7 @@ import random
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1281,7 +1282,7 @@ def test_convert_coco_and_vg_produce_valid_records(tmp_path):
     assert all(data.pretrain_problems(r) == [] for r in records)
 
 
-# ---- train.py: distributed contrastive loss ----
+# ---- train.py ----
 
 
 class _TwoTowers(torch.nn.Module):
@@ -1298,6 +1299,7 @@ def _itc_worker(rank, world_size, init_file, inputs, results):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    torch.set_num_threads(1)  # two processes on two cores: more threads only fight over them
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     model = DDP(_TwoTowers())
@@ -1332,6 +1334,139 @@ def test_itc_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
     for r in range(2):
         for got, want in zip(results[r][1], ref_grads):
             assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine():
+    import train
+
+    total = 100
+    f = [train.lr_factor(s, total, warmup=0.2, ends=0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[20] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert f[10] == pytest.approx(0.55)  # halfway through the warm-up
+    assert f[20 + 79 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (39 / 79))))
+    assert all(a < b for a, b in zip(f[:20], f[1:21])) and all(a >= b for a, b in zip(f[20:], f[21:]))
+    assert train.lr_factor(0, 10, warmup=0.0) == pytest.approx(1.0)
+
+
+def test_cli_refuses_unknown_flags_and_bad_values(capsys):
+    import train
+
+    for argv, message in [(["--bogus"], "unrecognized arguments: --bogus"), (["--steps", "0"], "--steps must be >= 1"),
+                          (["--task", "captioning"], "invalid choice: 'captioning'"),
+                          (["--precision", "fp8"], "invalid choice: 'fp8'"), (["--lr", "-1"], "--lr must be > 0"),
+                          (["--steps", "3", "--epochs", "1"], "not both"), (["--data", "x.json"], "--data needs --image-root"),
+                          (["--local-layers", "five"], "invalid int value: 'five'"),
+                          (["--crop-scale", "0.9", "0.5"], "--crop-scale needs 0 < LO <= HI <= 1")]:
+        with pytest.raises(SystemExit) as exit:
+            train.parse_args(argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err, argv
+    args = train.parse_args(["--task", "vqa", "--local-layers", "4", "--no-compile", "--crop-scale", "0.5", "1"])
+    assert (args.task, args.local_layers, args.compile, args.crop_scale) == ("vqa", 4, False, [0.5, 1.0])
+    with pytest.raises(ValueError, match="local_layers"):  # the model's own check names the field
+        vocab = SimpleNamespace(vocab_size=300, pad_id=0, cls_id=101, sep_id=102, mask_id=103)
+        train.model_config(train.parse_args(["--local-layers", "9"]), vocab)
+
+
+def run_train(world, tmp_path, *flags):
+    """train.main on the tiny synthetic world; returns (metrics.json, the final checkpoint)."""
+    import train
+
+    out = tmp_path / "run"
+    train.main(["--synth-dir", str(world), "--out", str(out), "--batch-size", "4", "--workers", "0",
+                "--log-every", "1", "--rerank-k", "4", *flags])
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    return json.loads((out / "metrics.json").read_text()), state
+
+
+def test_a_short_pretraining_run_reduces_the_loss_and_writes_metrics_and_plot(world, tmp_path):
+    metrics, state = run_train(world, tmp_path, "--steps", "30", "--lr", "1e-3")
+    history = state["extra"]["history"]
+    assert [h["step"] for h in history] == list(range(1, 31))
+    first, last = sum(h["loss"] for h in history[:3]) / 3, sum(h["loss"] for h in history[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert metrics["step"] == 30 and {"loss", "itc", "itm", "mlm", "bbox"} <= metrics.keys()
+    assert metrics["loss"] == pytest.approx(history[-1]["loss"])
+    retrieval, grounding = metrics["eval"]["retrieval"], metrics["eval"]["grounding"]
+    assert 0 <= retrieval["r_mean"] <= 100 and 0 < retrieval["chance"] < 100 and "acc" in grounding
+    with Image.open(tmp_path / "run" / "losses.png") as plot:
+        assert plot.size[0] >= 600 and plot.getextrema() != ((255, 255),) * 3  # something was drawn
+    assert "step 30/30" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_resume_is_step_exact(world, tmp_path, monkeypatch):
+    import tasks as tasks_module
+
+    torch.use_deterministic_algorithms(True)  # two threads may sum a scatter's gradients in any order
+    try:
+        flags = ["--steps", "6", "--save-every", "3"]
+        _, straight = run_train(world, tmp_path / "a", *flags)
+        calls = {"n": 0}
+        forward = tasks_module.TaskLoss.forward
+
+        def crash_at_step_5(self, batch):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt("killed")  # after the checkpoint of step 3, mid-way to 6
+            return forward(self, batch)
+
+        monkeypatch.setattr(tasks_module.TaskLoss, "forward", crash_at_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(world, tmp_path / "b", *flags)
+        monkeypatch.setattr(tasks_module.TaskLoss, "forward", forward)
+        saved = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert saved["step"] == 3
+        _, resumed = run_train(world, tmp_path / "b", *flags, "--resume")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert resumed["step"] == straight["step"] == 6
+    assert resumed["extra"]["history"] == straight["extra"]["history"]  # every step's every loss term
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert resumed["extra"]["data"] == straight["extra"]["data"]
+
+
+def test_a_non_finite_loss_skips_the_step_everywhere(world, tmp_path, monkeypatch):
+    import tasks as tasks_module
+
+    forward, calls = tasks_module.TaskLoss.forward, {"n": 0}
+
+    def nan_at_step_2(self, batch):
+        calls["n"] += 1
+        out = forward(self, batch)
+        return dict(out, loss=out["loss"] * float("nan")) if calls["n"] == 2 else out
+
+    monkeypatch.setattr(tasks_module.TaskLoss, "forward", nan_at_step_2)
+    metrics, state = run_train(world, tmp_path, "--steps", "3")
+    assert metrics["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "step 2: loss is not finite" in (tmp_path / "run" / "log.txt").read_text()
+    assert len(state["extra"]["history"]) == 2  # the skipped step logs no losses
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_without_cuda(world, tmp_path):
+    metrics, _ = run_train(world, tmp_path, "--steps", "1", "--precision", "bf16")
+    assert math.isfinite(metrics["loss"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="fp16 needs CUDA"):
+            run_train(world, tmp_path / "fp16", "--steps", "1", "--precision", "fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
+def test_fp16_with_grad_scaler_on_cuda(world, tmp_path):
+    metrics, _ = run_train(world, tmp_path, "--steps", "2", "--precision", "fp16", "--device", "cuda")
+    assert math.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("task", [name for name in tasks.TASKS if name != "pretrain"])
+def test_every_task_fine_tunes_from_a_pretrained_checkpoint(world, tmp_path_factory, task):
+    pre = tmp_path_factory.getbasetemp() / "pretrained"
+    if not (pre / "run" / "checkpoint.pt").exists():
+        run_train(world, pre, "--steps", "2")
+    metrics, state = run_train(world, tmp_path_factory.mktemp(task), "--task", task, "--steps", "2",
+                               "--init", str(pre / "run" / "checkpoint.pt"))
+    assert metrics["task"] == task and math.isfinite(metrics["loss"])
+    assert 0 <= metrics["eval"]["chance"] <= 100 and metrics["eval"].keys() - {"chance"}
+
 
 
 # ---- tasks.py ----

@@ -166,6 +166,10 @@ class Log:
             self.file.write(message + "\n")
             self.file.flush()
 
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
 
 def plot_losses(history, path, title):
     """One small panel per loss term, drawn with PIL: step on x, the term on y (its own scale)."""
@@ -281,7 +285,7 @@ def main(argv=None):
     if world_size > 1:
         dist.barrier()
     log = Log(out / "log.txt", rank)
-    log(f"$ {' '.join(sys.argv)}")
+    log("$ train.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
     # Data: the synthetic world unless the user brings files (records checked before any compute).
     synthetic = args.data is None
@@ -433,6 +437,7 @@ def main(argv=None):
         write_json(out / "metrics.json", summary)
         plot_losses(history, out / "losses.png", f"X-VLM {args.task} ({args.config})")
         log(f"wrote {out / 'metrics.json'}, {out / 'losses.png'} and {checkpoint}")
+    log.close()
     if world_size > 1:
         dist.destroy_process_group()
     return metrics
