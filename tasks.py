@@ -18,14 +18,18 @@ Every loss takes (model, batch) and returns a dict of named 0-dim tensors with t
 each batch contract is in its loss's docstring. Tests: `python -m pytest -q test_xvlm.py -k tasks`.
 """
 
+import argparse
+import sys
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import data
 import xvlm
@@ -353,7 +357,7 @@ class VQAModel(XVLM):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.decoder = AnswerDecoder(cfg)
-        self.decoder.apply(self._init_weights)
+        self.decoder.apply(self.init_weights)
         self.init_decoder_from_fusion()
 
     def init_decoder_from_fusion(self):
@@ -466,8 +470,8 @@ class NLVR2Model(XVLM):
             second.cross_attn.kv = first.cross_attn.kv  # shared: both images go through one key/value map
         self.assign_head = nn.Linear(cfg.text_width, 3)
         self.cls_head = mlp_head(cfg.text_width, 2)
-        self.assign_head.apply(self._init_weights)
-        self.cls_head.apply(self._init_weights)
+        self.assign_head.apply(self.init_weights)
+        self.cls_head.apply(self.init_weights)
         self.init_second_blocks()
 
     def init_second_blocks(self):
@@ -910,3 +914,110 @@ TASKS = {
                            {"train": ["grounding_train"], "val": ["grounding_val"], "proposals": "grounding_proposals"},
                            dict(steps=300, batch_size=32, lr=2e-4, rerank_k=16)),
 }
+
+
+# -----------------------------------------------------------------------------
+# Inference on raw images: five lines from Python, and `python tasks.py predict`
+
+
+def image_tensor(image, image_res):
+    """A PIL image or a path -> ((1, 3, res, res) normalised tensor, the RGB PIL image)."""
+    img = data.load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    return data.to_tensor(img.resize((image_res, image_res), Image.BICUBIC))[None], img
+
+
+@torch.no_grad()
+def score(model, image, texts, tokenizer):
+    """p_match(I, T) of the ITM head for each text (n,): how well each text describes the image."""
+    with evaluating(model):
+        x, _ = image_tensor(image, model.cfg.image_res)
+        ids, mask = tokenizer.encode_batch([data.clean_caption(t) for t in texts], model.cfg.max_tokens)
+        device = model_device(model)
+        fused = fuse_image_text(model, x.to(device).expand(len(texts), -1, -1, -1), ids.to(device), mask.to(device))
+        return model.itm_head(fused[:, 0]).float().softmax(-1)[:, 1].cpu()
+
+
+@torch.no_grad()
+def ground(model, image, text, tokenizer):
+    """The box the text refers to, (x, y, w, h) in pixels of the image: the bbox head (eq. 2)."""
+    with evaluating(model):
+        x, img = image_tensor(image, model.cfg.image_res)
+        ids, mask = tokenizer.encode_batch([data.clean_caption(text)], model.cfg.max_tokens)
+        device = model_device(model)
+        cx, cy, w, h = predict_boxes(model, x.to(device), ids.to(device), mask.to(device))[0].tolist()
+        W, H = img.size
+        return ((cx - w / 2) * W, (cy - h / 2) * H, w * W, h * H)
+
+
+@torch.no_grad()
+def answer(model, image, question, answers, tokenizer, k=128):
+    """The candidate in `answers` that a VQAModel ranks first for the question."""
+    x, _ = image_tensor(image, model.cfg.image_res)
+    q_ids, q_mask = tokenizer.encode_batch([data.clean_caption(question)], model.cfg.max_tokens)
+    a_ids, a_mask = tokenizer.encode_batch(list(answers), model.cfg.max_tokens)
+    device = model_device(model)
+    best = rank_answers(model, x.to(device), q_ids.to(device), q_mask.to(device), a_ids.to(device), a_mask.to(device), k)
+    return answers[best.item()]
+
+
+def heat_overlay(img, heat, size):
+    """The image at `size` with a Grad-CAM map (g, g) blended in: blue (cold) to red (hot)."""
+    h = heat / heat.max().clamp(min=1e-12)
+    h = F.interpolate(h[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    colour = torch.stack([h, 1 - (2 * h - 1).abs(), 1 - h], -1)  # red, green peaking midway, blue
+    base = torch.from_numpy(np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255)
+    mixed = (0.5 * base + 0.5 * colour).clamp(0, 1)
+    return Image.fromarray((mixed.numpy() * 255).astype(np.uint8))
+
+
+def draw_prediction(model, image, text, tokenizer, size=256):
+    """The paper's Figures 3-5 for one image and text: the predicted box, the Grad-CAM map of the
+    whole text, then one map per word. Returns a PIL image."""
+    x, img = image_tensor(image, model.cfg.image_res)
+    ids, mask = tokenizer.encode_batch([data.clean_caption(text)], model.cfg.max_tokens)
+    device = model_device(model)
+    heat, per_word = gradcam(model, x.to(device), ids.to(device), mask.to(device))
+    box = ground(model, image, text, tokenizer)
+    words = [(tokenizer.decode([t]), per_word[0, i]) for i, t in enumerate(ids[0].tolist())
+             if mask[0, i] and t not in tokenizer.special_ids]
+    panels = [img.resize((size, size), Image.BICUBIC), heat_overlay(img, heat[0].cpu(), size)]
+    panels += [heat_overlay(img, m.cpu(), size) for _, m in words]
+    titles = [f"box: {text}", "Grad-CAM: all words"] + [w for w, _ in words]
+    sheet = Image.new("RGB", (size * len(panels), size + 24), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        sheet.paste(panel, (i * size, 24))
+        draw.text((i * size + 4, 6), title[:40], fill="black")
+    W, H = img.size
+    bx, by, bw, bh = box
+    draw.rectangle([bx / W * size, 24 + by / H * size, (bx + bw) / W * size, 24 + (by + bh) / H * size],
+                   outline=(255, 0, 0), width=3)
+    return sheet
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="X-VLM inference on one image.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("predict", help="draw the predicted box and per-word Grad-CAM maps for a text",
+                       description="Draws, side by side: the image with the box the bbox head predicts for the "
+                       "text, the Grad-CAM map of the whole text and one map per word (paper Figures 3-5).")
+    q.add_argument("--checkpoint", required=True, help="one of our checkpoints (e.g. runs/grounding/checkpoint.pt)")
+    q.add_argument("--image", required=True, help="image file")
+    q.add_argument("--text", required=True, help="a referring expression, e.g. 'the red circle'")
+    q.add_argument("--out", required=True, help="PNG to write")
+    q.add_argument("--vocab", help="vocab.txt (default: the one the checkpoint was trained with)")
+    q.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
+    args = p.parse_args(argv)
+    model = XVLM.from_checkpoint(args.checkpoint)
+    vocab = args.vocab or xvlm.read_file(args.checkpoint)[0].get("extra", {}).get("vocab")
+    if vocab is None:
+        p.error(f"{args.checkpoint} names no vocabulary: pass --vocab")
+    sheet = draw_prediction(model, args.image, args.text, data.Tokenizer(vocab), args.size)
+    sheet.save(args.out)
+    print(f"wrote {args.out}: box {tuple(round(v, 1) for v in ground(model, args.image, args.text, data.Tokenizer(vocab)))}"
+          " (x, y, w, h in pixels)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

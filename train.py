@@ -363,7 +363,7 @@ def main(argv=None):
         if rank == 0:
             xvlm.save_checkpoint(checkpoint, raw_model, optimizer, schedule, step, extra={
                 "data": loader.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                "skipped_steps": skipped_steps, "skipped_images": skipped_images, "rng": rngs,
+                "skipped_steps": skipped_steps, "skipped_images": skipped_images, "rng": rngs, "vocab": files.vocab,
                 "args": {k: v for k, v in vars(args).items() if v is not None}})
 
     def evaluate():
