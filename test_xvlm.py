@@ -379,6 +379,22 @@ def test_a_few_steps_on_one_batch_halve_the_loss():
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
 
 
+def test_grad_checkpointing_gives_the_same_losses_and_gradients():
+    # With dropout and stochastic depth on: checkpointing replays the RNG when it recomputes.
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(dropout=0.1, drop_path=0.1, grad_checkpointing=checkpointing).train()
+        torch.manual_seed(7)
+        losses = model(make_batch(model.cfg))
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    for k in plain:
+        assert_close(ckpt[k], plain[k], atol=0, rtol=0)
+    for n in plain_grads:
+        assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 # ---- xvlm.py: weights and checkpoints ----
 
 
@@ -1990,3 +2006,4 @@ def test_tasks_models_build_and_run_at_a_higher_resolution():
         assert torch.isfinite(tasks.TASKS[name].loss(model, batch)["loss"])
     heat, _ = tasks.gradcam(model, batch["images"][:2], batch["text_ids"][:2], batch["text_mask"][:2])
     assert heat.shape == (2, 12, 12)
+
