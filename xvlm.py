@@ -544,7 +544,7 @@ def sample_hard_negatives(sim_i2t, sim_t2i, ids=None):
     n = sim_i2t.shape[0]
     ids = torch.arange(n, device=sim_i2t.device) if ids is None else ids.view(n, -1)
     positive = same_id(ids.view(n, -1), ids.view(n, -1))
-    if bool(positive.all(1).any()):
+    if bool(positive.all(1).any()):  # one host sync, for this error rather than multinomial's
         raise ValueError("ITM hard negatives: a batch needs at least two distinct visual concepts")
 
     def draw(sim):
@@ -720,7 +720,7 @@ class XVLM(nn.Module):
         if boxes.shape[0]:
             target = torch.where((text_box >= 0)[:, None], boxes[text_box.clamp(min=0)].float(), whole)
         located = torch.ones_like(text_box, dtype=torch.bool) if self.cfg.bbox_whole_image else text_box >= 0
-        pick = located.nonzero().squeeze(1)
+        pick = located.nonzero().squeeze(1)  # one host sync: how many texts have a box is data
         fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds, None, text_image[pick])
         pred = self.bbox_head(fused[:, 0]).float().sigmoid()  # eq. (2)
         return bbox_loss(pred, target[pick])
@@ -736,7 +736,7 @@ class XVLM(nn.Module):
         concepts = torch.cat([concept, concept, concept[neg_concept]])
         fused = self.fuse(text_embeds[texts], text_mask[texts], bank, bank_mask, concepts)
         logits = self.itm_head(fused[:, 0])
-        labels = torch.cat([torch.ones(T), torch.zeros(2 * T)]).long().to(logits.device)
+        labels = (torch.arange(3 * T, device=logits.device) < T).long()  # pairs 1, negatives 0
         return F.cross_entropy(logits.float(), labels)
 
     def mlm_loss(self, bank, bank_mask, concept, text_ids, text_mask):
@@ -746,9 +746,13 @@ class XVLM(nn.Module):
         masked, labels = mask_tokens(text_ids, text_mask, cfg.vocab_size, cfg.mask_token_id, special,
                                      cfg.mask_prob, cfg.max_masks)
         fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank, bank_mask, concept)
-        chosen = labels != -100  # only masked positions reach the (vocab-sized) output layer
-        logits = self.mlm_head(fused[chosen], self.text.embeddings.word.weight)
-        return F.cross_entropy(logits.float(), labels[chosen])
+        # Only masked positions reach the (vocab-sized) output layer: max_masks slots per text, its
+        # masked positions first. Unlike fused[labels != -100] the shape does not depend on the draw,
+        # so there is no host sync; unused slots have label -100 and drop out of the mean.
+        slots = torch.sort((labels == -100).to(torch.uint8), dim=1, stable=True).indices[:, :cfg.max_masks]  # (T, K)
+        chosen = fused.gather(1, slots[..., None].expand(-1, -1, fused.shape[-1]))  # (T, K, D)
+        logits = self.mlm_head(chosen, self.text.embeddings.word.weight)  # (T, K, vocab)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.gather(1, slots).flatten())
 
 
 def concept_bank(image_embeds, region_embeds, region_mask):
