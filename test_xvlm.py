@@ -106,6 +106,10 @@ def test_module_shapes():
     by_index = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick)
     gathered = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank[pick], bank_mask[pick])
     assert_close(by_index, gathered, atol=1e-5, rtol=1e-5)
+    # Keys/values projected beforehand, once for several calls (XVLM.forward), change nothing.
+    shared = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick,
+                        model.fusion.project_images(region_bank))
+    assert_close(shared, by_index, atol=1e-6, rtol=1e-6)
     assert model.itm_head(fused[:, 0]).shape == (T, 2) and model.bbox_head(fused[:, 0]).shape == (T, 4)
     assert model.image_features(image).shape == (B, cfg.embed_dim)
     assert_close(model.text_features(text).norm(dim=-1), torch.ones(T))

@@ -125,7 +125,9 @@ class Attention(nn.Module):
     wider or narrower than x. `mask` is boolean, True = may attend, broadcastable to
     (B, heads, Lq, Lk). With `context_index` (B,), row b attends to context[context_index[b]]:
     keys and values are projected once per distinct context, not once per query row, which is
-    what makes pairing many texts with few images cheap. Set `keep_attention = True` to compute softmax(QK^T/sqrt(d) + M) V
+    what makes pairing many texts with few images cheap. `context_kv`, when given, is self.kv(context)
+    computed beforehand, so that several calls on the same context share one projection (`context` is
+    then not read). Set `keep_attention = True` to compute softmax(QK^T/sqrt(d) + M) V
     literally and keep the probabilities in `self.attention` (with their gradient), for Grad-CAM.
     """
 
@@ -141,12 +143,12 @@ class Attention(nn.Module):
         self.keep_attention = False
         self.attention = None
 
-    def forward(self, x, mask=None, context=None, context_index=None):
+    def forward(self, x, mask=None, context=None, context_index=None, context_kv=None):
         D = x.shape[-1]
-        if context is None:
+        if context is None and context_kv is None:
             q, k, v = self.qkv(x).split(D, dim=-1)
         else:
-            kv = self.kv(context)
+            kv = self.kv(context) if context_kv is None else context_kv
             q, (k, v) = self.q(x), (kv if context_index is None else kv[context_index]).split(D, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, hd)
         p = self.dropout if self.training else 0.0
@@ -359,10 +361,10 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(d, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, context=None, context_mask=None, context_index=None):
+    def forward(self, x, mask, context=None, context_mask=None, context_index=None, context_kv=None):
         x = self.attn_norm(x + self.drop(self.attn(x, mask)))
-        if context is not None:
-            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context, context_index)))
+        if context is not None or context_kv is not None:
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context, context_index, context_kv)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
@@ -388,13 +390,19 @@ class FusionEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(cfg, cross=True) for _ in range(cfg.fusion_layers))
         self.checkpointing = cfg.grad_checkpointing
 
-    def forward(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None):
+    def project_images(self, image_embeds):
+        """Every layer's cross-attention keys/values of the visual tokens, [(C, S, 2D)] per layer: pass
+        them as `image_kv` to fuse several batches of texts with the same images, projecting them once."""
+        return [layer.cross_attn.kv(image_embeds) for layer in self.layers]
+
+    def forward(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None, image_kv=None):
         x, mask = text_embeds, key_mask(attention_mask.bool())
         if image_mask is not None and image_index is not None:
             image_mask = image_mask[image_index]
         image_mask = key_mask(image_mask)
-        for layer in self.layers:
-            x = run_layer(layer, self.checkpointing, x, mask, image_embeds, image_mask, image_index)
+        for i, layer in enumerate(self.layers):
+            kv = None if image_kv is None else image_kv[i]
+            x = run_layer(layer, self.checkpointing, x, mask, image_embeds, image_mask, image_index, kv)
         return x
 
 
@@ -654,10 +662,11 @@ class XVLM(nn.Module):
         """(B, L) ids and mask -> (B, L, D) text encoder output."""
         return self.text(input_ids, attention_mask)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None):
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None, image_kv=None):
         """Cross-modal encoder: text (B, L, D) attends to visual tokens (B, S, Dv) -> (B, L, D).
-        With image_index (B,), text b attends to image_embeds[image_index[b]] of (C, S, Dv)."""
-        return self.fusion(text_embeds, attention_mask, image_embeds, image_mask, image_index)
+        With image_index (B,), text b attends to image_embeds[image_index[b]] of (C, S, Dv).
+        image_kv: self.fusion.project_images(image_embeds), when several calls share the images."""
+        return self.fusion(text_embeds, attention_mask, image_embeds, image_mask, image_index, image_kv)
 
     def image_features(self, image_embeds):
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # g_v(v_cls)
@@ -706,46 +715,49 @@ class XVLM(nn.Module):
         image_feat = self.image_features(bank)[concept]  # (T, E): each text's visual concept
         text_feat = self.text_features(text_embeds)
         itc = itc_loss(image_feat, text_feat, self.temp, ids)
-        itm = self.itm_loss(bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids)
-        mlm = self.mlm_loss(bank, bank_mask, concept, text_ids, text_mask)
-
-        bbox = self.bbox_prediction_loss(image_embeds, text_embeds, text_mask, text_image, text_box, boxes)
+        # itm, mlm and bbox each fuse texts with the bank's concepts: project their keys/values once.
+        bank_kv = self.fusion.project_images(bank)
+        itm = self.itm_loss(bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids, bank_kv)
+        mlm = self.mlm_loss(bank, bank_mask, concept, text_ids, text_mask, bank_kv)
+        # the bank's first B rows are the full-attention images, which the bbox loss reads
+        bbox = self.bbox_prediction_loss(bank, text_embeds, text_mask, text_image, text_box, boxes, bank_kv)
         return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
 
-    def bbox_prediction_loss(self, image_embeds, text_embeds, text_mask, text_image, text_box, boxes):
+    def bbox_prediction_loss(self, image_embeds, text_embeds, text_mask, text_image, text_box, boxes, image_kv=None):
         """Eqs. (2)-(3): locate each region text's box from the full-attention image fused with
-        the text. Whole-image texts, box (0.5, 0.5, 1, 1), join only with cfg.bbox_whole_image."""
+        the text. Whole-image texts, box (0.5, 0.5, 1, 1), join only with cfg.bbox_whole_image.
+        image_embeds[text_image] are the images; image_kv as in fuse."""
         whole = torch.tensor([0.5, 0.5, 1.0, 1.0], device=text_box.device)
         target = whole.expand(text_box.shape[0], 4)
         if boxes.shape[0]:
             target = torch.where((text_box >= 0)[:, None], boxes[text_box.clamp(min=0)].float(), whole)
         located = torch.ones_like(text_box, dtype=torch.bool) if self.cfg.bbox_whole_image else text_box >= 0
         pick = located.nonzero().squeeze(1)  # one host sync: how many texts have a box is data
-        fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds, None, text_image[pick])
+        fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds, None, text_image[pick], image_kv)
         pred = self.bbox_head(fused[:, 0]).float().sigmoid()  # eq. (2)
         return bbox_loss(pred, target[pick])
 
-    def itm_loss(self, bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids):
+    def itm_loss(self, bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids, bank_kv=None):
         """Eq. (7): each pair, plus one hard negative text per concept and one hard negative
-        concept per text (1 : 2), classified from the fused [CLS]."""
+        concept per text (1 : 2), classified from the fused [CLS]. bank_kv as image_kv in fuse."""
         T = concept.shape[0]
         with torch.no_grad():
             sim = image_feat @ text_feat.T / self.temp  # (T, T): concept of text i vs text j
             neg_text, neg_concept = sample_hard_negatives(sim, sim.T, ids)
         texts = torch.cat([torch.arange(T, device=concept.device), neg_text, torch.arange(T, device=concept.device)])
         concepts = torch.cat([concept, concept, concept[neg_concept]])
-        fused = self.fuse(text_embeds[texts], text_mask[texts], bank, bank_mask, concepts)
+        fused = self.fuse(text_embeds[texts], text_mask[texts], bank, bank_mask, concepts, bank_kv)
         logits = self.itm_head(fused[:, 0])
         labels = (torch.arange(3 * T, device=logits.device) < T).long()  # pairs 1, negatives 0
         return F.cross_entropy(logits.float(), labels)
 
-    def mlm_loss(self, bank, bank_mask, concept, text_ids, text_mask):
+    def mlm_loss(self, bank, bank_mask, concept, text_ids, text_mask, bank_kv=None):
         """Eq. (8): predict masked tokens from the cross-modal encoder given the visual concept."""
         cfg = self.cfg
         special = [cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id]
         masked, labels = mask_tokens(text_ids, text_mask, cfg.vocab_size, cfg.mask_token_id, special,
                                      cfg.mask_prob, cfg.max_masks)
-        fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank, bank_mask, concept)
+        fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank, bank_mask, concept, bank_kv)
         # Only masked positions reach the (vocab-sized) output layer: max_masks slots per text, its
         # masked positions first. Unlike fused[labels != -100] the shape does not depend on the draw,
         # so there is no host sync; unused slots have label -100 and drop out of the mean.
