@@ -106,6 +106,10 @@ def test_module_shapes():
     by_index = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick)
     gathered = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank[pick], bank_mask[pick])
     assert_close(by_index, gathered, atol=1e-5, rtol=1e-5)
+    # Keys/values projected beforehand, once for several calls (XVLM.forward), change nothing.
+    shared = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick,
+                        model.fusion.project_images(region_bank))
+    assert_close(shared, by_index, atol=1e-6, rtol=1e-6)
     assert model.itm_head(fused[:, 0]).shape == (T, 2) and model.bbox_head(fused[:, 0]).shape == (T, 4)
     assert model.image_features(image).shape == (B, cfg.embed_dim)
     assert_close(model.text_features(text).norm(dim=-1), torch.ones(T))
@@ -377,6 +381,22 @@ def test_a_few_steps_on_one_batch_halve_the_loss():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+def test_grad_checkpointing_gives_the_same_losses_and_gradients():
+    # With dropout and stochastic depth on: checkpointing replays the RNG when it recomputes.
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(dropout=0.1, drop_path=0.1, grad_checkpointing=checkpointing).train()
+        torch.manual_seed(7)
+        losses = model(make_batch(model.cfg))
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    for k in plain:
+        assert_close(ckpt[k], plain[k], atol=0, rtol=0)
+    for n in plain_grads:
+        assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 # ---- xvlm.py: weights and checkpoints ----
@@ -1990,3 +2010,54 @@ def test_tasks_models_build_and_run_at_a_higher_resolution():
         assert torch.isfinite(tasks.TASKS[name].loss(model, batch)["loss"])
     heat, _ = tasks.gradcam(model, batch["images"][:2], batch["text_ids"][:2], batch["text_mask"][:2])
     assert heat.shape == (2, 12, 12)
+
+
+# ---- bench.py ----
+
+
+def test_bench_counts_the_forward_flops_as_torch_does(monkeypatch):
+    # bench.py's analytic count against torch's FLOP counter (the math attention kernel, which it can
+    # count), with and without whole-image texts in the bbox loss, given the masked tokens drawn.
+    import bench
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    drawn, mask_tokens = [], xvlm.mask_tokens
+
+    def counting(*args, **kwargs):
+        masked, labels = mask_tokens(*args, **kwargs)
+        drawn.append(int((labels != -100).sum()))
+        return masked, labels
+    monkeypatch.setattr(xvlm, "mask_tokens", counting)
+    for overrides in ({}, {"bbox_whole_image": True}):
+        model = tiny_model(**overrides).train()
+        for batch in (make_batch(model.cfg), bench.pretrain_batch(model.cfg, 4, 2, torch.Generator().manual_seed(0))):
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                model(batch)
+            assert bench.pretrain_forward_flops(model.cfg, batch, masked=drawn[-1]) == counter.get_total_flops()
+    # The default is the expectation: within the range of the draws.
+    cfg, batch = XVLMConfig.tiny(), make_batch(XVLMConfig.tiny())
+    T = len(batch["text_ids"])
+    torch.manual_seed(0)
+    assert T <= bench.expected_masks(cfg, batch) <= T * cfg.max_masks
+    assert bench.expected_masks(cfg, batch) == pytest.approx(
+        sum(mask_tokens(batch["text_ids"], batch["text_mask"], cfg.vocab_size, cfg.mask_token_id,
+                        [0, 101, 102, 103], cfg.mask_prob, cfg.max_masks)[1].ne(-100).sum().item() for _ in range(2000)) / 2000,
+        rel=0.02)
+
+
+def test_bench_torch_encoder_computes_our_vit_blocks():
+    import bench
+    blocks = tiny_model().vision.blocks
+    x = torch.randn(2, 65, 96)
+    assert_close(bench.torch_encoder_like(blocks).eval()(x), torch.nn.Sequential(*blocks)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bench_smoke_writes_every_figure(tmp_path):
+    import bench
+    bench.main(["--smoke", "--json", str(tmp_path / "b.json")])
+    figures = json.loads((tmp_path / "b.json").read_text())
+    for name in ("mixed_attention_speedup", "mixed_attention_memory_saving", "vit_vs_torch_encoder", "mfu_fp32",
+                 "bf16_speedup", "bf16_matmul_ratio", "itm_rerank_speedup", "images_per_s_tiny", "images_per_s_base",
+                 "params_tiny", "params_base"):
+        assert isinstance(figures[name], (int, float)) and math.isfinite(figures[name]), name
+    assert figures["mode"] == "smoke" and figures["machine"]
