@@ -685,7 +685,10 @@ class PretrainLoader:
 
     def __init__(self, dataset, sampler, collate, workers=0):
         self.dataset, self.sampler = dataset, sampler
+        # A private generator: starting an iterator draws a worker seed, which from the global RNG
+        # would shift the model's random draws (masks, negatives) in a resumed run.
         self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                                  generator=torch.Generator().manual_seed(sampler.seed),
                                                   num_workers=workers, persistent_workers=workers > 0)
         self.epoch, self.batch, self.carried_skips = 0, 0, 0
 
@@ -1078,7 +1081,9 @@ class TaskTrainLoader:
         self.dataset.set_epoch(self.epoch)  # workers start afresh each epoch and copy it
         order, size = list(self.sampler), self.batch_size
         batches = [order[b * size:(b + 1) * size] for b in range(self.batch, len(self))]
+        # a private generator, as PretrainLoader's: the global RNG belongs to the model
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             generator=torch.Generator().manual_seed(self.sampler.seed),
                                              collate_fn=self.dataset.collate)
         for batch in loader:
             self.batch += 1
