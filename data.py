@@ -1397,11 +1397,13 @@ def synthesize(out_dir, images=4000, seed=0):
     """Write the synthetic world under out_dir (layout: SYNTH_FILES); return how many records each file holds.
 
     `images` pre-training images (half with captions only, half with boxes), plus downstream image
-    pools train = images // 4, val = test = images // 20 (at least 8 / 6), shared by the tasks as
-    COCO's are. Every file is a function of (images, seed) alone.
+    pools train = images // 2, val = test = images // 20 (at least 8 / 6), shared by the tasks as
+    COCO's are. The training splits take more from each image (three NLVR2 pairs, every shape a
+    referring expression) than the evaluation splits do: the tiny model overfits the fine-tuning
+    data long before it tires of pre-training. Every file is a function of (images, seed) alone.
     """
     out = Path(out_dir)
-    pools = {"pretrain": images, "train": max(8, images // 4), "val": max(6, images // 20), "test": max(6, images // 20)}
+    pools = {"pretrain": images, "train": max(8, images // 2), "val": max(6, images // 20), "test": max(6, images // 20)}
     scenes = {}
     for p, (pool, n) in enumerate(pools.items()):
         (out / "images" / pool).mkdir(parents=True, exist_ok=True)
@@ -1438,7 +1440,7 @@ def synthesize(out_dir, images=4000, seed=0):
                     for i, (path, shapes) in enumerate(scenes[split]) for j, (q, a) in enumerate(vqa_questions(shapes, rng(3, split, i), 3))])
         records = []
         pool = scenes[split]
-        for i in range(2 * len(pool)):  # pairs: twice as many as images
+        for i in range((3 if split == "train" else 2) * len(pool)):  # pairs: more than images
             r = rng(4, split, i)
             a, b = (pool[j] for j in r.choice(len(pool), 2, replace=False))
             label = bool(r.random() < 0.5)
@@ -1449,7 +1451,7 @@ def synthesize(out_dir, images=4000, seed=0):
         records = []
         for i, (path, shapes) in enumerate(pool):
             r = rng(5, split, i)
-            for target in [shapes[j] for j in r.permutation(len(shapes))[:2]]:
+            for target in [shapes[j] for j in r.permutation(len(shapes))[:None if split == "train" else 2]]:
                 text = referring_expression(shapes, target, r)
                 if text is not None:
                     records.append({"image": path, "text": text, "bbox": list(target.box)})

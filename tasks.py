@@ -15,7 +15,17 @@ then loading a pre-trained X-VLM into a task model and the table `train.py --tas
     heat, per_word = tasks.gradcam(model, images, ids, mask)   # (2, 12, 12), (2, 6, 12, 12)
 
 Every loss takes (model, batch) and returns a dict of named 0-dim tensors with the sum in "loss";
-each batch contract is in its loss's docstring. Tests: `python -m pytest -q test_xvlm.py -k tasks`.
+each batch contract is in its loss's docstring; every evaluation returns its metrics (percent)
+with `chance`, what a random or majority guess scores on the same split. `TASKS` is the table
+`train.py --task NAME` runs. On raw images (PIL or a path):
+
+    model, tok = xvlm.XVLM.from_checkpoint("runs/grounding/checkpoint.pt"), data.Tokenizer("synth/vocab.txt")
+    tasks.score(model, "synth/images/val/00000.png", ["a red circle", "two squares"], tok)  # p_match each
+    tasks.ground(model, "synth/images/val/00000.png", "yellow circle", tok)   # (x, y, w, h) in pixels
+    tasks.answer(vqa_model, image, "what color is the circle?", ["red", "blue"], tok)
+
+    python tasks.py predict --checkpoint runs/grounding/checkpoint.pt --image synth/images/val/00000.png \
+        --text "yellow circle" --out predict.png      # box + per-word Grad-CAM (paper Figures 3-5)
 """
 
 import argparse
