@@ -626,11 +626,13 @@ def gradcam(model, images, text_ids, text_mask, layer=2):
     gradient of the ITM positive logit w.r.t. layer `layer`'s cross-attention probabilities,
     cam = relu(grad) * attention, averaged over heads, without the image [CLS] column.
 
-    layer: 2, the 3rd cross-modal layer, as the paper; clamped to the last layer of smaller
-    models. Returns heat (B, grid, grid), the mean over each text's real tokens, and per-word
-    maps (B, L, grid, grid), zero at padding. Both are non-negative.
+    layer: 2, the 3rd cross-modal layer, as the paper; at most the last layer but one, so 0 in
+    the 2-layer tiny model: the ITM head reads the [CLS] output alone, so in the last layer only
+    the [CLS] row of the map has a gradient and every word's map would be zero.
+    Returns heat (B, grid, grid), the mean over each text's real tokens, and per-word maps
+    (B, L, grid, grid), zero at padding. Both are non-negative.
     """
-    layer = min(layer, len(model.fusion.layers) - 1)
+    layer = max(0, min(layer, len(model.fusion.layers) - 2))
     attn = model.fusion.layers[layer].cross_attn
     text_mask = text_mask.bool()
     B, L = text_ids.shape
