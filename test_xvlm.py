@@ -1866,7 +1866,6 @@ def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
     assert (heat >= 0).all() and (words >= 0).all() and (heat.flatten(1).sum(1) > 0).all()
     assert (words[~mask] == 0).all()
     assert_close(heat, words.sum(1) / mask.sum(1)[:, None, None])
-    assert words[:, 1:].flatten(2).sum(2)[mask[:, 1:]].gt(0).all()  # every word has a map, not only [CLS]
     assert all(l.cross_attn.keep_attention is False and l.cross_attn.attention is None for l in model.fusion.layers)
 
     def literal(layer):  # a plain backward through the whole model, the retained attention's gradient (the authors')
@@ -1878,10 +1877,49 @@ def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
         attn.keep_attention, attn.attention = False, None
         return cam.view(3, -1, g, g)
 
-    # layer 2 does not exist in the 2-layer tiny model: layer 0, the last but one.
-    assert_close(words, literal(0), atol=1e-7, rtol=1e-4)
-    # In the last layer only the [CLS] row reaches the ITM head: the words' maps there are zero.
-    assert literal(1)[:, 1:].eq(0).all() and literal(1)[:, 0].flatten(1).sum(1).gt(0).all()
+    # layer 2 does not exist in the 2-layer tiny model: the last layer, where only the [CLS] row
+    # reaches the ITM head, so the words' maps are zero. Below it every word has a map.
+    assert_close(words, literal(1), atol=1e-7, rtol=1e-4)
+    assert words[:, 1:].eq(0).all() and words[:, 0].flatten(1).sum(1).gt(0).all()
+    below = tasks.gradcam(model, images, ids, mask, layer=0)[1]
+    assert_close(below, literal(0), atol=1e-7, rtol=1e-4)
+    assert below[:, 1:].flatten(2).sum(2)[mask[:, 1:]].gt(0).all()
+
+
+def test_tasks_inference_api_from_a_path_or_a_pil_image_and_predict_cli(world, world_tok, tmp_path):
+    model = task_model()
+    path = world / "images" / "val" / "00000.png"
+    img = Image.open(path)
+    W, H = img.size
+    texts = ["a red circle", "two squares"]
+    p = tasks.score(model, path, texts, world_tok)
+    assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
+    assert_close(p, tasks.score(model, img, texts, world_tok))
+    # the same as the ITM head on the resized image, by hand
+    x = data.to_tensor(img.convert("RGB").resize((64, 64), Image.BICUBIC))[None]
+    ids, mask = world_tok.encode_batch(texts, model.cfg.max_tokens)
+    with torch.no_grad():
+        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(x.expand(2, -1, -1, -1))[0])
+        assert_close(p, model.itm_head(fused[:, 0]).softmax(-1)[:, 1])
+        cx, cy, w, h = tasks.predict_boxes(model, x, ids[:1], mask[:1])[0].tolist()
+    assert_close(torch.tensor(tasks.ground(model, path, texts[0], world_tok)),
+                 torch.tensor([(cx - w / 2) * W, (cy - h / 2) * H, w * W, h * H]))
+    vqa = task_model(tasks.VQAModel)
+    candidates = ["red", "blue", "yes"]
+    q_ids, q_mask = world_tok.encode_batch(["what color is the circle"], model.cfg.max_tokens)
+    a_ids, a_mask = world_tok.encode_batch(candidates, model.cfg.max_tokens)
+    best = tasks.rank_answers(vqa, x, q_ids, q_mask, a_ids, a_mask).item()
+    assert tasks.answer(vqa, path, "What color is the circle?", candidates, world_tok) == candidates[best]
+
+    vocab = world / data.SYNTH_FILES["vocab"]
+    xvlm.save_checkpoint(tmp_path / "c.pt", model, extra={"vocab": str(vocab)})
+    out = tmp_path / "p.png"
+    assert tasks.main(["predict", "--checkpoint", str(tmp_path / "c.pt"), "--image", str(path),
+                       "--text", "the red circle", "--out", str(out), "--size", "32"]) == 0
+    assert Image.open(out).size == (32 * (2 + 3), 32 + 24)  # box, all words, then "the", "red", "circle"
+    xvlm.save_checkpoint(tmp_path / "novocab.pt", model)
+    with pytest.raises(SystemExit):
+        tasks.main(["predict", "--checkpoint", str(tmp_path / "novocab.pt"), "--image", str(path), "--text", "x", "--out", str(out)])
 
 
 def test_tasks_rank_proposals_hand_made_heat_map():
