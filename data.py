@@ -1130,7 +1130,7 @@ SYNTH_FILES = {
 COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (230, 205, 30),
            "green": (40, 160, 60), "blue": (35, 85, 215), "purple": (140, 55, 185)}
 KINDS = ("circle", "square", "triangle", "cross")
-SIZES = {"small": (16, 20), "large": (26, 32)}  # side in pixels: a small one covers ~1.5 patches at 64 px
+SIZES = {"small": (22, 26), "large": (32, 38)}  # side in pixels: a small one covers ~2 patches at 64 px
 RELATIONS = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 

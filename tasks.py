@@ -922,7 +922,7 @@ TASKS = {
                   dict(steps=1000, batch_size=32, lr=5e-4, rerank_k=16)),
     "grounding": Task(XVLM, grounding_loss, _ITC_ITM + ("mlm_head",), grounding_set, run_grounding_eval,
                       {"train": ["grounding_train"], "val": ["grounding_val"]},
-                      dict(steps=2500, batch_size=32, lr=5e-4, rerank_k=16)),
+                      dict(steps=2000, batch_size=32, lr=5e-4, rerank_k=16)),
     "grounding_weak": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), grounding_set, run_grounding_weak_eval,
                            {"train": ["grounding_train"], "val": ["grounding_val"], "proposals": "grounding_proposals"},
                            dict(steps=600, batch_size=32, lr=5e-4, rerank_k=16)),
