@@ -1605,7 +1605,7 @@ def main(argv=None):
                        + ", ".join(SYNTH_FILES.values()) + ". Image paths are relative to OUT/images.")
     p.add_argument("--out", default="synth", help="output directory (created; files in it are overwritten)")
     p.add_argument("--images", type=int, default=4000,
-                   help="pre-training images; the downstream pools get images/4 (train) and images/20 (val, test)")
+                   help="pre-training images; the downstream pools get images/2 (train) and images/20 (val, test)")
     p.add_argument("--seed", type=int, default=0, help="the world is a function of this seed alone")
 
     p = sub.add_parser("check", help="validate data files and every image they name",
