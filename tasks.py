@@ -702,6 +702,39 @@ def evaluate_grounding_weak(model, batches, layer=2):
     return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": lucky / len(target)}
 
 
+@torch.no_grad()
+def region_scores(model, images, text_ids, text_mask, proposals, proposal_mask=None):
+    """s(V, T) = g_v(v_cls) . g_w(w_cls) (paper eq. 4) between each text and each of its image's
+    proposal boxes, every box encoded as a visual concept (the ViT's mixed attention, eq. 1), as
+    pre-training aligns object and region texts with their boxes. proposals (B, P, 4) normalised
+    cxcywh, proposal_mask (B, P) bool (False: padding). Returns (B, P), -inf at padding."""
+    B, P, _ = proposals.shape
+    keep = torch.ones(B, P, dtype=torch.bool, device=proposals.device) if proposal_mask is None else proposal_mask.bool()
+    box_image = torch.arange(B, device=proposals.device)[:, None].expand(B, P)[keep]
+    with evaluating(model):
+        _, regions, _ = model.encode_image(images, proposals[keep].float(), box_image)
+        region_feat = model.image_features(regions)  # (K, E)
+        text_feat = model.text_features(model.encode_text(text_ids, text_mask.bool()))  # (B, E)
+    scores = torch.full((B, P), float("-inf"), device=proposals.device)
+    scores[keep] = (region_feat * text_feat[box_image]).sum(-1).float()
+    return scores
+
+
+def evaluate_grounding_regions(model, batches):
+    """Zero-shot grounding by region-text alignment: the proposal whose box, as a visual concept,
+    the text matches best (region_scores), IoU >= 0.5; and `chance`, a proposal at random.
+    batches as evaluate_grounding_weak's."""
+    pred, target, lucky = [], [], 0.0
+    for batch in batches:
+        b = to_device(batch, model_device(model))
+        best = region_scores(model, b["images"], b["text_ids"], b["text_mask"], b["proposals"], b["proposal_mask"]).argmax(1)
+        pred.append(b["proposals"][torch.arange(len(best)), best].float())
+        target.append(b["boxes"].float())
+        lucky += proposal_chance(b["proposals"].float(), b["proposal_mask"].bool(), target[-1]) * len(best)
+    target = torch.cat(target)
+    return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": lucky / len(target)}
+
+
 # -----------------------------------------------------------------------------
 # Loading a pre-trained X-VLM into a task model
 
@@ -800,14 +833,19 @@ def run_grounding_eval(model, files, tokenizer, cfg, args):
 
 
 def run_pretrain_eval(model, files, tokenizer, cfg, args):
-    """Zero-shot, straight after pre-training: retrieval by ITC + ITM re-ranking, and grounding by
-    the pre-training bbox head (eq. 2); each next to its chance level."""
+    """Zero-shot, straight after pre-training, each next to its chance level: retrieval by ITC + ITM
+    re-ranking; grounding by the pre-training bbox head (eq. 2), and, given proposals, by ranking
+    the proposal boxes as visual concepts against the text (region_scores)."""
     out = {}
     if files.val:
         out["retrieval"] = run_retrieval_eval(model, files, tokenizer, cfg, args)
     if files.grounding_val:
         out["grounding"] = run_grounding_eval(model, Files([], files.grounding_val, files.image_root, files.vocab),
                                               tokenizer, cfg, args)
+        if files.proposals:
+            batches = eval_batches(data.GroundingDataset(files.grounding_val, files.image_root, tokenizer, cfg.max_tokens,
+                                                         cfg.image_res, proposals=files.proposals))
+            out["grounding_regions"] = with_skipped(evaluate_grounding_regions(model, batches), batches)
     return out
 
 
@@ -906,7 +944,8 @@ _ITC_ITM = ("vision_proj", "text_proj", "temp", "itm_head")  # the contrastive a
 TASKS = {
     "pretrain": Task(XVLM, pretrain_loss, (), None, run_pretrain_eval,
                      {"train": ["pretrain_captions", "pretrain_regions"], "val": ["retrieval_val"],
-                      "grounding_val": ["grounding_val"]},
+                      "grounding_val": ["grounding_val"],
+                      "proposals": "grounding_proposals"},
                      dict(steps=600, batch_size=32, lr=5e-4, rerank_k=16)),
     "retrieval": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), retrieval_set, run_retrieval_eval,
                       {"train": ["retrieval_train"], "val": ["retrieval_val"]},

@@ -1408,6 +1408,8 @@ def test_a_short_pretraining_run_reduces_the_loss_and_writes_metrics_and_plot(wo
     assert metrics["loss"] == pytest.approx(history[-1]["loss"])
     retrieval, grounding = metrics["eval"]["retrieval"], metrics["eval"]["grounding"]
     assert 0 <= retrieval["r_mean"] <= 100 and 0 < retrieval["chance"] < 100 and "acc" in grounding
+    regions = metrics["eval"]["grounding_regions"]  # zero-shot grounding over the world's proposals
+    assert 0 <= regions["acc"] <= 100 and 0 < regions["chance"] < 100
     with Image.open(tmp_path / "run" / "losses.png") as plot:
         assert plot.size[0] >= 600 and plot.getextrema() != ((255, 255),) * 3  # something was drawn
     assert "step 30/30" in (tmp_path / "run" / "log.txt").read_text()
@@ -1940,6 +1942,30 @@ def test_tasks_rank_proposals_hand_made_heat_map():
     assert scores[0, 5] == float("-inf")
     heat[0, 0, 0] = 10.0  # a hotter corner now wins
     assert tasks.rank_proposals(heat, proposals, mask)[0].tolist() == [3]
+
+
+def test_tasks_region_scores_equal_encoding_each_box_alone():
+    model = task_model(seed=3)
+    images, (ids, mask) = task_images(2), task_texts(2)
+    proposals = torch.tensor([[[0.3, 0.3, 0.4, 0.4], [0.5, 0.5, 1.0, 1.0], [0.7, 0.7, 0.2, 0.3]],
+                              [[0.7, 0.6, 0.3, 0.5], [0.2, 0.8, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0]]])
+    proposal_mask = torch.tensor([[True, True, True], [True, True, False]])
+    scores = tasks.region_scores(model, images, ids, mask, proposals, proposal_mask)
+    with torch.no_grad():
+        text_feat = model.text_features(model.encode_text(ids, mask))
+        for b in range(2):
+            for p in range(3):
+                if not proposal_mask[b, p]:
+                    assert scores[b, p] == float("-inf")
+                    continue
+                _, region, _ = model.encode_image(images[b:b + 1], proposals[b, p:p + 1])
+                assert_close(scores[b, p], model.image_features(region)[0] @ text_feat[b], atol=1e-5, rtol=1e-5)
+    # the best-scoring proposal is the prediction; a text whose box is that proposal scores 100
+    best = scores.argmax(1)
+    ev = {"images": images, "text_ids": ids, "text_mask": mask, "boxes": proposals[torch.arange(2), best],
+          "proposals": proposals, "proposal_mask": proposal_mask}
+    out = tasks.evaluate_grounding_regions(model, [ev])
+    assert out["acc"] == 100.0 and 0 < out["chance"] < 100
 
 
 # -- loading and every task end to end
