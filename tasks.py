@@ -952,7 +952,7 @@ TASKS = {
                       dict(steps=300, batch_size=32, lr=5e-4, rerank_k=16)),
     "vqa": Task(VQAModel, vqa_loss, _ITC_ITM + ("bbox_head", "mlm_head"), vqa_set, run_vqa_eval,
                 {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"},
-                dict(steps=1500, batch_size=32, lr=5e-4, rerank_k=8)),
+                dict(steps=1800, batch_size=32, lr=5e-4, rerank_k=8)),
     "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, _ITC_ITM + ("bbox_head", "mlm_head", "cls_head"),
                            retrieval_set, run_assignment_eval, {"train": ["retrieval_train"], "val": ["retrieval_val"]},
                            dict(steps=300, batch_size=32, lr=5e-4, rerank_k=16)),
