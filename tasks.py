@@ -685,21 +685,28 @@ def rank_proposals(heat, proposals, proposal_mask=None):
     return scores.argmax(1), scores
 
 
-def evaluate_grounding_weak(model, batches, layer=2):
-    """Weakly supervised grounding accuracy: the proposal ranked first by Grad-CAM, IoU >= 0.5; and
+def proposal_accuracy(model, batches, choose):
+    """Accuracy (IoU >= 0.5) of the proposal that choose(batch) -> (B,) picks for each text, and
     `chance`, picking a proposal at random. batches yield {images, text_ids, text_mask, boxes
     (B, 4), proposals (B, P, 4) normalised cxcywh, proposal_mask (B, P) bool}."""
     pred, target, lucky = [], [], 0.0
     for batch in batches:
         b = to_device(batch, model_device(model))
-        heat, _ = gradcam(model, b["images"], b["text_ids"], b["text_mask"], layer)
-        best, _ = rank_proposals(heat, b["proposals"], b.get("proposal_mask"))
+        best = choose(b)
         pred.append(b["proposals"][torch.arange(len(best)), best].float())
         target.append(b["boxes"].float())
         mask = b.get("proposal_mask", torch.ones(b["proposals"].shape[:2], dtype=torch.bool, device=best.device))
         lucky += proposal_chance(b["proposals"].float(), mask.bool(), target[-1]) * len(best)
     target = torch.cat(target)
     return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": lucky / len(target)}
+
+
+def evaluate_grounding_weak(model, batches, layer=2):
+    """Weakly supervised grounding: the proposal ranked first by Grad-CAM (proposal_accuracy)."""
+    def choose(b):
+        heat, _ = gradcam(model, b["images"], b["text_ids"], b["text_mask"], layer)
+        return rank_proposals(heat, b["proposals"], b.get("proposal_mask"))[0]
+    return proposal_accuracy(model, batches, choose)
 
 
 @torch.no_grad()
@@ -722,17 +729,9 @@ def region_scores(model, images, text_ids, text_mask, proposals, proposal_mask=N
 
 def evaluate_grounding_regions(model, batches):
     """Zero-shot grounding by region-text alignment: the proposal whose box, as a visual concept,
-    the text matches best (region_scores), IoU >= 0.5; and `chance`, a proposal at random.
-    batches as evaluate_grounding_weak's."""
-    pred, target, lucky = [], [], 0.0
-    for batch in batches:
-        b = to_device(batch, model_device(model))
-        best = region_scores(model, b["images"], b["text_ids"], b["text_mask"], b["proposals"], b["proposal_mask"]).argmax(1)
-        pred.append(b["proposals"][torch.arange(len(best)), best].float())
-        target.append(b["boxes"].float())
-        lucky += proposal_chance(b["proposals"].float(), b["proposal_mask"].bool(), target[-1]) * len(best)
-    target = torch.cat(target)
-    return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": lucky / len(target)}
+    the text matches best (region_scores; proposal_accuracy)."""
+    return proposal_accuracy(model, batches, lambda b: region_scores(
+        model, b["images"], b["text_ids"], b["text_mask"], b["proposals"], b.get("proposal_mask")).argmax(1))
 
 
 # -----------------------------------------------------------------------------
