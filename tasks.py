@@ -838,13 +838,13 @@ def run_pretrain_eval(model, files, tokenizer, cfg, args):
     out = {}
     if files.val:
         out["retrieval"] = run_retrieval_eval(model, files, tokenizer, cfg, args)
-    if files.grounding_val:
-        out["grounding"] = run_grounding_eval(model, Files([], files.grounding_val, files.image_root, files.vocab),
-                                              tokenizer, cfg, args)
+    if files.grounding_val:  # the images are read once for both
+        counted = eval_batches(data.GroundingDataset(files.grounding_val, files.image_root, tokenizer, cfg.max_tokens,
+                                                     cfg.image_res, proposals=files.proposals))
+        batches = list(counted)
+        out["grounding"] = with_skipped(evaluate_grounding(model, batches), counted)
         if files.proposals:
-            batches = eval_batches(data.GroundingDataset(files.grounding_val, files.image_root, tokenizer, cfg.max_tokens,
-                                                         cfg.image_res, proposals=files.proposals))
-            out["grounding_regions"] = with_skipped(evaluate_grounding_regions(model, batches), batches)
+            out["grounding_regions"] = with_skipped(evaluate_grounding_regions(model, batches), counted)
     return out
 
 
