@@ -1490,6 +1490,17 @@ def test_every_task_fine_tunes_from_a_pretrained_checkpoint(world, tmp_path_fact
     assert 0 <= metrics["eval"]["chance"] <= 100 and metrics["eval"].keys() - {"chance"}
 
 
+def test_init_brings_the_checkpoints_architecture_and_flags_still_override_it(world, tmp_path):
+    _, pre = run_train(world, tmp_path / "pre", "--steps", "1", "--text-layers", "1", "--fusion-layers", "3")
+    init = str(tmp_path / "pre" / "run" / "checkpoint.pt")
+    _, tuned = run_train(world, tmp_path / "vqa", "--task", "vqa", "--steps", "1", "--init", init, "--image-res", "80")
+    assert (tuned["config"]["text_layers"], tuned["config"]["fusion_layers"], tuned["config"]["image_res"]) == (1, 3, 80)
+    assert len([k for k in tuned["model"] if k.startswith("decoder.layers.") and k.endswith("mlp_norm.weight")]) == 3
+    torch.save(pre["model"], tmp_path / "weights.pt")  # weights alone: the preset, which they do not fit
+    with pytest.raises(ValueError, match="does not fit"):
+        run_train(world, tmp_path / "plain", "--task", "vqa", "--steps", "1", "--init", str(tmp_path / "weights.pt"))
+
+
 
 # ---- tasks.py ----
 

@@ -67,7 +67,8 @@ class TrainConfig:
     precision: str = flag("fp32", "autocast precision; fp16 (with a GradScaler) needs CUDA", choices=["fp32", "bf16", "fp16"])
     vit_init: str = flag(None, "DeiT/timm ViT weights (file or directory) for the image encoder")
     bert_init: str = flag(None, "Hugging Face BERT weights (file or directory) for the text and cross-modal encoders")
-    init: str = flag(None, "one of our checkpoints to start from (e.g. a pre-trained one for a downstream task)")
+    init: str = flag(None, "one of our checkpoints to start from (e.g. a pre-trained one for a downstream task); "
+                           "its architecture comes along, flags override it")
     out: str = flag(None, "output directory (default: runs/TASK)")
     resume: bool = flag(False, "continue from OUT/checkpoint.pt: model, optimizer, schedule, step, RNG and data position")
     seed: int = flag(0, "seed of the model's init, the data order and every random draw")
@@ -121,12 +122,27 @@ def add_flag(parser, name, kind, default, help, **kwargs):
 
 
 def model_config(args, tokenizer):
-    """The preset, the vocabulary's size and special ids, then the user's overrides."""
-    cfg = XVLMConfig() if args.config == "base" else XVLMConfig.tiny()
+    """The preset (or, with --init, the config stored in that checkpoint: fine-tuning keeps the
+    pre-trained architecture), the vocabulary's size and special ids, then the user's overrides."""
+    cfg = (XVLMConfig() if args.config == "base" else XVLMConfig.tiny()).to_dict()
+    stored = stored_config(args.init) if args.init else None
     vocab = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
                  sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id)
     overrides = {f.name: getattr(args, f.name) for f in fields(XVLMConfig) if getattr(args, f.name) is not None}
-    return XVLMConfig(**{**cfg.to_dict(), **vocab, **overrides})
+    return XVLMConfig(**{**cfg, **(stored or {}), **vocab, **overrides})
+
+
+def stored_config(path):
+    """The config dict one of our checkpoints carries, or None for weights alone (.safetensors, a
+    plain state dict): those load into the preset, and must match it."""
+    checkpoint, source = xvlm.read_file(path)
+    stored = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict):
+        return None
+    unknown = set(stored) - {f.name for f in fields(XVLMConfig)}
+    if unknown:
+        raise SystemExit(f"--init {source}: config fields this XVLMConfig does not have: {', '.join(sorted(unknown))}")
+    return stored
 
 
 # -----------------------------------------------------------------------------
