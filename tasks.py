@@ -105,6 +105,23 @@ def vqa_accuracy(predicted, annotator_answers):
     return 100.0 * sum(scores) / len(scores)
 
 
+def answer_type(annotator_answers):
+    """VQA v2's answer type of a question, from its most common answer: "yes/no", "number" or "other"
+    (VQA v2's annotations carry it; the official evaluation reports accuracy per type)."""
+    top = Counter(annotator_answers).most_common(1)[0][0]
+    return "yes/no" if top in ("yes", "no") else "number" if top.isdigit() else "other"
+
+
+def vqa_accuracy_by_type(predicted, annotator_answers):
+    """{answer type: VQA accuracy over the questions of that type}, for the types present."""
+    groups = {}
+    for p, answers in zip(predicted, annotator_answers, strict=True):
+        groups.setdefault(answer_type(answers), ([], []))
+        groups[answer_type(answers)][0].append(p)
+        groups[answer_type(answers)][1].append(answers)
+    return {t: vqa_accuracy(*groups[t]) for t in ("yes/no", "number", "other") if t in groups}
+
+
 def box_iou(a, b, eps=1e-7):
     """IoU of boxes a[i] and b[i], both (n, 4) normalised (cx, cy, w, h) as xvlm.giou -> (n,)."""
     a, b = box_corners(a), box_corners(b)
@@ -440,8 +457,8 @@ def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_
 
 
 def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
-    """VQA accuracy of the ranked answers, and `chance`, that of always giving the split's most
-    common answer. batches yield data.VQADataset's {images, text_ids, text_mask (the questions),
+    """VQA accuracy of the ranked answers, overall and per answer type ("yes/no", "number", "other"),
+    and `chance`, that of always giving the split's most common answer. batches yield data.VQADataset's {images, text_ids, text_mask (the questions),
     answers, counts (each distinct answer and how many annotators gave it)}; answer_list[c] is the
     string of candidate c."""
     device = model_device(model)
@@ -452,7 +469,7 @@ def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
         best = rank_answers(model, b["images"], b["text_ids"], b["text_mask"], answer_ids, answer_mask, k)
         predicted += [answer_list[c] for c in best.tolist()]
         truth += [[a for a, n in zip(answers, counts) for _ in range(n)] for answers, counts in zip(b["answers"], b["counts"])]
-    return {"vqa_acc": vqa_accuracy(predicted, truth), "chance": vqa_chance(truth)}
+    return {"vqa_acc": vqa_accuracy(predicted, truth), **vqa_accuracy_by_type(predicted, truth), "chance": vqa_chance(truth)}
 
 
 # -----------------------------------------------------------------------------

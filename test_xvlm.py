@@ -1601,6 +1601,11 @@ def test_tasks_vqa_accuracy_with_ten_annotators():
     assert tasks.vqa_chance(annotators) == pytest.approx(100 * 1 / 4)  # "cat" (10 votes) answers everything
     with pytest.raises(ValueError):
         tasks.vqa_accuracy(["yes"], annotators)
+    # VQA v2's answer types, from the most common answer; each type's accuracy over its own questions
+    assert [tasks.answer_type(a) for a in annotators] == ["yes/no", "number", "other", "other"]
+    by_type = tasks.vqa_accuracy_by_type(["no", "3", "dark red", "dog"], annotators)
+    assert by_type == pytest.approx({"yes/no": 100.0, "number": 100 * 2 / 3, "other": 100 * (1 / 3 + 0) / 2})
+    assert tasks.vqa_accuracy_by_type(["yes"], [["no"] * 4 + ["4"] * 6]) == {"number": 0.0}  # types present only
 
 
 def test_tasks_box_iou_and_grounding_accuracy_at_the_boundary():
