@@ -125,24 +125,11 @@ def model_config(args, tokenizer):
     """The preset (or, with --init, the config stored in that checkpoint: fine-tuning keeps the
     pre-trained architecture), the vocabulary's size and special ids, then the user's overrides."""
     cfg = (XVLMConfig() if args.config == "base" else XVLMConfig.tiny()).to_dict()
-    stored = stored_config(args.init) if args.init else None
+    stored = xvlm.stored_config(*xvlm.read_file(args.init)) if args.init else None
     vocab = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
                  sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id)
     overrides = {f.name: getattr(args, f.name) for f in fields(XVLMConfig) if getattr(args, f.name) is not None}
     return XVLMConfig(**{**cfg, **(stored or {}), **vocab, **overrides})
-
-
-def stored_config(path):
-    """The config dict one of our checkpoints carries, or None for weights alone (.safetensors, a
-    plain state dict): those load into the preset, and must match it."""
-    checkpoint, source = xvlm.read_file(path)
-    stored = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if not isinstance(stored, dict):
-        return None
-    unknown = set(stored) - {f.name for f in fields(XVLMConfig)}
-    if unknown:
-        raise SystemExit(f"--init {source}: config fields this XVLMConfig does not have: {', '.join(sorted(unknown))}")
-    return stored
 
 
 # -----------------------------------------------------------------------------

@@ -635,12 +635,10 @@ class XVLM(nn.Module):
         (image_res=384 to fine-tune at a higher resolution: position embeddings are resampled),
         and its weights, loaded strictly (see load_checkpoint)."""
         checkpoint, source = read_file(source)
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+        stored = stored_config(checkpoint, source)
+        if stored is None:
             raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
-        unknown = set(checkpoint["config"]) - {f.name for f in fields(XVLMConfig)}
-        if unknown:
-            raise ValueError(f"{source}: config fields this XVLMConfig does not have: {_names(sorted(unknown))}")
-        model = cls(XVLMConfig(**{**checkpoint["config"], **overrides}))
+        model = cls(XVLMConfig(**{**stored, **overrides}))
         _load_own(model, _state_dict(checkpoint, source), source)
         return model
 
@@ -828,6 +826,18 @@ def read_file(source):
         raise ValueError(f"{path}: refused: it pickles objects other than tensors and plain containers "
                          f"({why.group(0) if why else str(e).splitlines()[0]}); "
                          f"save the weights as .safetensors or as a plain state dict") from e
+
+
+def stored_config(checkpoint, source):
+    """The config dict in one of our checkpoints (as read_file returns it), or None for weights
+    alone (.safetensors, a plain state dict). Fields this XVLMConfig lacks raise ValueError."""
+    stored = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict):
+        return None
+    unknown = set(stored) - {f.name for f in fields(XVLMConfig)}
+    if unknown:
+        raise ValueError(f"{source}: config fields this XVLMConfig does not have: {_names(sorted(unknown))}")
+    return stored
 
 
 def _state_dict(obj, name):
