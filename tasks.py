@@ -962,7 +962,7 @@ TASKS = {
                      {"train": ["pretrain_captions", "pretrain_regions"], "val": ["retrieval_val"],
                       "grounding_val": ["grounding_val"],
                       "proposals": "grounding_proposals"},
-                     dict(steps=600, batch_size=32, lr=5e-4, rerank_k=16)),
+                     dict(steps=1200, batch_size=16, lr=5e-4, rerank_k=16)),
     "retrieval": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), retrieval_set, run_retrieval_eval,
                       {"train": ["retrieval_train"], "val": ["retrieval_val"]},
                       dict(steps=300, batch_size=32, lr=5e-4, rerank_k=16)),
