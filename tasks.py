@@ -114,12 +114,10 @@ def answer_type(annotator_answers):
 
 def vqa_accuracy_by_type(predicted, annotator_answers):
     """{answer type: VQA accuracy over the questions of that type}, for the types present."""
-    groups = {}
-    for p, answers in zip(predicted, annotator_answers, strict=True):
-        groups.setdefault(answer_type(answers), ([], []))
-        groups[answer_type(answers)][0].append(p)
-        groups[answer_type(answers)][1].append(answers)
-    return {t: vqa_accuracy(*groups[t]) for t in ("yes/no", "number", "other") if t in groups}
+    types = [answer_type(answers) for answers in annotator_answers]
+    return {t: vqa_accuracy([p for p, u in zip(predicted, types, strict=True) if u == t],
+                            [a for a, u in zip(annotator_answers, types) if u == t])
+            for t in ("yes/no", "number", "other") if t in types}
 
 
 def box_iou(a, b, eps=1e-7):
@@ -458,9 +456,9 @@ def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_
 
 def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
     """VQA accuracy of the ranked answers, overall and per answer type ("yes/no", "number", "other"),
-    and `chance`, that of always giving the split's most common answer. batches yield data.VQADataset's {images, text_ids, text_mask (the questions),
-    answers, counts (each distinct answer and how many annotators gave it)}; answer_list[c] is the
-    string of candidate c."""
+    and `chance`, that of always giving the split's most common answer. batches yield
+    data.VQADataset's {images, text_ids, text_mask (the questions), answers, counts (each distinct
+    answer and how many annotators gave it)}; answer_list[c] is the string of candidate c."""
     device = model_device(model)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     predicted, truth = [], []
