@@ -54,18 +54,18 @@ Each figure also records its contenders' median seconds in "details" of the JSON
 
 import argparse
 import contextlib
-import io
 import json
-import math
 import os
 import platform
 import statistics
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+import data
 import tasks
 import xvlm
 from train import param_groups
@@ -220,22 +220,28 @@ def random_texts(cfg, n, generator):
 
 def pretrain_batch(cfg, images, regions_per_image, generator):
     """A pre-training batch as XVLM.forward documents it: one caption per image, and the second half
-    of the images carry `regions_per_image` boxed region texts each (paper 4.2: half the images)."""
+    of the images carry `regions_per_image` boxed region texts each (paper 4.2: half the images);
+    MLM corruption by data.mask_text, every token a word of its own."""
     boxed = images // 2
     boxes, box_image = quarter_boxes(boxed, regions_per_image, cfg.grid, generator)
     box_image += images - boxed
     R = len(boxes)
     ids, mask = random_texts(cfg, images + R, generator)
+    rng, is_piece = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))), np.zeros(cfg.vocab_size, bool)
+    corrupted = [data.mask_text(row[m].tolist(), is_piece, rng, cfg.vocab_size, cfg.mask_token_id, cfg.mask_prob, cfg.max_masks,
+                                cfg.mask_span_prob, cfg.mask_span_max) for row, m in zip(ids, mask)]
+    pad = lambda rows, value: torch.tensor([r + [value] * (ids.shape[1] - len(r)) for r in rows])
     return {"images": torch.randn(images, 3, cfg.image_res, cfg.image_res, generator=generator),
             "text_ids": ids, "text_mask": mask,
             "text_image": torch.cat([torch.arange(images), box_image]),
             "text_box": torch.cat([torch.full((images,), -1), torch.arange(R)]),
-            "boxes": boxes, "box_image": box_image}
+            "boxes": boxes, "box_image": box_image,
+            "mlm_ids": pad([m for m, _ in corrupted], cfg.pad_token_id), "mlm_labels": pad([y for _, y in corrupted], -100),
+            "concept_ids": torch.arange(images + R), "text_keys": torch.arange(images + R)}
 
 
 def build(cfg, device):
-    with contextlib.redirect_stdout(io.StringIO()):  # XVLM prints its size
-        return XVLM(cfg).to(device)
+    return XVLM(cfg).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -271,34 +277,23 @@ def fusion_flops(cfg, texts, L, S):
 
 
 def fusion_kv_flops(cfg, concepts, S):
-    """FusionEncoder.project_images: every layer's keys/values of `concepts` x S visual tokens."""
+    """Every cross-modal layer's keys/values of `concepts` x S visual tokens (projected once per concept)."""
     return cfg.fusion_layers * 2 * concepts * S * cfg.vision_width * 2 * cfg.text_width
 
 
-def expected_masks(cfg, batch):
-    """The expected number of MLM-masked tokens in the batch: each text masks clamp(Binomial(n,
-    mask_prob), 1, max_masks) of its n maskable tokens (xvlm.mask_tokens)."""
-    special = torch.tensor([cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id])
-    maskable = (batch["text_mask"].cpu().bool() & ~torch.isin(batch["text_ids"].cpu(), special)).sum(1).tolist()
-    p = cfg.mask_prob
-    return sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) * min(max(k, 1), cfg.max_masks)
-               for n in maskable for k in range(n + 1))
-
-
-def pretrain_forward_flops(cfg, batch, masked=None):
-    """Matmul FLOPs of XVLM.forward(batch), counted from the shapes as the model computes them.
-    The MLM output layer's rows are drawn at random: `masked` of them, by default the expectation."""
+def pretrain_forward_flops(cfg, batch):
+    """Matmul FLOPs of XVLM.forward(batch), counted from the shapes as the model computes them."""
     B, T, L = len(batch["images"]), *batch["text_ids"].shape
     R, S, d, E = len(batch["boxes"]), 1 + cfg.grid ** 2, cfg.text_width, cfg.embed_dim
     M = int(xvlm.patch_mask(batch["boxes"], cfg.grid).sum(1).max()) if R else 0
     located = T if cfg.bbox_whole_image else int((batch["text_box"] >= 0).sum())
     head = lambda n, out: 2 * n * (d * 2 * d + 2 * d * out)  # the ITM and bbox MLPs
-    masked = expected_masks(cfg, batch) if masked is None else masked
+    masked = int((batch["mlm_labels"] != -100).sum())
     return (vision_flops(cfg, B, R, 1 + M)
             + 2 * text_flops(cfg, T, L)  # the texts, and again the MLM-masked texts
             + 2 * (B + R) * cfg.vision_width * E + 2 * T * d * E  # g_v on every concept, g_w
             + 3 * 2 * T * T * E  # itc both ways, the ITM hard-negative similarities
-            + fusion_kv_flops(cfg, B + R, S)  # every concept's keys/values, once for the three fusions
+            + fusion_kv_flops(cfg, B + R, S)  # every concept's keys/values, once for the one fusion pass
             + fusion_flops(cfg, 3 * T, L, S) + head(3 * T, 2)  # itm: pairs and 2 negatives per text
             + fusion_flops(cfg, T, L, S) + 2 * masked * (d * d + d * cfg.vocab_size)  # mlm
             + fusion_flops(cfg, located, L, S) + head(located, 4))  # bbox, on the full images
@@ -328,7 +323,7 @@ def bench_mixed_attention(cfg, mode, device, generator):
                 return (image @ direction).sum() + ((regions @ direction) * keep).sum()
             return run
 
-        packed, literal = loss(vit.forward), loss(vit.forward_literal)
+        packed, literal = loss(vit.forward_mixed), loss(vit.forward_literal)
         times = alternate({"packed": lambda: packed().backward(), "literal": lambda: literal().backward()}, mode, device)
         figures[f"{name}_speedup"] = times["literal"] / times["packed"]
         figures[f"{name}_ideal_speedup"] = (vision_flops(vit_cfg, B, len(boxes), 1 + cfg.grid ** 2)
@@ -392,7 +387,7 @@ def bench_encoder_layers(model, mode, device, generator):
 
 def step_function(model, batch, dtype=None):
     """One pre-training step as train.py takes it: forward (under autocast for bf16), backward, AdamW."""
-    optimizer = torch.optim.AdamW(param_groups(model, 0.02), lr=1e-5)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.02, 1e-5), lr=1e-5)
     device = batch["images"].device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 

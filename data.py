@@ -6,7 +6,7 @@ X-VLM's idea is data: images whose regions are enclosed by boxes, each box paire
 the authors' public formats, checks it, turns it into batches, and can write a small synthetic
 world in the same formats so that everything runs with no download.
 
-    python data.py synth --out synth                 # write the synthetic world (~10 s)
+    python data.py synth --out synth                 # write the synthetic world (~30 s)
     python data.py check synth/*.json* --image-root synth/images   # validate records and images
     python data.py convert-coco --help               # COCO captions/instances -> these formats
     python data.py convert-vg --help                 # Visual Genome objects/regions -> these formats
@@ -16,8 +16,9 @@ From Python (train.py / tasks.py):
     import data
     data.synthesize("synth", images=4000, seed=0)    # layout: data.SYNTH_FILES
     tok = data.Tokenizer("synth/vocab.txt")
+    cfg = xvlm.XVLMConfig.tiny(vocab_size=tok.vocab_size)   # image_res, max_tokens, masking
     loader = data.pretrain_loader(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
-                                  "synth/images", tok, batch_size=32, image_res=64, max_tokens=25)
+                                  "synth/images", tok, cfg, batch_size=32)
     for batch in loader: ...                          # one epoch; loader.state_dict() to resume
 
 Contents, top to bottom:
@@ -33,13 +34,15 @@ Contents, top to bottom:
 """
 
 import argparse
+import hashlib
 import json
-import logging
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,7 +50,6 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-log = logging.getLogger("data")
 
 # -----------------------------------------------------------------------------
 # Text
@@ -87,29 +89,92 @@ class Tokenizer:
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         self._tok = tok
+        # whole-word masking groups a word's pieces: every piece after the first starts with "##"
+        self.is_piece = np.array([token.startswith("##") for token in vocab], dtype=bool)
+
+    def encode(self, text, max_tokens):
+        """One text -> [CLS] tokens [SEP] as a list of ids, at most max_tokens (the tail is cut, never [SEP])."""
+        if max_tokens < 3:
+            raise ValueError(f"max_tokens must leave room for [CLS], a token and [SEP], got {max_tokens}")
+        return [self.cls_id] + self._tok.encode(text, add_special_tokens=False).ids[:max_tokens - 2] + [self.sep_id]
+
+    def pad(self, rows, value=None):
+        """Id lists -> (ids int64 [n, L], mask bool [n, L]), L = the longest, padded with `value` ([PAD])."""
+        length = max((len(r) for r in rows), default=2)
+        ids = torch.full((len(rows), length), self.pad_id if value is None else value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask = torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows], dtype=torch.long)[:, None]
+        return ids, mask
 
     def encode_batch(self, texts, max_tokens):
         """Texts -> (input_ids int64 [n, L], attention_mask bool [n, L]), L = longest, <= max_tokens.
 
         Each row is [CLS] tokens [SEP] [PAD]...; a long text loses its tail tokens, never [SEP].
         """
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must leave room for [CLS] and [SEP], got {max_tokens}")
         # one `encode` per text, not `encode_batch`: the batch call starts a thread pool, and a
         # DataLoader worker forked after that pool exists gets the parallelism disabled with a warning
-        rows = [[self.cls_id] + self._tok.encode(t, add_special_tokens=False).ids[:max_tokens - 2] + [self.sep_id]
-                for t in texts]
-        length = max((len(r) for r in rows), default=2)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-        mask = torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows], dtype=torch.long)[:, None]
-        return ids, mask
+        return self.pad([self.encode(t, max_tokens) for t in texts])
 
     def decode(self, ids):
         """Ids (list or 1-D tensor) -> text, special tokens left out, word pieces joined."""
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         return self._tok.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=False)
+
+
+def mask_spans(tokens, is_piece, rng, n, span_prob=0.2, span_max=3):
+    """The spans (start, end) the authors' TextMaskingGenerator masks in `tokens` ([CLS] first):
+    candidates 1.. in random order; each not yet masked starts a span of one token, or with
+    probability span_prob of 2..span_max tokens, widened to whole words (back to the word's first
+    piece, on over its "##" pieces) and cut at the end of the text; spans are added until they
+    cover n positions or more. Every word is in or out whole."""
+    covered, spans = set(), []
+    for pos in rng.permutation(np.arange(1, len(tokens))).tolist():
+        if len(covered) >= n:
+            break
+        if pos in covered:
+            continue
+        end = pos + (int(rng.integers(2, span_max + 1)) if span_prob > 0 and rng.random() < span_prob else 1)
+        start = pos
+        while start > 0 and is_piece[tokens[start]]:
+            start -= 1
+        while end < len(tokens) and is_piece[tokens[end]]:
+            end += 1
+        if start > 0:  # (a text cannot start with a "##" piece; theirs adds nothing then either)
+            spans.append((start, min(end, len(tokens))))
+            covered.update(range(*spans[-1]))
+    return spans
+
+
+def mask_text(ids, is_piece, rng, vocab_size, mask_id, prob=0.25, max_masks=8, span_prob=0.2, span_max=3):
+    """MLM corruption of one text (paper 3.3), as the authors' TextMaskingGenerator does it.
+
+    ids: [CLS] tokens [SEP] (a list); is_piece: bool per vocabulary id, True for "##" pieces.
+    n = min(max_masks, max(1, round(prob * (1 + #tokens)))) positions are masked ([CLS] counts in
+    the length; [SEP] is not a candidate, as the authors mask before appending it): the mask_spans
+    whole words and spans, and if the last one overshoots n, n of their positions at random (the
+    only way a word is split). Each masked position becomes [MASK] with probability 0.8, else a
+    random vocabulary id with probability 0.5, else stays. Returns (corrupted ids, labels: the
+    original id where masked, -100 elsewhere).
+    """
+    tokens = ids[:-1]  # without [SEP]
+    n = min(max_masks, max(1, round(len(tokens) * prob)))  # Python's round, half to even, as theirs
+    masked = sorted({p for start, end in mask_spans(tokens, is_piece, rng, n, span_prob, span_max) for p in range(start, end)})
+    if len(masked) > n:
+        masked = sorted(rng.permutation(masked)[:n].tolist())
+    out, labels = list(ids), [-100] * len(ids)
+    for pos in masked:
+        labels[pos] = ids[pos]
+        if rng.random() < 0.8:
+            out[pos] = mask_id
+        elif rng.random() < 0.5:
+            out[pos] = int(rng.integers(vocab_size))
+    return out, labels
+
+
+def text_key(text):
+    """A stable 63-bit id of a text's words, the same in every process (itc's equal-text positives)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 # Caption clean-up as the authors' `pre_caption`: lowercase, punctuation noise to spaces, words
@@ -156,7 +221,10 @@ def record_name(path, index, jsonl):
 
 def read_json(path):
     """Parse a JSON document, or JSON lines into a list of records. Returns (value, jsonl)."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path}: cannot read: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     try:
         return json.loads(text), False
     except json.JSONDecodeError as e:
@@ -244,9 +312,13 @@ def _fields(rec, out, *names):
     return not missing
 
 
+ELEMENT_KINDS = ("object", "region")
+
+
 def pretrain_problems(rec, image_size=None):
     """Image-text {"image", "caption": str | [str]} or, with "elems", a region record
-    {"image", "caption"?, "elems": [{"caption", "bb": [x, y, w, h], "attributes"?}]}."""
+    {"image", "caption"?, "elems": [{"caption", "bb": [x, y, w, h], "attributes"?, "kind"?}]}, where
+    kind is "object" (a labelled object) or "region" (a region description), for Table 3's ablations."""
     out = []
     if not _fields(rec, out, "image"):
         return out
@@ -272,6 +344,8 @@ def pretrain_problems(rec, image_size=None):
             _text(elem["caption"], f"elems[{j}].caption", out)
         if "attributes" in elem:
             _text(elem["attributes"], f"elems[{j}].attributes", out)
+        if elem.get("kind", "object") not in ELEMENT_KINDS:
+            out.append((f"elems[{j}].kind", f"must be one of {', '.join(map(repr, ELEMENT_KINDS))}, got {elem['kind']!r}"))
         if "bb" in elem:
             _box(elem["bb"], f"elems[{j}].bb", out, size)
     return out
@@ -353,33 +427,56 @@ FORMATS = {
 }
 
 
-def record_problems(path, records, jsonl, fmt, image_size=None):
-    """Every problem of every record of one file, as 'file: record i: field 'f': message' lines."""
+def record_problems(records, fmt, image_size=None):
+    """Every problem of every record of one file, as (record index, field, message) triples."""
     check = FORMATS[fmt]
-    lines = []
+    found = []
     for i, rec in enumerate(records):
-        found = check(rec, image_size) if isinstance(rec, dict) else [("(record)", f"must be a JSON object, got {rec!r}")]
-        lines += [f"{record_name(path, i, jsonl)}: field '{field}': {message}" for field, message in found]
-    return lines
+        problems = check(rec, image_size) if isinstance(rec, dict) else [("(record)", f"must be a JSON object, got {rec!r}")]
+        found += [(i, field, message) for field, message in problems]
+    return found
+
+
+def problem_lines(path, found, jsonl):
+    """`python data.py check`'s report: 'file: record i (line i+1): field 'f': message', one a line."""
+    return [f"{record_name(path, i, jsonl)}: field '{field}': {message}" for i, field, message in found]
+
+
+def problem_summary(path, found, jsonl, n_records):
+    """One line for a file's problems, each kind of problem once with how many records have it."""
+    kinds = {}
+    for i, field, message in found:
+        kinds.setdefault((re.sub(r"\[\d+\]", "[j]", field), message[:120]), []).append((i, field))
+    parts = []
+    for (field, message), rows in list(kinds.items())[:3]:
+        where = record_name("", rows[0][0], jsonl)[2:]
+        parts.append(f"{where}: field '{rows[0][1]}': {message}" if len(rows) == 1 else
+                     f"field '{field}': {message} ({len(rows)} of {n_records} records, the first {where})")
+    more = f"; and {len(kinds) - 3} more kinds of problem" if len(kinds) > 3 else ""
+    return f"{path}: " + "; ".join(parts) + more
 
 
 def load_records(files, fmt):
     """Read and check all records of `files` (one path or several, concatenated in order).
 
-    Raises RecordError listing the problems before any compute is spent. Images are not opened
-    here (that is `python data.py check`); a corrupt image met during training is skipped and counted.
+    Raises RecordError, one line per file naming each kind of problem, before any compute is spent.
+    Images are not opened here (that is `python data.py check`); a corrupt image met during training
+    is skipped and counted.
     """
     files = [files] if isinstance(files, (str, Path)) else list(files)
     if not files:
-        raise ValueError(f"no {fmt} files given")
+        raise RecordError(f"no {fmt} files given")
     records, problems = [], []
     for path in files:
         recs, jsonl = read_records(path)
-        problems += record_problems(path, recs, jsonl, fmt)
+        found = record_problems(recs, fmt)
+        if found:
+            problems.append(problem_summary(path, found, jsonl, len(recs)))
         records += recs
     if problems:
-        shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise RecordError(f"{len(problems)} malformed {fmt} record field(s); run `python data.py check` for all:\n{shown}")
+        raise RecordError(f"malformed {fmt} records (`python data.py check` lists each): " + " | ".join(problems))
+    if not records:
+        raise RecordError(f"{', '.join(map(str, files))}: no records")
     return records
 
 
@@ -393,25 +490,36 @@ def load_records(files, fmt):
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB (L, LA, RGBA, P, CMYK, 16-bit, 32-bit integer and float, ...), the
+    one conversion for image files and for PIL images handed to the inference API.
+
+    Wide modes are scaled by the range their values use, not clipped: 16-bit by 1/257; 32-bit
+    integers and floats by what fits their largest value (0..1, 0..255, 0..65535, else the maximum).
+    Transparent pixels show as white paper (their colour underneath is arbitrary).
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        x = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = x.max(initial=0.0)
+        ranges = [(1.0, 255.0)] if img.mode == "F" else []  # a float image in 0..1
+        ranges += [(255.0, 1.0), (65535.0, 1 / 257)] if not img.mode.startswith("I;16") else [(65535.0, 1 / 257)]
+        scale = next((s for limit, s in ranges if top <= limit), 255.0 / max(top, 1e-12))
+        img = Image.fromarray((x * scale).clip(0, 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img.alpha_composite(rgba)
+    return img.convert("RGB")
 
 
 def load_image(path):
-    """Any image file -> 8-bit RGB PIL image (L, LA, RGBA, P, CMYK, 16-bit, ...). Raises if unreadable.
+    """Any image file -> 8-bit RGB PIL image (to_rgb). Raises if unreadable.
 
     EXIF orientation is not applied: COCO and Visual Genome boxes refer to the stored pixels.
     """
     with Image.open(path) as img:
         img.load()  # decode now, so that a truncated or corrupt file fails here, not in a transform
-        if img.mode in _SIXTEEN_BIT:
-            # 16-bit greyscale: Pillow's convert() would clip everything above 255 to white
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-            # transparent pixels have arbitrary colour underneath: show them as white paper
-            rgba = img.convert("RGBA")
-            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img.alpha_composite(rgba)
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 def to_tensor(img):
@@ -488,6 +596,36 @@ def xywh_to_cxcywh(boxes, width, height):
 # -----------------------------------------------------------------------------
 # Pre-training data (paper 3.1 and 4.2)
 
+class DataError(ValueError):
+    """The data cannot be used as given (no readable image, no records). The message says which."""
+
+
+class Unreadable(NamedTuple):
+    """What a dataset returns for an image it cannot open: batches leave it out and list it under
+    "skipped", and train.py logs and counts each one."""
+    path: str
+    reason: str
+
+
+def open_image(image_root, rel):
+    """load_image(image_root / rel), or an Unreadable naming the file and the error."""
+    path = Path(image_root) / rel
+    try:
+        return load_image(path)
+    except Exception as e:  # noqa: BLE001 -- every decoder error means the same: skip this image
+        return Unreadable(str(path), f"{type(e).__name__}: {e}")
+
+
+def readable(samples):
+    """(the samples that are not Unreadable, the Unreadable ones)."""
+    return [s for s in samples if not isinstance(s, Unreadable)], [s for s in samples if isinstance(s, Unreadable)]
+
+
+def stack_images(samples, res, key="image"):
+    """The samples' image tensors as a batch [B, 3, res, res] (B may be 0)."""
+    return torch.stack([s[key] for s in samples]) if samples else torch.zeros(0, 3, res, res)
+
+
 def pick(rng, value):
     """One of a list (at random), or the value itself: captions may be a string or a list."""
     return value[int(rng.integers(len(value)))] if isinstance(value, list) else value
@@ -499,14 +637,26 @@ def elem_text(elem, rng):
     return f"{pick(rng, elem['attributes'])} {text}" if "attributes" in elem else text
 
 
-def open_image(image_root, rel):
-    """load_image, or None (logged) for a missing or corrupt file: training skips and counts it."""
-    path = Path(image_root) / rel
-    try:
-        return load_image(path)
-    except Exception as e:  # noqa: BLE001 -- every decoder error means the same: skip this image
-        log.warning("skipping unreadable image %s: %s: %s", path, type(e).__name__, e)
-        return None
+def split_records(records, elements):
+    """(image-text records, region records) keeping only elements of the given kinds ("object",
+    "region"): a region record left with none becomes an image-text record if it has a caption.
+    With both kinds, elements need no "kind"; otherwise each must say which it is."""
+    texts, regions = [], []
+    for i, r in enumerate(records):
+        if "elems" not in r:
+            texts.append(r)
+            continue
+        if set(elements) != set(ELEMENT_KINDS):
+            unsaid = [j for j, e in enumerate(r["elems"]) if "kind" not in e]
+            if unsaid:
+                raise DataError(f"record {i} ({r['image']}): element {unsaid[0]} has no 'kind' ('object' or 'region'), "
+                                f"which keeping only {' and '.join(elements) or 'no'} elements needs")
+        kept = [e for e in r["elems"] if e.get("kind", "object") in elements]
+        if kept:
+            regions.append({**r, "elems": kept})
+        elif "caption" in r:
+            texts.append({"image": r["image"], "caption": r["caption"]})
+    return texts, regions
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -514,21 +664,25 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     A record with "elems" is a region record, any other an image-text record. A key is
     (kind, index, seed), kind 0 = image-text, 1 = region: the sampler chooses the record and the
-    seed of its random crop and flip, so a sample is the same whichever worker makes it.
+    seed of its random crop, flip and masking, so a sample is the same whichever worker makes it.
 
-    A sample is None for an unreadable image, else a dict: "image" float32 [3, res, res], and per
-    text "texts" (cleaned), "boxes" (normalised (cx, cy, w, h) float32 [4], or None for a
-    whole-image text) and "concepts" (visual-concept ids). Concept ids are stable across processes:
-    one per distinct image path (all its captions are positives of each other), then one per
-    element of each region record, in file order.
+    A sample is an Unreadable, or a dict: "image" float32 [3, res, res], and per text "texts"
+    (cleaned), "ids" ([CLS] ... [SEP]), "mlm" ((corrupted ids, labels) of mask_text, with `mlm`),
+    "boxes" (normalised (cx, cy, w, h) float32 [4], or None for a whole-image text) and "concepts"
+    (visual-concept ids). Concept ids are stable across processes: one per distinct image path (all
+    its captions are positives of each other), then one per element of each region record, in order.
+    `elements` keeps only object or region texts (Table 3's "w/o object", "w/o region").
     """
 
-    def __init__(self, files, image_root, image_res, max_regions=5, crop_scale=(0.2, 1.0), max_words=30):
+    def __init__(self, files, image_root, tokenizer, cfg, max_regions=5, crop_scale=(0.2, 1.0),
+                 elements=ELEMENT_KINDS, mlm=True, max_words=30):
         records = load_records(files, "pretrain")
-        self.image_root, self.image_res, self.max_regions = Path(image_root), image_res, max_regions
-        self.crop_scale, self.max_words = tuple(crop_scale), max_words
-        self.texts = [r for r in records if "elems" not in r]
-        self.regions = [r for r in records if "elems" in r]
+        try:
+            self.texts, self.regions = split_records(records, elements)
+        except DataError as e:
+            raise DataError(f"{', '.join(map(str, [files] if isinstance(files, (str, Path)) else files))}: {e}") from None
+        self.image_root, self.tokenizer, self.cfg = Path(image_root), tokenizer, cfg
+        self.max_regions, self.crop_scale, self.mlm, self.max_words = max_regions, tuple(crop_scale), mlm, max_words
         image_ids = {}
         for r in records:
             image_ids.setdefault(r["image"], len(image_ids))
@@ -544,9 +698,17 @@ class PretrainDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         rec = self.texts[index] if kind == 0 else self.regions[index]
         img = open_image(self.image_root, rec["image"])
-        if img is None:
-            return None
-        return self.image_text_sample(rec, index, img, rng) if kind == 0 else self.region_sample(rec, index, img, rng)
+        if isinstance(img, Unreadable):
+            return img
+        sample = self.image_text_sample(rec, index, img, rng) if kind == 0 else self.region_sample(rec, index, img, rng)
+        if isinstance(sample, Unreadable):
+            return sample
+        cfg, tok = self.cfg, self.tokenizer
+        sample["ids"] = [tok.encode(t, cfg.max_tokens) for t in sample["texts"]]
+        if self.mlm:
+            sample["mlm"] = [mask_text(ids, tok.is_piece, rng, tok.vocab_size, tok.mask_id, cfg.mask_prob, cfg.max_masks,
+                                       cfg.mask_span_prob, cfg.mask_span_max) for ids in sample["ids"]]
+        return sample
 
     def text(self, raw, flip):
         return prepare_text(raw, self.max_words, flip)
@@ -555,77 +717,72 @@ class PretrainDataset(torch.utils.data.Dataset):
         """Random resized crop and flip of the whole image; one of its captions."""
         crop = random_resized_crop(*img.size, rng, self.crop_scale)
         flip = bool(rng.random() < 0.5)
-        image = to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
+        image = to_tensor(crop_flip_resize(img, crop, flip, self.cfg.image_res))
         return {"image": image, "texts": [self.text(pick(rng, rec["caption"]), flip)], "boxes": [None],
                 "concepts": [self.text_concept[index]]}
 
     def region_sample(self, rec, index, img, rng):
         """The authors' region crop: pick one element, crop around it, flip, resize; its caption
-        (if any) plus up to max_regions element texts whose boxes keep half their area."""
+        (if any) and element texts whose boxes keep half their area, max_regions texts in all."""
         W, H = img.size
         elems = rec["elems"]
         # annotations may run a pixel past the border: clip to the image first
         boxes, inside = transform_boxes([e["bb"] for e in elems], (0, 0, W, H), False, (W, H), min_visible=0)
         elem_ids = np.flatnonzero(inside)
         if len(elem_ids) == 0:
-            log.warning("skipping %s: no element box of record %d lies inside the %dx%d image", rec["image"], index, W, H)
-            return None
+            return Unreadable(str(self.image_root / rec["image"]), f"no element box of the record lies inside the {W}x{H} image")
         chosen = int(rng.integers(len(elem_ids)))
         crop = region_crop(W, H, boxes[chosen], rng)
         flip = bool(rng.random() < 0.5)
-        image = to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
-        res = self.image_res
+        res = self.cfg.image_res
+        image = to_tensor(crop_flip_resize(img, crop, flip, res))
         out_boxes, keep = transform_boxes(boxes, crop, flip, (res, res))
         out_of = np.cumsum(keep) - 1  # row of each kept box in out_boxes
-        # the chosen element first (it always survives), then the other survivors in random order
+        # the chosen element first (the crop holds it whole), then the other survivors in random order
         order = [chosen] + [j for j in rng.permutation(len(elem_ids)).tolist() if j != chosen and keep[j]]
         texts, box_list, concepts = [], [], []
-        if "caption" in rec:
+        if "caption" in rec:  # it takes one of the max_regions places, as in the authors' code
             texts.append(self.text(pick(rng, rec["caption"]), flip))
             box_list.append(None)
             concepts.append(self.region_concept[index])
-        for j in order[:self.max_regions]:
+        for j in order[:max(1, self.max_regions - len(texts))]:
             e = int(elem_ids[j])
             texts.append(self.text(elem_text(elems[e], rng), flip))
             box_list.append(xywh_to_cxcywh(out_boxes[out_of[j]], res, res)[0])
             concepts.append(self.elem_concept[index] + e)
         return {"image": image, "texts": texts, "boxes": box_list, "concepts": concepts}
 
-
-class PretrainCollate:
-    """Samples -> the batch dict that XVLM.forward takes (see pretrain_loader)."""
-
-    def __init__(self, tokenizer, max_tokens, image_res):
-        self.tokenizer, self.max_tokens, self.image_res = tokenizer, max_tokens, image_res
-
-    def __call__(self, samples):
-        kept = [s for s in samples if s is not None]
-        texts, text_image, text_box, concepts, boxes, box_image = [], [], [], [], [], []
-        for i, s in enumerate(kept):
-            for text, box, concept in zip(s["texts"], s["boxes"], s["concepts"]):
-                texts.append(text)
-                text_image.append(i)
-                concepts.append(concept)
-                text_box.append(-1 if box is None else len(boxes))
-                if box is not None:
-                    boxes.append(box)
-                    box_image.append(i)
-        text_ids, text_mask = self.tokenizer.encode_batch(texts, self.max_tokens)
-        res = self.image_res
-        return {
-            "images": torch.stack([s["image"] for s in kept]) if kept else torch.zeros(0, 3, res, res),
+    def collate(self, samples):
+        """Samples -> the batch dict that XVLM.forward takes (see pretrain_loader)."""
+        kept, skipped = readable(samples)
+        rows = [(i, ids, box, concept, text) for i, s in enumerate(kept)
+                for ids, box, concept, text in zip(s["ids"], s["boxes"], s["concepts"], s["texts"])]
+        boxes = [box for _, _, box, _, _ in rows if box is not None]
+        text_box, n = [], 0
+        for _, _, box, _, _ in rows:
+            text_box.append(-1 if box is None else n)
+            n += box is not None
+        text_ids, text_mask = self.tokenizer.pad([ids for _, ids, _, _, _ in rows])
+        batch = {
+            "images": stack_images(kept, self.cfg.image_res),
             "text_ids": text_ids,
             "text_mask": text_mask,
-            "text_image": torch.tensor(text_image, dtype=torch.long),
+            "text_image": torch.tensor([i for i, *_ in rows], dtype=torch.long),
             "text_box": torch.tensor(text_box, dtype=torch.long),
             "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
-            "box_image": torch.tensor(box_image, dtype=torch.long),
-            "concept_ids": torch.tensor(concepts, dtype=torch.long),
-            "skipped": len(samples) - len(kept),
+            "box_image": torch.tensor([i for i, _, box, _, _ in rows if box is not None], dtype=torch.long),
+            "concept_ids": torch.tensor([concept for *_, concept, _ in rows], dtype=torch.long),
+            "text_keys": torch.tensor([text_key(text) for *_, text in rows], dtype=torch.long),
+            "skipped": skipped,
         }
+        if self.mlm:
+            masked = [m for s in kept for m in s["mlm"]]
+            batch["mlm_ids"] = self.tokenizer.pad([ids for ids, _ in masked])[0]
+            batch["mlm_labels"] = self.tokenizer.pad([labels for _, labels in masked], value=-100)[0]
+        return batch
 
 
-class PretrainSampler(torch.utils.data.Sampler):
+class PretrainSampler:
     """Keys for each batch of this rank: batch_size // 2 image-text, the rest region samples.
 
     Each kind is read as an endless stream of permutations (a fresh one per pass, seeded by
@@ -639,20 +796,16 @@ class PretrainSampler(torch.utils.data.Sampler):
 
     def __init__(self, n_texts, n_regions, batch_size, seed=0, rank=0, world_size=1):
         if n_texts + n_regions == 0:
-            raise ValueError("no pre-training records")
+            raise DataError("no pre-training records")
         if n_texts and n_regions and batch_size < 2:
-            raise ValueError(f"batch_size {batch_size}: half and half needs at least 2 images per batch")
+            raise DataError(f"batch_size {batch_size}: half and half needs at least 2 images per batch")
         half = batch_size // 2 if n_texts and n_regions else (batch_size if n_texts else 0)
         self.counts, self.per_rank = (n_texts, n_regions), (half, batch_size - half)
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start = 0, 0
         self._perm = {}  # kind -> ((epoch, pass), permutation): only the current pass is kept
 
     def __len__(self):
         return max(1, max(n // (k * self.world_size) for n, k in zip(self.counts, self.per_rank) if k))
-
-    def set_position(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
 
     def index(self, epoch, kind, position):
         cycle, i = divmod(position, self.counts[kind])
@@ -668,32 +821,30 @@ class PretrainSampler(torch.utils.data.Sampler):
             keys += [(kind, self.index(epoch, kind, p), (self.seed, epoch, kind, p)) for p in range(first, first + k)]
         return keys
 
-    def __iter__(self):
-        for b in range(self.start, len(self)):
-            yield self.batch_keys(self.epoch, b)
+    def batches(self, epoch, start):
+        """This rank's batches of `epoch` from batch `start` on, lazily."""
+        return (self.batch_keys(epoch, b) for b in range(start, len(self)))
 
 
-class PretrainLoader:
-    """Iterating yields the batches left in the current epoch, then moves on to the next epoch.
+class EpochLoader:
+    """A dataset's batches epoch after epoch, the way train.py consumes them; resumable at a batch.
 
-    state_dict() is {"epoch", "batch"}: the batches handed out so far in this epoch. Saved with a
-    checkpoint after step k and given back to load_state_dict(), the loader goes on with exactly the
-    batches an uninterrupted run would have seen, whatever the number of workers (randomness is
-    keyed by position, not by worker). If every image of a draw is unreadable the draw is not
-    yielded; its `skipped` count is added to the next batch, so no skip goes unreported.
+    Iterating yields the batches left in the current epoch, then moves on to the next epoch.
+    `batches(epoch, start)` lists this rank's batches of an epoch (lists of dataset keys) from
+    batch `start`, and every random draw of a sample is keyed by its position, not by the worker,
+    so state_dict() ({"epoch", "batch"}) saved after step k and given back to load_state_dict()
+    goes on with exactly the batches an uninterrupted run would have seen, whatever the workers.
+    A batch whose every image is unreadable is not yielded (its skips come with the next batch);
+    `patience` of them in a row stop with a DataError naming a file: such data can never work.
     """
 
-    def __init__(self, dataset, sampler, collate, workers=0):
-        self.dataset, self.sampler = dataset, sampler
-        # A private generator: starting an iterator draws a worker seed, which from the global RNG
-        # would shift the model's random draws (masks, negatives) in a resumed run.
-        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                                  generator=torch.Generator().manual_seed(sampler.seed),
-                                                  num_workers=workers, persistent_workers=workers > 0)
-        self.epoch, self.batch, self.carried_skips = 0, 0, 0
+    def __init__(self, dataset, batches, length, workers=0, seed=0, patience=3):
+        self.dataset, self.batches, self.length, self.workers, self.seed = dataset, batches, length, workers, seed
+        self.patience, self.empty = patience, 0  # batches in a row with no readable image, across epochs
+        self.epoch, self.batch, self.carried = 0, 0, []
 
     def __len__(self):
-        return len(self.sampler)
+        return self.length
 
     def state_dict(self):
         return {"epoch": self.epoch, "batch": self.batch}
@@ -702,52 +853,66 @@ class PretrainLoader:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def __iter__(self):
-        self.sampler.set_position(self.epoch, self.batch)
-        for batch in self.loader:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)  # workers start afresh each epoch and copy it
+        # A private generator: starting an iterator draws a worker seed, which from the global RNG
+        # would shift the model's random draws (masks, negatives) in a resumed run.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.batches(self.epoch, self.batch),
+                                             collate_fn=self.dataset.collate, num_workers=self.workers,
+                                             generator=torch.Generator().manual_seed(self.seed))
+        for batch in loader:
             self.batch += 1
             if len(batch["images"]) == 0:
-                self.carried_skips += batch["skipped"]
+                self.carried += batch["skipped"]
+                self.empty += 1
+                if self.empty >= self.patience:
+                    first = self.carried[0]
+                    raise DataError(f"no readable image in {self.empty} batches in a row ({len(self.carried)} images), "
+                                    f"e.g. {first.path}: {first.reason}; is the image root right?")
                 continue
-            batch["skipped"] += self.carried_skips
-            self.carried_skips = 0
+            self.empty = 0
+            batch["skipped"], self.carried = self.carried + batch["skipped"], []
             yield batch
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def pretrain_loader(files, image_root, tokenizer, batch_size, image_res, max_tokens, max_regions=5,
-                    workers=0, seed=0, rank=0, world_size=1, crop_scale=(0.2, 1.0), max_words=30):
+def pretrain_loader(files, image_root, tokenizer, cfg, batch_size, max_regions=5, crop_scale=(0.2, 1.0),
+                    elements=ELEMENT_KINDS, image_text=True, mlm=True, workers=0, seed=0, rank=0, world_size=1):
     """The pre-training loader: batches of `batch_size` images for this rank, half image-text
     pairs and half box-annotated images (paper 4.2). Malformed records raise RecordError here.
 
     Each batch is the dict that XVLM.forward takes (B images, T texts, R region texts):
       images      float32 [B, 3, res, res]  normalised with MEAN / STD; image-text images first
-      text_ids    int64 [T, L]              [CLS] ... [SEP] [PAD]..., L = longest, <= max_tokens
+      text_ids    int64 [T, L]              [CLS] ... [SEP] [PAD]..., L = longest, <= cfg.max_tokens
       text_mask   bool [T, L]               True = real token
       text_image  int64 [T]                 index into images of each text's image
       text_box    int64 [T]                 index into boxes for region texts, -1 for captions
       boxes       float32 [R, 4]            normalised (cx, cy, w, h) in the transformed image
       box_image   int64 [R]                 image of each box
-      concept_ids int64 [T]                 visual concept of each text; equal ids are positives
-      skipped     int                       unreadable images in this draw (logged, then skipped)
+      mlm_ids     int64 [T, L]              text_ids corrupted by mask_text (with `mlm`)
+      mlm_labels  int64 [T, L]              the original id where corrupted, -100 elsewhere
+      concept_ids int64 [T]                 visual concept of each text (stable across processes)
+      text_keys   int64 [T]                 text_key of each text: equal for texts of equal words
+      skipped     [Unreadable]              images of this draw that could not be read, left out
     An image-text image brings one of its captions (random resized crop with `crop_scale`, flip);
-    a region image brings its caption if it has one plus up to `max_regions` element texts, the
+    a region image brings its caption if it has one and element texts, max_regions in all, the
     randomly chosen element first (region crop that keeps it whole, flip, resize; boxes keeping
     less than half their area are dropped). A flip swaps "left" and "right" in the image's texts.
     crop_scale (0.2, 1.0) is the authors'; the synthetic world's captions name every shape, and a
-    crop that cuts shapes out makes them partly false, so a gentler (0.8, 1.0) suits it better.
-    Resume with loader.state_dict() / load_state_dict() (see PretrainLoader).
+    crop that cuts shapes out makes them partly false, so the tiny preset uses (0.8, 1.0).
+    image_text=False reads only the region records (the grounding pre-step); `elements` keeps
+    only object or region texts (Table 3's ablations). Resume with state_dict / load_state_dict.
     """
-    dataset = PretrainDataset(files, image_root, image_res, max_regions, crop_scale, max_words)
-    sampler = PretrainSampler(len(dataset.texts), len(dataset.regions), batch_size, seed, rank, world_size)
-    return PretrainLoader(dataset, sampler, PretrainCollate(tokenizer, max_tokens, image_res), workers)
+    dataset = PretrainDataset(files, image_root, tokenizer, cfg, max_regions, crop_scale, elements, mlm)
+    sampler = PretrainSampler(len(dataset.texts) if image_text else 0, len(dataset.regions), batch_size, seed, rank, world_size)
+    return EpochLoader(dataset, sampler.batches, len(sampler), workers, seed)
 
 
 # -----------------------------------------------------------------------------
 # Downstream tasks (paper 4.3 and appendix B)
 #
-# Every dataset has a `collate` for its DataLoader (task_loader wires both); every batch carries
-# `index` (int64 [B], the record of each row, to undo the padding DistributedSampler adds at
-# evaluation) and `skipped` (unreadable images left out of this batch, already logged).
+# Every dataset has a `collate` for its DataLoader; every batch carries `index` (int64 [B], the
+# record of each row) and `skipped` (the Unreadable images left out of this batch).
 
 class TaskDataset(torch.utils.data.Dataset):
     """What the downstream datasets share: records checked at start-up, the authors' transforms,
@@ -755,7 +920,6 @@ class TaskDataset(torch.utils.data.Dataset):
 
     train=True: random resized crop (crop_scale of the area), horizontal flip that swaps "left"
     and "right" in the texts, resize to image_res. train=False: resize to image_res only.
-    Call set_epoch(e) each epoch (task_loader does; workers must not be persistent).
     """
     fmt = None  # key of FORMATS for the records
     train_fmt = None  # a stricter one for training, where it differs
@@ -781,10 +945,10 @@ class TaskDataset(torch.utils.data.Dataset):
         return self.train and bool(rng.random() < 0.5)
 
     def image(self, rel, rng, flip):
-        """Image tensor [3, res, res] through the train or eval transform, or None if unreadable."""
+        """Image tensor [3, res, res] through the train or eval transform, or an Unreadable."""
         img = open_image(self.image_root, rel)
-        if img is None:
-            return None
+        if isinstance(img, Unreadable):
+            return img
         crop = random_resized_crop(*img.size, rng, self.crop_scale) if self.train else (0, 0, *img.size)
         return to_tensor(crop_flip_resize(img, crop, flip, self.image_res))
 
@@ -793,15 +957,14 @@ class TaskDataset(torch.utils.data.Dataset):
 
     def collate_common(self, samples, text_key="text"):
         """images, text_ids, text_mask, index, skipped of the readable samples, and those samples."""
-        kept = [s for s in samples if s is not None]
+        kept, skipped = readable(samples)
         text_ids, text_mask = self.tokenizer.encode_batch([s[text_key] for s in kept], self.max_tokens)
-        res = self.image_res
         batch = {
-            "images": torch.stack([s["image"] for s in kept]) if kept else torch.zeros(0, 3, res, res),
+            "images": stack_images(kept, self.image_res),
             "text_ids": text_ids,
             "text_mask": text_mask,
             "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-            "skipped": len(samples) - len(kept),
+            "skipped": skipped,
         }
         return batch, kept
 
@@ -823,8 +986,8 @@ class RetrievalTrainDataset(TaskDataset):
         rec, rng = self.records[index], self.rng(index)
         flip = self.flip(rng)
         image = self.image(rec["image"], rng, flip)
-        if image is None:
-            return None
+        if isinstance(image, Unreadable):
+            return image
         return {"image": image, "text": self.text(rec["caption"], flip), "image_id": self.image_ids[index], "index": index}
 
     def collate(self, samples):
@@ -844,7 +1007,6 @@ class RetrievalEvalDataset(TaskDataset):
 
     def __init__(self, files, image_root, tokenizer, max_tokens, image_res, max_words=30):
         super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False, max_words=max_words)
-        self.images = [r["image"] for r in self.records]
         self.texts, self.txt2img, self.img2txt = [], [], []
         for i, rec in enumerate(self.records):
             captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
@@ -854,20 +1016,20 @@ class RetrievalEvalDataset(TaskDataset):
 
     def __getitem__(self, index):
         image = self.image(self.records[index]["image"], None, False)
-        return None if image is None else {"image": image, "index": index}
+        return image if isinstance(image, Unreadable) else {"image": image, "index": index}
 
     def collate(self, samples):
-        kept = [s for s in samples if s is not None]
-        res = self.image_res
-        return {"images": torch.stack([s["image"] for s in kept]) if kept else torch.zeros(0, 3, res, res),
-                "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-                "skipped": len(samples) - len(kept)}
+        kept, skipped = readable(samples)
+        return {"images": stack_images(kept, self.image_res),
+                "index": torch.tensor([s["index"] for s in kept], dtype=torch.long), "skipped": skipped}
 
 
 def answer_list_problems(path, value):
-    """Message lines for an answer list that is not a JSON list of non-empty strings."""
+    """Message lines for an answer list that is not a non-empty JSON list of non-empty strings."""
     if not isinstance(value, list):
         return [f"{path}: expected a JSON list of answer strings, got a JSON {type(value).__name__}"]
+    if not value:
+        return [f"{path}: an empty answer list: VQA ranks candidate answers from it"]
     return [f"{path}: record {i}: must be a non-empty answer string, got {a!r}"
             for i, a in enumerate(value) if not (isinstance(a, str) and a.strip())]
 
@@ -887,11 +1049,10 @@ class VQADataset(TaskDataset):
     Answer weights follow the authors: an answer given by k of the n annotators weighs k / n; a
     Visual Genome answer ("dataset": "vg") weighs 0.5. A flip swaps left/right in the question
     and in the answers. Batch: images [B, 3, H, W], text_ids / text_mask [B, L] (questions),
-    answers list[list[str]] (distinct answers of each question, [] without annotations),
-    counts list[list[int]] (k, for VQA accuracy min(k / 3, 1)), weights list[list[float]],
-    question_ids list, index, skipped; and for the answer decoder's loss (tasks.vqa_loss), every
-    distinct answer of the batch as a row: answer_ids / answer_mask [A, La] ("[CLS] answer [SEP]"),
-    answer_question int64 [A] (its question's row), answer_weights float32 [A].
+    answers list[list[str]] (every annotator's answer, in order, [] without annotations), index,
+    skipped; and for the answer decoder's loss (tasks.vqa_loss), every distinct answer of the batch
+    as a row: answer_ids / answer_mask [A, La] ("[CLS] answer [SEP]"), answer_question int64 [A]
+    (its question's row), answer_weights float32 [A].
     """
     fmt, train_fmt = "vqa", "vqa_train"
 
@@ -899,43 +1060,34 @@ class VQADataset(TaskDataset):
         rec, rng = self.records[index], self.rng(index)
         flip = self.flip(rng)
         image = self.image(rec["image"], rng, flip)
-        if image is None:
-            return None
+        if isinstance(image, Unreadable):
+            return image
         given = rec.get("answer", [])
         given = [given] if isinstance(given, str) else given
         given = [swap_left_right(a) if flip else a for a in given]
         answers = sorted(set(given), key=given.index)
-        counts = [given.count(a) for a in answers]
-        weights = [0.5] * len(answers) if rec.get("dataset") == "vg" else [k / len(given) for k in counts]
-        return {"image": image, "text": self.text(rec["question"], flip), "answers": answers, "counts": counts,
-                "weights": weights, "question_id": rec["question_id"], "index": index}
+        weights = [0.5] * len(answers) if rec.get("dataset") == "vg" else [given.count(a) / len(given) for a in answers]
+        return {"image": image, "text": self.text(rec["question"], flip), "given": given, "answers": answers,
+                "weights": weights, "index": index}
 
     def collate(self, samples):
         batch, kept = self.collate_common(samples)
-        for key in ("answers", "counts", "weights"):
-            batch[key] = [s[key] for s in kept]
-        batch["question_ids"] = [s["question_id"] for s in kept]
-        answers = [a for s in kept for a in s["answers"]]
-        batch["answer_ids"], batch["answer_mask"] = self.tokenizer.encode_batch(answers, self.max_tokens)
+        batch["answers"] = [s["given"] for s in kept]
+        distinct = [a for s in kept for a in s["answers"]]
+        batch["answer_ids"], batch["answer_mask"] = self.tokenizer.encode_batch(distinct, self.max_tokens)
         batch["answer_question"] = torch.tensor([i for i, s in enumerate(kept) for _ in s["answers"]], dtype=torch.long)
         batch["answer_weights"] = torch.tensor([w for s in kept for w in s["weights"]], dtype=torch.float32)
         return batch
 
 
-def collate_pairs(dataset, samples):
-    """images, images2, text_ids, text_mask, labels, index, skipped for the two-image tasks."""
-    batch, kept = dataset.collate_common(samples)
-    res = dataset.image_res
-    batch["images2"] = torch.stack([s["image2"] for s in kept]) if kept else torch.zeros(0, 3, res, res)
-    batch["labels"] = torch.tensor([s["label"] for s in kept], dtype=torch.long)
-    return batch
-
-
 class NLVR2Dataset(TaskDataset):
     """NLVR2: records {"images": [a, b], "sentence", "label": "True" | "False"}.
 
-    Both images of a pair share one flip decision, so the sentence (left/right swapped) stays true
-    of the pair. Batch: images [B, 3, H, W] (image 1), images2 [B, 3, H, W] (image 2),
+    The flip mirrors the pair as a whole: the two images swap places and each is flipped, and the
+    sentence swaps "left" and "right". Both kinds of sentence stay true: "the left image has two
+    dogs" (the image it names moved to the other side) and "a dog left of a cat" (within a flipped
+    image). Flipping each image alone (the authors) breaks the second; swapping the words alone
+    breaks the first. Batch: images [B, 3, H, W] (image 1), images2 [B, 3, H, W] (image 2),
     text_ids / text_mask [B, L], labels int64 [B] (1 = True), index, skipped.
     """
     fmt = "nlvr2"
@@ -943,14 +1095,18 @@ class NLVR2Dataset(TaskDataset):
     def __getitem__(self, index):
         rec, rng = self.records[index], self.rng(index)
         flip = self.flip(rng)
-        image, image2 = (self.image(p, rng, flip) for p in rec["images"])
-        if image is None or image2 is None:
-            return None
-        return {"image": image, "image2": image2, "text": self.text(rec["sentence"], flip),
+        first, second = (self.image(p, rng, flip) for p in (rec["images"][::-1] if flip else rec["images"]))
+        for image in (first, second):
+            if isinstance(image, Unreadable):
+                return image
+        return {"image": first, "image2": second, "text": self.text(rec["sentence"], flip),
                 "label": int(rec["label"] == "True"), "index": index}
 
     def collate(self, samples):
-        return collate_pairs(self, samples)
+        batch, kept = self.collate_common(samples)
+        batch["images2"] = stack_images(kept, self.image_res, "image2")
+        batch["labels"] = torch.tensor([s["label"] for s in kept], dtype=torch.long)
+        return batch
 
 
 def proposal_problems(path, value, image_size=None):
@@ -961,8 +1117,8 @@ def proposal_problems(path, value, image_size=None):
     for image, boxes in value.items():
         out = []
         size = _image(image, "(image)", out, image_size)
-        if not isinstance(boxes, list):
-            out.append(("(boxes)", f"must be a list of boxes, got {boxes!r}"))
+        if not isinstance(boxes, list) or not boxes:
+            out.append(("(boxes)", f"must be a non-empty list of boxes, got {boxes!r}"))
         else:
             for j, box in enumerate(boxes):
                 _box(box, f"[{j}]", out, size)
@@ -985,11 +1141,10 @@ class GroundingDataset(TaskDataset):
     Images are only resized (train and eval), so boxes stay valid: a box normalised by the
     original size is the box of the resized image (IoU does not change under per-axis scaling).
     Batch: images [B, 3, H, W], text_ids / text_mask [B, L], boxes float32 [B, 4] (normalised
-    (cx, cy, w, h) of the target), image_sizes int64 [B, 2] (original W, H), image_ids int64 [B]
-    (one per image path: the weakly supervised setting trains image-text matching on these
-    pairs, where expressions of one image are positives of each other), index, skipped; with
-    `proposals` (read_proposals file) also proposals float32 [B, P, 4] (normalised cxcywh,
-    zero-padded) and proposal_mask bool [B, P].
+    (cx, cy, w, h) of the target), image_ids int64 [B] (one per image path: the weakly supervised
+    setting trains image-text matching on these pairs, where expressions of one image are
+    positives of each other), index, skipped; with `proposals` (a read_proposals file) also
+    proposals float32 [B, P, 4] (normalised cxcywh, zero-padded) and proposal_mask bool [B, P].
     """
     fmt = "grounding"
 
@@ -1006,16 +1161,15 @@ class GroundingDataset(TaskDataset):
     def __getitem__(self, index):
         rec = self.records[index]
         img = open_image(self.image_root, rec["image"])
-        if img is None:
-            return None
+        if isinstance(img, Unreadable):
+            return img
         W, H = img.size
         image = to_tensor(img.resize((self.image_res, self.image_res), Image.BICUBIC))
         # the target clipped to the image (annotations may run a pixel past the border)
         x0, y0, w, h = rec["bbox"]
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
         sample = {"image": image, "text": clean_caption(rec["text"], self.max_words), "index": index,
-                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "size": (W, H),
-                  "image_id": self.image_ids[index]}
+                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "image_id": self.image_ids[index]}
         if self.proposals is not None:
             sample["proposals"] = xywh_to_cxcywh(self.proposals[rec["image"]], W, H)
         return sample
@@ -1023,7 +1177,6 @@ class GroundingDataset(TaskDataset):
     def collate(self, samples):
         batch, kept = self.collate_common(samples)
         batch["boxes"] = torch.stack([s["box"] for s in kept]) if kept else torch.zeros(0, 4)
-        batch["image_sizes"] = torch.tensor([s["size"] for s in kept], dtype=torch.long).reshape(-1, 2)
         batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
         if self.proposals is not None:
             most = max((len(s["proposals"]) for s in kept), default=0)
@@ -1035,65 +1188,28 @@ class GroundingDataset(TaskDataset):
         return batch
 
 
-def task_loader(dataset, batch_size, train, workers=0, seed=0, rank=0, world_size=1, epoch=0):
-    """DataLoader over this rank's share of a downstream dataset, for epoch `epoch`.
+def task_train_loader(dataset, batch_size, workers=0, seed=0, rank=0, world_size=1):
+    """A downstream training set as an EpochLoader: epoch e's order is DistributedSampler's shuffle
+    for (seed, e), this rank's share, the last partial batch dropped; each sample's augmentation is
+    keyed by (seed, e, index), so a resumed run skips straight to its batch (no image read for the
+    skipped ones)."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    length = len(sampler) // batch_size
+    if length == 0:
+        raise DataError(f"{len(dataset)} training records make no batch of {batch_size} x {world_size} processes")
 
-    Training shuffles (seeded by seed + epoch) and drops the last partial batch; evaluation keeps
-    the order and pads the last rank with repeats (DistributedSampler): drop rows by `index`.
-    """
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
-                                                  seed=seed, drop_last=train)
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=dataset.collate, drop_last=train)
+    def batches(epoch, start):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        return [order[b * batch_size:(b + 1) * batch_size] for b in range(start, length)]
+
+    return EpochLoader(dataset, batches, length, workers, seed)
 
 
-class TaskTrainLoader:
-    """A downstream training set epoch after epoch, the way train.py consumes it; resumable.
-
-    As PretrainLoader: iterating yields the batches left in the current epoch, then moves on to
-    the next, and state_dict() is {"epoch", "batch"}. Epoch e's order is DistributedSampler's
-    shuffle for (seed, e) (this rank's share, last partial batch dropped) and each sample's
-    augmentation is keyed by (seed, e, index), so a resumed run skips straight to its batch (no
-    image is read for the skipped ones) and sees exactly what an uninterrupted run would.
-    """
-
-    def __init__(self, dataset, batch_size, workers=0, seed=0, rank=0, world_size=1):
-        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
-        self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                           seed=seed, drop_last=True)
-        if len(self) == 0:
-            raise ValueError(f"{len(dataset)} training records make no batch of {batch_size} x {world_size} processes")
-        self.epoch, self.batch, self.carried_skips = 0, 0, 0
-
-    def __len__(self):
-        return len(self.sampler) // self.batch_size
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state):
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-    def __iter__(self):
-        self.sampler.set_epoch(self.epoch)
-        self.dataset.set_epoch(self.epoch)  # workers start afresh each epoch and copy it
-        order, size = list(self.sampler), self.batch_size
-        batches = [order[b * size:(b + 1) * size] for b in range(self.batch, len(self))]
-        # a private generator, as PretrainLoader's: the global RNG belongs to the model
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                             generator=torch.Generator().manual_seed(self.sampler.seed),
-                                             collate_fn=self.dataset.collate)
-        for batch in loader:
-            self.batch += 1
-            if len(batch["images"]) == 0:
-                self.carried_skips += batch["skipped"]
-                continue
-            batch["skipped"] += self.carried_skips
-            self.carried_skips = 0
-            yield batch
-        self.epoch, self.batch = self.epoch + 1, 0
+def eval_loader(dataset, batch_size=64):
+    """A dataset's batches in order, as evaluation reads them."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate)
 
 # -----------------------------------------------------------------------------
 # The synthetic world
@@ -1125,7 +1241,10 @@ SYNTH_FILES = {
     "grounding_val": "grounding_val.json",
     "grounding_test": "grounding_test.json",
     "grounding_proposals": "grounding_proposals.json",  # all shape boxes + 2 decoys per image
+    "done": "synth.done",                               # written last: {"version", "images", "seed"} (JSON)
 }
+SYNTH_VERSION = 2  # 2: element kinds, NLVR2 sentences naming an image; an older world is rewritten
+MIN_SYNTH_IMAGES = 12
 
 COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (230, 205, 30),
            "green": (40, 160, 60), "blue": (35, 85, 215), "purple": (140, 55, 185)}
@@ -1144,7 +1263,7 @@ WORDS = sorted(set(" ".join([
     *COLOURS, *KINDS, *SIZES, *NUMBERS, *map(plural, KINDS),
     "a an the and of with picture shapes shape object objects from to left right above below",
     "what color is are there how many in total both images image contains contain exactly",
-    "one on at top bottom yes no or shows",
+    "one on at top bottom yes no or shows more than",
 ]).split()))
 
 
@@ -1296,13 +1415,13 @@ def region_elems(shapes, rng, max_relations=3):
     """Object texts (attributes + caption, as Visual Genome) and up to max_relations region texts
     relating two uniquely named shapes, with the union box."""
     elems = [{"caption": s.kind, "attributes": f"{s.size} {s.colour}" if rng.random() < 0.3 else s.colour,
-              "bb": list(s.box)} for s in shapes]
+              "bb": list(s.box), "kind": "object"} for s in shapes]
     named = unique_shapes(shapes)
     pairs = [(a, b) for i, a in enumerate(named) for b in named[i + 1:]]
     for i in rng.permutation(len(pairs))[:max_relations].tolist():
         a, b = pairs[i] if rng.random() < 0.5 else pairs[i][::-1]
         # shapes are placed apart along at least one axis, so some relation always holds
-        elems.append({"caption": f"{a.name} {pick(rng, relations(a, b))} {b.name}", "bb": union_box(a, b)})
+        elems.append({"caption": f"{a.name} {pick(rng, relations(a, b))} {b.name}", "bb": union_box(a, b), "kind": "region"})
     return elems
 
 
@@ -1343,10 +1462,12 @@ VQA_ANSWERS = [*COLOURS, *KINDS, *(str(n) for n in range(5)), "yes", "no", "left
 
 
 def nlvr2_statement(pair, rng, want):
-    """A sentence about two scenes whose truth is `want`, or None if none was found in 200 tries."""
+    """A sentence about two scenes (the left image, the right image) whose truth is `want`, or None if
+    none was found in 200 tries. Some name an image by its side, as NLVR2's often do ("the left image
+    contains ..."); others a relation within an image ("one image shows a red circle left of ...")."""
     everything = pair[0] + pair[1]
     for _ in range(200):
-        template = int(rng.integers(5))
+        template = int(rng.integers(7))
         s = pick(rng, everything)
         has = [any(t.name == s.name for t in shapes) for shapes in pair]
         if template == 0:
@@ -1356,10 +1477,10 @@ def nlvr2_statement(pair, rng, want):
         elif template in (2, 3):
             attribute = "kind" if template == 2 else "colour"
             total = sum(getattr(t, attribute) == getattr(s, attribute) for t in everything)
-            n = max(2, total + int(rng.integers(-1, 2)))
+            n = min(len(NUMBERS) - 1, max(2, total + int(rng.integers(-1, 2))))
             what = plural(s.kind) if template == 2 else f"{s.colour} shapes"
             text, truth = f"there are {NUMBERS[n]} {what} in total", n == total
-        else:
+        elif template == 4:
             shapes = pick(rng, list(pair))
             if len(shapes) < 2:
                 continue
@@ -1368,6 +1489,13 @@ def nlvr2_statement(pair, rng, want):
             truth = any(x.name == a.name and y.name == b.name and r in relations(x, y)
                         for shapes in pair for x in shapes for y in shapes if x is not y)
             text = f"one image shows {with_article(a.name)} {r} {with_article(b.name)}"
+        elif template == 5:
+            side = int(rng.integers(2))
+            text, truth = f"the {('left', 'right')[side]} image contains {with_article(s.name)}", has[side]
+        else:
+            side = int(rng.integers(2))
+            text = f"the {('left', 'right')[side]} image shows more shapes than the {('right', 'left')[side]} image"
+            truth = len(pair[side]) > len(pair[1 - side])
         if truth == want:
             return sentence(text)
     return None
@@ -1422,7 +1550,10 @@ def synthesize(out_dir, images=4000, seed=0):
     referring expression) than the evaluation splits do: the tiny model overfits the fine-tuning
     data long before it tires of pre-training. Every file is a function of (images, seed) alone.
     """
+    if not isinstance(images, int) or images < MIN_SYNTH_IMAGES:
+        raise ValueError(f"synthesize: images must be an integer >= {MIN_SYNTH_IMAGES}, got {images!r}")
     out = Path(out_dir)
+    (out / SYNTH_FILES["done"]).unlink(missing_ok=True)  # incomplete until the end
     pools = {"pretrain": images, "train": max(8, images // 2), "val": max(6, images // 20), "test": max(6, images // 20)}
     scenes = {}
     for p, (pool, n) in enumerate(pools.items()):
@@ -1490,13 +1621,19 @@ def synthesize(out_dir, images=4000, seed=0):
             proposals[path] = [boxes[j] for j in r.permutation(len(boxes))]
     (out / SYNTH_FILES["grounding_proposals"]).write_text(json.dumps(proposals) + "\n")
     (out / SYNTH_FILES["vocab"]).write_text("\n".join(synth_vocab()) + "\n")
-    return {key: len(read_records(out / name)[0]) for key, name in SYNTH_FILES.items()
-            if name.endswith((".json", ".jsonl")) and key != "grounding_proposals"}
+    counts = {key: len(read_records(out / name)[0]) for key, name in SYNTH_FILES.items()
+              if name.endswith((".json", ".jsonl")) and key not in ("grounding_proposals", "done")}
+    (out / SYNTH_FILES["done"]).write_text(json.dumps({"version": SYNTH_VERSION, "images": images, "seed": seed}) + "\n")
+    return counts
 
 
 def synth_ready(out_dir):
-    """Whether out_dir holds a complete synthetic world (train.py writes one when it does not)."""
-    return all((Path(out_dir) / name).exists() for name in SYNTH_FILES.values())
+    """Whether out_dir holds a complete synthetic world of this version (train.py writes one when not)."""
+    try:
+        done = json.loads((Path(out_dir) / SYNTH_FILES["done"]).read_text())
+    except (OSError, ValueError):
+        return False
+    return done.get("version") == SYNTH_VERSION and all((Path(out_dir) / name).exists() for name in SYNTH_FILES.values())
 
 
 
@@ -1539,16 +1676,15 @@ def check_files(files, image_root, fmt="auto"):
         except RecordError as e:
             problems.append(str(e))
             continue
-        except (OSError, UnicodeDecodeError) as e:
-            problems.append(f"{path}: cannot read: {e}")
-            continue
         kind = detect_format(value) if fmt == "auto" else fmt
-        if kind == "answer_list":
+        if isinstance(value, (list, dict)) and not value:
+            problems.append(f"{path}: holds no records")
+        elif kind == "answer_list":
             problems += answer_list_problems(path, value)
         elif kind == "proposals":
             problems += proposal_problems(path, value, image_size)
         elif isinstance(value, (list, dict)):
-            problems += record_problems(path, [value] if isinstance(value, dict) else value, jsonl, kind, image_size)
+            problems += problem_lines(path, record_problems([value] if isinstance(value, dict) else value, kind, image_size), jsonl)
         else:
             problems.append(f"{path}: expected a JSON list of records or JSON lines, got a JSON {type(value).__name__}")
         count += len(value) if isinstance(value, (list, dict)) else 0
@@ -1572,7 +1708,7 @@ def convert_coco(captions=None, instances=None, image_dir=""):
         for a in coco["annotations"]:
             # a crowd box covers many objects under one label: not a single visual concept
             if not a.get("iscrowd") and a["bbox"][2] > 0 and a["bbox"][3] > 0:
-                elems.setdefault(a["image_id"], []).append({"caption": names[a["category_id"]], "bb": a["bbox"]})
+                elems.setdefault(a["image_id"], []).append({"caption": names[a["category_id"]], "bb": a["bbox"], "kind": "object"})
     records = []
     for image_id in sorted(files):
         rec = {"image": f"{image_dir}/{files[image_id]}" if image_dir else files[image_id]}
@@ -1595,7 +1731,7 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
             for o in entry.get("objects", entry.get("attributes", [])):
                 names = [n.strip() for n in o.get("names", [o.get("name", "")]) if n.strip()]
                 if names and o["w"] > 0 and o["h"] > 0:
-                    elem = {"caption": names[0], "bb": [o["x"], o["y"], o["w"], o["h"]]}
+                    elem = {"caption": names[0], "bb": [o["x"], o["y"], o["w"], o["h"]], "kind": "object"}
                     attributes = [a.strip() for a in o.get("attributes") or [] if a.strip()]
                     if attributes:  # one is drawn per sample, as the authors do
                         elem["attributes"] = attributes
@@ -1605,7 +1741,7 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
             for r in entry["regions"]:
                 if r["phrase"].strip() and r["width"] > 0 and r["height"] > 0:
                     elems.setdefault(r["image_id"], []).append(
-                        {"caption": r["phrase"].strip(), "bb": [r["x"], r["y"], r["width"], r["height"]]})
+                        {"caption": r["phrase"].strip(), "bb": [r["x"], r["y"], r["width"], r["height"]], "kind": "region"})
     paths = {}
     if image_data:
         paths = {im.get("image_id", im.get("id")): "/".join(im["url"].split("/")[-2:])
@@ -1625,7 +1761,8 @@ def main(argv=None):
                        + ", ".join(SYNTH_FILES.values()) + ". Image paths are relative to OUT/images.")
     p.add_argument("--out", default="synth", help="output directory (created; files in it are overwritten)")
     p.add_argument("--images", type=int, default=4000,
-                   help="pre-training images; the downstream pools get images/2 (train) and images/20 (val, test)")
+                   help=f"pre-training images (at least {MIN_SYNTH_IMAGES}); the downstream pools get images/2 (train) and "
+                        "images/20 (val, test); ~30 s for the default 4000")
     p.add_argument("--seed", type=int, default=0, help="the world is a function of this seed alone")
 
     p = sub.add_parser("check", help="validate data files and every image they name",
@@ -1654,6 +1791,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output file: .json for a JSON list, .jsonl for JSON lines")
 
     args = parser.parse_args(argv)
+    if args.command == "synth" and args.images < MIN_SYNTH_IMAGES:
+        parser.error(f"--images must be at least {MIN_SYNTH_IMAGES}, got {args.images}")
     if args.command == "synth":
         counts = synthesize(args.out, images=args.images, seed=args.seed)
         print(f"wrote the synthetic world to {args.out}/ (images under {args.out}/{SYNTH_FILES['images']}/):")
@@ -1679,5 +1818,25 @@ def main(argv=None):
     return 0
 
 
+def run_cli(main, argv=None):
+    """Run a command line's main: a user's mistake (bad data, a missing file, a refused checkpoint)
+    ends with one line naming it and exit status 1, not a traceback; --debug on the command line, or
+    XVLM_DEBUG=1, shows the traceback. Ctrl-C ends with status 130."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("XVLM_DEBUG") == "1"
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        if debug:
+            raise
+        print(f"error: {e} (--debug shows where)", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

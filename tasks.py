@@ -16,8 +16,8 @@ then loading a pre-trained X-VLM into a task model and the table `train.py --tas
 
 Every loss takes (model, batch) and returns a dict of named 0-dim tensors with the sum in "loss";
 each batch contract is in its loss's docstring; every evaluation returns its metrics (percent)
-with `chance`, what a random or majority guess scores on the same split. `TASKS` is the table
-`train.py --task NAME` runs. On raw images (PIL or a path):
+with `chance`, what a random or majority guess scores on the same split. train.py's TASKS table
+wires them to data and flags. On raw images (PIL or a path):
 
     model, tok = xvlm.XVLM.from_checkpoint("runs/grounding/checkpoint.pt"), data.Tokenizer("synth/vocab.txt")
     tasks.score(model, "synth/images/val/00000.png", ["a red circle", "two squares"], tok)  # p_match each
@@ -29,11 +29,12 @@ with `chance`, what a random or majority guess scores on the same split. `TASKS`
 """
 
 import argparse
+import math
+import re
 import sys
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,8 +44,8 @@ from PIL import Image, ImageDraw
 
 import data
 import xvlm
-from xvlm import (XVLM, Attention, BertLayer, FusionEncoder, MLMHead, TextEmbeddings, box_corners, giou, itc_loss,
-                  key_mask, mlp_head)
+from xvlm import (XVLM, Attention, BertLayer, FusionEncoder, MLMHead, TextEmbeddings, bbox_loss, box_corners, box_iou,
+                  draw_negatives, giou, itc_loss, itm_loss, key_mask, mlp_head, sample_hard_negatives)
 
 
 # -----------------------------------------------------------------------------
@@ -97,11 +98,59 @@ def recall_at_k(scores_i2t, text_image, ks=(1, 5, 10), scores_t2i=None):
     return out
 
 
+# The official VQA evaluation (Antol et al.; vqaEval.py, which the paper's test-dev numbers come from)
+# normalises answers before comparing them. Its tables: 21 punctuation marks, number words, articles,
+# and contractions written without one of their apostrophes ("dont" -> "don't").
+VQA_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+               "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+VQA_ARTICLES = ("a", "an", "the")
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+    he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+    needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll
+    somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd
+    there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll
+    what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't
+    would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
+VQA_CONTRACTIONS = {c[:i] + c[i + 1:]: c for c in _CONTRACTED for i, ch in enumerate(c) if ch == "'"}
+VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # the official table's one entry the other way round
+# (Its "I'm", "I've", "I'd've" entries are keyed capitalised and never match lowercased words: left out.)
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # the official pattern "(?!<=\d)(\.)(?!\d)" strips every "." not before a digit
+
+
+def vqa_punctuation(text):
+    """The official processPunctuation: each mark is deleted where it touches a space (or the text
+    has a digit-comma-digit), else replaced by a space; then every '.' not followed by a digit goes."""
+    out = text
+    for p in VQA_PUNCTUATION:
+        glued = (p + " " in text or " " + p in text) or _DIGIT_COMMA_DIGIT.search(text) is not None
+        out = out.replace(p, "" if glued else " ")
+    return _PERIOD.sub("", out)
+
+
+def vqa_digits_articles(text):
+    """The official processDigitArticle: lowercase, number words to digits, articles dropped,
+    contractions restored."""
+    words = [VQA_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in VQA_ARTICLES)
+
+
+def vqa_score(predicted, answers):
+    """The official accuracy of one answer against the annotators' (VQA v2: ten): min(#others who
+    gave it / 3, 1) averaged over the leave-one-annotator-out subsets. As the official script, the
+    prediction is normalised in full, the annotators' answers only of their punctuation, and only
+    when they disagree."""
+    predicted = vqa_digits_articles(vqa_punctuation(predicted.replace("\n", " ").replace("\t", " ").strip()))
+    if len(set(answers)) > 1:
+        answers = [vqa_punctuation(a) for a in answers]
+    hits = [a == predicted for a in answers]
+    return sum(min(1.0, (sum(hits) - hit) / 3) for hit in hits) / len(hits)
+
+
 def vqa_accuracy(predicted, annotator_answers):
-    """VQA accuracy (Goyal et al.): an answer scores min(#annotators who gave it / 3, 1),
-    averaged over questions, percent. (The official script also averages this over the ten
-    leave-one-annotator-out subsets; the paper states the plain form used here.)"""
-    scores = [min(answers.count(p) / 3, 1.0) for p, answers in zip(predicted, annotator_answers, strict=True)]
+    """VQA accuracy (percent), the official evaluation's: vqa_score averaged over questions."""
+    scores = [vqa_score(p, answers) for p, answers in zip(predicted, annotator_answers, strict=True)]
     return 100.0 * sum(scores) / len(scores)
 
 
@@ -120,17 +169,9 @@ def vqa_accuracy_by_type(predicted, annotator_answers):
             for t in ("yes/no", "number", "other") if t in types}
 
 
-def box_iou(a, b, eps=1e-7):
-    """IoU of boxes a[i] and b[i], both (n, 4) normalised (cx, cy, w, h) as xvlm.giou -> (n,)."""
-    a, b = box_corners(a), box_corners(b)
-    area = lambda c: (c[:, 2:] - c[:, :2]).clamp(min=0).prod(-1)
-    inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
-    return inter / (area(a) + area(b) - inter).clamp(min=eps)
-
-
 def grounding_accuracy(pred, target):
     """RefCOCO+ accuracy: percent of predicted boxes with IoU >= 0.5 against the ground truth."""
-    return 100.0 * (box_iou(pred, target) >= 0.5).float().mean().item()
+    return 100.0 * (box_iou(pred, target)[0] >= 0.5).float().mean().item()
 
 
 def accuracy(predicted, labels):
@@ -165,7 +206,7 @@ def box_chance(boxes):
 def proposal_chance(proposals, proposal_mask, boxes):
     """Picking one of each text's proposals uniformly at random (weakly supervised grounding)."""
     B, P, _ = proposals.shape
-    hit = box_iou(proposals.reshape(B * P, 4), boxes.repeat_interleave(P, 0)).view(B, P) >= 0.5
+    hit = box_iou(proposals.reshape(B * P, 4), boxes.repeat_interleave(P, 0))[0].view(B, P) >= 0.5
     return 100.0 * ((hit & proposal_mask).sum(1) / proposal_mask.sum(1)).mean().item()
 
 
@@ -194,8 +235,7 @@ def model_device(model):
 
 def fuse_image_text(model, images, text_ids, text_mask):
     """The cross-modal encoder's output for each (full-attention image, text) pair: (B, L, D)."""
-    image_embeds = model.encode_image(images)[0]
-    return model.fuse(model.encode_text(text_ids, text_mask), text_mask, image_embeds)
+    return model.fuse(model.encode_text(text_ids, text_mask), text_mask, model.encode_image(images))
 
 
 def copy_matching(dst, src):
@@ -223,17 +263,17 @@ def retrieval_loss(model, batch):
     the ITC target is uniform over them, and ITM never draws one of them as a hard negative.
     Returns {"loss", "itc", "itm"}.
     """
-    with torch.no_grad():
-        model.temp.clamp_(0.001, 0.5)
     text_mask, ids = batch["text_mask"].bool(), batch["image_ids"]
-    image_embeds = model.encode_image(batch["images"])[0]
+    image_embeds = model.encode_image(batch["images"])
     text_embeds = model.encode_text(batch["text_ids"], text_mask)
     image_feat, text_feat = model.image_features(image_embeds), model.text_features(text_embeds)
-    itc = itc_loss(image_feat, text_feat, model.temp, ids)
-    B = image_embeds.shape[0]
-    full = torch.ones(image_embeds.shape[:2], dtype=torch.bool, device=image_embeds.device)
-    itm = model.itm_loss(image_embeds, full, torch.arange(B, device=ids.device), text_embeds, text_mask,
-                         image_feat, text_feat, ids)
+    itc = itc_loss(image_feat, text_feat, model.temperature, ids)
+    with torch.no_grad():
+        neg_text, neg_image = sample_hard_negatives(image_feat @ text_feat.T / model.temperature, ids)
+    every = torch.arange(len(ids), device=ids.device)
+    texts, images = torch.cat([every, neg_text, every]), torch.cat([every, every, neg_image])
+    logits = model.itm_head(model.fuse(text_embeds[texts], text_mask[texts], image_embeds, image_index=images)[:, 0])
+    itm = itm_loss(logits[:len(ids)], logits[len(ids):])
     return {"loss": itc + itm, "itc": itc, "itm": itm}
 
 
@@ -251,7 +291,7 @@ def retrieval_features(model, image_batches, text_batches):
     text_batches yields (text_ids, text_mask) pairs, whose lengths may differ between batches.
     Like the authors, all image tokens stay in memory (COCO 5k at 384px: ~9 GB in fp32)."""
     device = model_device(model)
-    image_embeds = torch.cat([model.encode_image(images.to(device))[0] for images in image_batches])
+    image_embeds = torch.cat([model.encode_image(images.to(device)) for images in image_batches])
     texts = [(model.encode_text(ids.to(device), mask.to(device).bool()), mask.to(device).bool()) for ids, mask in text_batches]
     L = max(mask.shape[1] for _, mask in texts)
     text_embeds = torch.cat([F.pad(e, (0, 0, 0, L - e.shape[1])) for e, _ in texts])
@@ -397,8 +437,8 @@ class VQAModel(XVLM):
         return kept
 
     def init_new_modules(self, names):
-        if "decoder" in names:
-            self.init_decoder_from_fusion()
+        """Initialise the new modules `names` from the loaded weights; return the parameters left at init."""
+        return [f"decoder.{n}" for n in self.init_decoder_from_fusion()] if "decoder" in names else []
 
 
 def answer_log_likelihood(decoder, answer_ids, answer_mask, question_states, question_mask):
@@ -455,10 +495,10 @@ def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_
 
 
 def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
-    """VQA accuracy of the ranked answers, overall and per answer type ("yes/no", "number", "other"),
-    and `chance`, that of always giving the split's most common answer. batches yield
-    data.VQADataset's {images, text_ids, text_mask (the questions), answers, counts (each distinct
-    answer and how many annotators gave it)}; answer_list[c] is the string of candidate c."""
+    """VQA accuracy (the official evaluation's) of the ranked answers, overall and per answer type
+    ("yes/no", "number", "other"), and `chance`, that of always giving the split's most common answer.
+    batches yield data.VQADataset's {images, text_ids, text_mask (the questions), answers (every
+    annotator's)}; answer_list[c] is the string of candidate c."""
     device = model_device(model)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
     predicted, truth = [], []
@@ -466,7 +506,7 @@ def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
         b = to_device(batch, device)
         best = rank_answers(model, b["images"], b["text_ids"], b["text_mask"], answer_ids, answer_mask, k)
         predicted += [answer_list[c] for c in best.tolist()]
-        truth += [[a for a, n in zip(answers, counts) for _ in range(n)] for answers, counts in zip(b["answers"], b["counts"])]
+        truth += b["answers"]
     return {"vqa_acc": vqa_accuracy(predicted, truth), **vqa_accuracy_by_type(predicted, truth), "chance": vqa_chance(truth)}
 
 
@@ -505,8 +545,10 @@ class NLVR2Model(XVLM):
             second.load_state_dict(first.state_dict())
 
     def init_new_modules(self, names):
+        """Initialise the new modules `names` from the loaded weights; return the parameters left at init."""
         if "fusion_second" in names:
             self.init_second_blocks()
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] in set(names) - {"fusion_second"}]
 
     def fuse_pair(self, text_embeds, text_mask, image1_embeds, image2_embeds):
         """Text (B, L, D) through each doubled layer: the block over image 1, then the one over image 2."""
@@ -520,7 +562,7 @@ class NLVR2Model(XVLM):
 def nlvr2_logits(model, batch):
     """batch: images (B, 3, H, W) image 1, images2 (B, 3, H, W) image 2, text_ids (B, L), text_mask (B, L)."""
     B = batch["images"].shape[0]
-    image_embeds = model.encode_image(torch.cat([batch["images"], batch["images2"]]))[0]  # one ViT pass
+    image_embeds = model.encode_image(torch.cat([batch["images"], batch["images2"]]))  # one ViT pass
     text_mask = batch["text_mask"].bool()
     fused = model.fuse_pair(model.encode_text(batch["text_ids"], text_mask), text_mask, image_embeds[:B], image_embeds[B:])
     return model.cls_head(fused[:, 0])
@@ -547,9 +589,7 @@ def assignment_pairs(sim, ids=None, generator=None):
     same = ids[:, None] == ids[None, :]
     if bool(((~same).sum(1) < 2).any()):
         raise ValueError("text assignment: every image needs two others with a different id in the batch")
-    # + 1e-5 as xvlm.sample_hard_negatives: an underflowed negative can still be drawn
-    weights = (F.softmax(sim.float(), dim=1) + 1e-5).masked_fill(same, 0.0)
-    neg = torch.multinomial(weights, 2, generator=generator)  # (B, 2), without replacement
+    neg = draw_negatives(sim, same, k=2, generator=generator)  # (B, 2), without replacement
     labels = torch.randint(3, (B,), device=sim.device, generator=generator)
     own = torch.arange(B, device=sim.device)
     first = torch.where(labels == 0, own, neg[:, 0])
@@ -560,7 +600,7 @@ def assignment_pairs(sim, ids=None, generator=None):
 def text_assignment_logits(model, batch, generator=None):
     """batch: images (B, 3, H, W), text_ids (B, L), text_mask (B, L), optional image_ids (B,): image-text
     pairs, as retrieval's. Each image is encoded once; the pairs index into the batch."""
-    image_embeds = model.encode_image(batch["images"])[0]
+    image_embeds = model.encode_image(batch["images"])
     with torch.no_grad():
         feat = model.image_features(image_embeds)
         sim = feat @ feat.T / 0.07  # the authors' fixed temperature for this sampling
@@ -608,8 +648,8 @@ def evaluate_text_assignment(model, batches, seed=0):
 
 def predict_boxes(model, images, text_ids, text_mask):
     """Eq. (2) on the fused [CLS] of the full-attention image and the text: (B, 4) normalised cxcywh."""
-    fused = fuse_image_text(model, images, text_ids, text_mask.bool())
-    return model.bbox_head(fused[:, 0]).float().sigmoid()
+    text_mask = text_mask.bool()
+    return model.predict_boxes(model.encode_image(images), model.encode_text(text_ids, text_mask), text_mask)
 
 
 def grounding_loss(model, batch):
@@ -620,6 +660,19 @@ def grounding_loss(model, batch):
     l1 = (pred - target).abs().sum(-1).mean()
     g = (1.0 - giou(pred, target)).mean()
     return {"loss": l1 + g, "l1": l1, "giou": g}
+
+
+def grounding_pretrain_loss(model, batch):
+    """The supervised grounding pre-step (appendix B): "an additional pre-training step for 1 epoch
+    using L_bbox only" on the pre-training data's box-annotated records, before fine-tuning.
+    batch: data.pretrain_loader's; every region text locates its box in its full image (eqs. 2-3).
+    Returns {"loss", "bbox"}."""
+    boxed = (batch["text_box"] >= 0).nonzero().squeeze(1)
+    text_mask = batch["text_mask"].bool()[boxed]
+    pred = model.predict_boxes(model.encode_image(batch["images"]), model.encode_text(batch["text_ids"][boxed], text_mask),
+                               text_mask, batch["text_image"][boxed])
+    loss = bbox_loss(pred, batch["boxes"][batch["text_box"][boxed]].float())
+    return {"loss": loss, "bbox": loss}
 
 
 @torch.no_grad()
@@ -643,8 +696,7 @@ def gradcam(model, images, text_ids, text_mask, layer=2):
 
     layer: 2, the 3rd cross-modal layer, as the paper; clamped to the last layer of smaller
     models. The ITM head reads the [CLS] output alone, so in the last layer only the [CLS] row of
-    the map has a gradient: its words' maps are zero (draw_prediction, which shows them, reads the
-    last layer but one; ranking proposals on the tiny model's last layer scored 49% against 26%).
+    the map has a gradient and the words' maps are zero (draw_prediction reads the layer below).
     Returns heat (B, grid, grid), the mean over each text's real tokens, and per-word maps
     (B, L, grid, grid), zero at padding. Both are non-negative.
     """
@@ -653,11 +705,18 @@ def gradcam(model, images, text_ids, text_mask, layer=2):
     text_mask = text_mask.bool()
     B, L = text_ids.shape
     grid = model.cfg.grid
+    kept = []
+
+    def literal(q, k, v, mask):  # softmax(QK^T / sqrt(d) + M) V, keeping the probabilities
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, L, 1+N)
+        kept.append((scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(-1))
+        return kept[-1] @ v
+
     with evaluating(model):
         with torch.no_grad():
-            image_embeds = model.encode_image(images)[0]
+            image_embeds = model.encode_image(images)
             text_embeds = model.encode_text(text_ids, text_mask)
-        attn.keep_attention = True
+        attn.attend = literal  # on this one layer, instead of the fused kernel
         try:
             with torch.enable_grad():
                 # A leaf that needs grad: the map gets a gradient even with frozen weights, and
@@ -665,11 +724,10 @@ def gradcam(model, images, text_ids, text_mask, layer=2):
                 image_embeds.requires_grad_()
                 fused = model.fuse(text_embeds, text_mask, image_embeds)
                 score = model.itm_head(fused[:, 0])[:, 1].sum()  # samples are independent: one backward
-                grad, = torch.autograd.grad(score, attn.attention)
-            attention = attn.attention.detach()
+                grad, = torch.autograd.grad(score, kept[0])
         finally:
-            attn.keep_attention, attn.attention = False, None
-    cam = (grad.clamp(min=0) * attention)[..., 1:].mean(1)  # (B, L, N): heads averaged, image [CLS] dropped
+            del attn.attend
+    cam = (grad.clamp(min=0) * kept[0].detach())[..., 1:].mean(1)  # (B, L, N): heads averaged, image [CLS] dropped
     words = cam * text_mask[..., None]
     heat = words.sum(1) / text_mask.sum(1, keepdim=True)
     return heat.view(B, grid, grid), words.view(B, L, grid, grid)
@@ -734,7 +792,7 @@ def region_scores(model, images, text_ids, text_mask, proposals, proposal_mask=N
     keep = torch.ones(B, P, dtype=torch.bool, device=proposals.device) if proposal_mask is None else proposal_mask.bool()
     box_image = torch.arange(B, device=proposals.device)[:, None].expand(B, P)[keep]
     with evaluating(model):
-        _, regions, _ = model.encode_image(images, proposals[keep].float(), box_image)
+        _, regions, _ = model.encode_concepts(images, proposals[keep].float(), box_image)
         region_feat = model.image_features(regions)  # (K, E)
         text_feat = model.text_features(model.encode_text(text_ids, text_mask.bool()))  # (B, E)
     scores = torch.full((B, P), float("-inf"), device=proposals.device)
@@ -759,7 +817,7 @@ def load_pretrained(model, source):
     and key sets checked). A model key may be absent only if it belongs to one of the model's
     `new_modules`, and then the whole module must be; those modules are then initialised by the
     model from its loaded weights (the VQA decoder and the NLVR2 twins from the cross-modal
-    encoder). Returns the names of the modules initialised here.
+    encoder). Returns (the modules initialised so, the parameter names left at their random init).
     """
     state, source = xvlm.read_state_dict(source)
     new = getattr(model, "new_modules", ())
@@ -777,209 +835,9 @@ def load_pretrained(model, source):
         part = [k for k in state if k.startswith(m + ".")]
         if part:
             raise ValueError(f"{source}: holds part of {type(model).__name__}.{m} ({part[:3]}), not all of it")
-    xvlm.load_checkpoint(model, state, allow_missing=covered + [m + "." for m in fresh])
-    if fresh:
-        model.init_new_modules(fresh)
-    return fresh
-
-
-# -----------------------------------------------------------------------------
-# What `train.py --task NAME` runs: each task's model, loss, data and evaluation
-
-
-@dataclass
-class Files:
-    """Where a run's data is; train.py fills it from the flags or the synthetic world."""
-
-    train: list  # training records
-    val: list  # evaluation records
-    image_root: str
-    vocab: str
-    answer_list: str = None  # VQA's candidate answers
-    proposals: str = None  # weakly supervised grounding's proposal boxes
-    grounding_val: list = None  # pre-training's zero-shot grounding records
-
-
-class Counted:
-    """Iterate a loader's batches, counting the unreadable images it skipped (reported, not hidden)."""
-
-    def __init__(self, loader):
-        self.loader, self.skipped = loader, 0
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.skipped += batch.pop("skipped", 0)
-            yield batch
-
-
-def eval_batches(dataset, batch_size=64):
-    return Counted(torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate))
-
-
-def with_skipped(metrics, counted):
-    return {**metrics, "skipped_images": counted.skipped} if counted.skipped else metrics
-
-
-def retrieval_eval_data(files, tokenizer, cfg):
-    """The retrieval split's images (batches), texts (tokenised batches) and the image of each text,
-    leaving out the texts of images that turn out unreadable (counted in `skipped`)."""
-    ds = data.RetrievalEvalDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
-    images, kept = [], []
-    batches = eval_batches(ds)
-    for b in batches:
-        images.append(b["images"])
-        kept += b["index"].tolist()
-    row = {image: r for r, image in enumerate(kept)}
-    texts = [t for t in range(len(ds.texts)) if ds.txt2img[t] in row]
-    text_batches = [tokenizer.encode_batch([ds.texts[t] for t in texts[i:i + 256]], cfg.max_tokens)
-                    for i in range(0, len(texts), 256)]
-    return images, text_batches, torch.tensor([row[ds.txt2img[t]] for t in texts]), batches
-
-
-def run_retrieval_eval(model, files, tokenizer, cfg, args):
-    images, texts, text_image, counted = retrieval_eval_data(files, tokenizer, cfg)
-    return with_skipped(evaluate_retrieval(model, images, texts, text_image, k=args.rerank_k), counted)
-
-
-def run_grounding_eval(model, files, tokenizer, cfg, args):
-    batches = eval_batches(data.GroundingDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res))
-    return with_skipped(evaluate_grounding(model, batches), batches)
-
-
-def run_pretrain_eval(model, files, tokenizer, cfg, args):
-    """Zero-shot, straight after pre-training, each next to its chance level: retrieval by ITC + ITM
-    re-ranking; grounding by the pre-training bbox head (eq. 2), and, given proposals, by ranking
-    the proposal boxes as visual concepts against the text (region_scores)."""
-    out = {}
-    if files.val:
-        out["retrieval"] = run_retrieval_eval(model, files, tokenizer, cfg, args)
-    if files.grounding_val:  # the images are read once for both
-        counted = eval_batches(data.GroundingDataset(files.grounding_val, files.image_root, tokenizer, cfg.max_tokens,
-                                                     cfg.image_res, proposals=files.proposals))
-        batches = list(counted)
-        out["grounding"] = with_skipped(evaluate_grounding(model, batches), counted)
-        if files.proposals:
-            out["grounding_regions"] = with_skipped(evaluate_grounding_regions(model, batches), counted)
-    return out
-
-
-def run_vqa_eval(model, files, tokenizer, cfg, args):
-    answer_list = data.read_answer_list(files.answer_list)
-    answer_ids, answer_mask = tokenizer.encode_batch(answer_list, cfg.max_tokens)
-    batches = eval_batches(data.VQADataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res))
-    return with_skipped(evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=args.rerank_k), batches)
-
-
-def run_nlvr2_eval(model, files, tokenizer, cfg, args):
-    batches = eval_batches(data.NLVR2Dataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res))
-    return with_skipped(evaluate_nlvr2(model, batches), batches)
-
-
-def run_assignment_eval(model, files, tokenizer, cfg, args):
-    """The pre-step's accuracy on the retrieval split's images, each with its first caption."""
-    ds = data.RetrievalEvalDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
-    batches = eval_batches(ds)
-
-    def pairs():
-        for b in batches:
-            ids, mask = tokenizer.encode_batch([ds.texts[ds.img2txt[i][0]] for i in b["index"].tolist()], cfg.max_tokens)
-            yield {"images": b["images"], "text_ids": ids, "text_mask": mask}
-
-    return with_skipped(evaluate_text_assignment(model, pairs()), batches)
-
-
-def run_grounding_weak_eval(model, files, tokenizer, cfg, args):
-    batches = eval_batches(data.GroundingDataset(files.val, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
-                                                 proposals=files.proposals))
-    return with_skipped(evaluate_grounding_weak(model, batches), batches)
-
-
-def pretrain_loss(model, batch):
-    return model(batch)  # XVLM.forward is the pre-training loss, eq. (9)
-
-
-def retrieval_set(files, tokenizer, cfg, args):
-    return data.RetrievalTrainDataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
-                                      train=True, seed=args.seed, crop_scale=args.crop_scale or (0.5, 1.0))
-
-
-def vqa_set(files, tokenizer, cfg, args):
-    return data.VQADataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
-                           train=True, seed=args.seed, crop_scale=args.crop_scale or (0.5, 1.0))
-
-
-def nlvr2_set(files, tokenizer, cfg, args):
-    return data.NLVR2Dataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res,
-                             train=True, seed=args.seed, crop_scale=args.crop_scale or (0.5, 1.0))
-
-
-def grounding_set(files, tokenizer, cfg, args):
-    return data.GroundingDataset(files.train, files.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
-
-
-def train_loader(task, files, tokenizer, cfg, batch_size, args, rank=0, world_size=1):
-    """The task's training batches, epoch after epoch, resumable (state_dict / load_state_dict)."""
-    if task.train_set is None:  # pre-training: half image-text, half box-annotated images
-        return data.pretrain_loader(files.train, files.image_root, tokenizer, batch_size, cfg.image_res, cfg.max_tokens,
-                                    args.max_regions, args.workers, args.seed, rank, world_size,
-                                    crop_scale=args.crop_scale or (0.2, 1.0))
-    return data.TaskTrainLoader(task.train_set(files, tokenizer, cfg, args), batch_size, args.workers, args.seed,
-                                rank, world_size)
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task as `train.py --task NAME` runs it."""
-
-    build: Callable  # build(cfg) -> model; load_pretrained(model, checkpoint) puts an X-VLM into it
-    loss: Callable  # loss(model, batch) -> {"loss": total, name: term, ...}, 0-dim tensors
-    unused: tuple  # parameter prefixes the loss never reaches: train.py freezes them (DDP needs every gradient)
-    train_set: Callable  # train_set(files, tokenizer, cfg, args) -> a data.py dataset; None: pre-training
-    evaluate: Callable  # evaluate(model, files, tokenizer, cfg, args) -> metrics, each with "chance"
-    synth: dict  # the synthetic world's files (data.SYNTH_FILES keys): "train", "val", maybe more
-    tiny: dict  # defaults for the tiny preset on the synthetic world: steps, batch_size, lr, rerank_k
-
-
-class TaskLoss(nn.Module):
-    """A task model and its loss as one module: `TaskLoss(model, task.loss)(batch)`. DDP syncs
-    gradients correctly only for work done inside its forward, and the losses call the model's
-    methods, so train.py wraps this in DDP (and saves `.model`, the unwrapped task model)."""
-
-    def __init__(self, model, loss):
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, batch):
-        return self.loss(self.model, batch)
-
-
-_ITC_ITM = ("vision_proj", "text_proj", "temp", "itm_head")  # the contrastive and matching heads
-
-TASKS = {
-    "pretrain": Task(XVLM, pretrain_loss, (), None, run_pretrain_eval,
-                     {"train": ["pretrain_captions", "pretrain_regions"], "val": ["retrieval_val"],
-                      "grounding_val": ["grounding_val"],
-                      "proposals": "grounding_proposals"},
-                     dict(steps=1200, batch_size=16, lr=5e-4, rerank_k=16)),
-    "retrieval": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), retrieval_set, run_retrieval_eval,
-                      {"train": ["retrieval_train"], "val": ["retrieval_val"]},
-                      dict(steps=300, batch_size=32, lr=5e-4, rerank_k=16)),
-    "vqa": Task(VQAModel, vqa_loss, _ITC_ITM + ("bbox_head", "mlm_head"), vqa_set, run_vqa_eval,
-                {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"},
-                dict(steps=1800, batch_size=32, lr=5e-4, rerank_k=8)),
-    "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, _ITC_ITM + ("bbox_head", "mlm_head", "cls_head"),
-                           retrieval_set, run_assignment_eval, {"train": ["retrieval_train"], "val": ["retrieval_val"]},
-                           dict(steps=300, batch_size=32, lr=5e-4, rerank_k=16)),
-    "nlvr2": Task(NLVR2Model, nlvr2_loss, _ITC_ITM + ("bbox_head", "mlm_head", "assign_head"), nlvr2_set,
-                  run_nlvr2_eval, {"train": ["nlvr2_train"], "val": ["nlvr2_val"]},
-                  dict(steps=1000, batch_size=32, lr=5e-4, rerank_k=16)),
-    "grounding": Task(XVLM, grounding_loss, _ITC_ITM + ("mlm_head",), grounding_set, run_grounding_eval,
-                      {"train": ["grounding_train"], "val": ["grounding_val"]},
-                      dict(steps=2000, batch_size=32, lr=5e-4, rerank_k=16)),
-    "grounding_weak": Task(XVLM, retrieval_loss, ("bbox_head", "mlm_head"), grounding_set, run_grounding_weak_eval,
-                           {"train": ["grounding_train"], "val": ["grounding_val"], "proposals": "grounding_proposals"},
-                           dict(steps=600, batch_size=32, lr=5e-4, rerank_k=16)),
-}
+    xvlm.load_checkpoint(model, state, allow_missing=covered + [m + "." for m in fresh], name=source)
+    left = model.init_new_modules(fresh) if fresh else []
+    return fresh, left
 
 
 # -----------------------------------------------------------------------------
@@ -987,14 +845,25 @@ TASKS = {
 
 
 def image_tensor(image, image_res):
-    """A PIL image or a path -> ((1, 3, res, res) normalised tensor, the RGB PIL image)."""
-    img = data.load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    """A PIL image or a path -> ((1, 3, res, res) normalised tensor, the RGB PIL image), through the
+    same conversion (data.to_rgb) either way."""
+    img = data.to_rgb(image) if isinstance(image, Image.Image) else data.load_image(image)
     return data.to_tensor(img.resize((image_res, image_res), Image.BICUBIC))[None], img
+
+
+def text_list(texts, what):
+    """A list of texts from a list or a single string; an empty one is refused."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError(f"{what}: no texts given")
+    return texts
 
 
 @torch.no_grad()
 def score(model, image, texts, tokenizer):
-    """p_match(I, T) of the ITM head for each text (n,): how well each text describes the image."""
+    """p_match(I, T) of the ITM head for each text (a list, or one string): (n,), how well each
+    text describes the image."""
+    texts = text_list(texts, "score")
     with evaluating(model):
         x, _ = image_tensor(image, model.cfg.image_res)
         ids, mask = tokenizer.encode_batch([data.clean_caption(t) for t in texts], model.cfg.max_tokens)
@@ -1005,22 +874,25 @@ def score(model, image, texts, tokenizer):
 
 @torch.no_grad()
 def ground(model, image, text, tokenizer):
-    """The box the text refers to, (x, y, w, h) in pixels of the image: the bbox head (eq. 2)."""
+    """The box the text refers to, (x, y, w, h) in pixels of the image, clipped to it: the bbox head (eq. 2)."""
     with evaluating(model):
         x, img = image_tensor(image, model.cfg.image_res)
         ids, mask = tokenizer.encode_batch([data.clean_caption(text)], model.cfg.max_tokens)
         device = model_device(model)
-        cx, cy, w, h = predict_boxes(model, x.to(device), ids.to(device), mask.to(device))[0].tolist()
+        x0, y0, x1, y1 = box_corners(predict_boxes(model, x.to(device), ids.to(device), mask.to(device)))[0].clamp(0, 1).tolist()
         W, H = img.size
-        return ((cx - w / 2) * W, (cy - h / 2) * H, w * W, h * H)
+        return (x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H)
 
 
 @torch.no_grad()
 def answer(model, image, question, answers, tokenizer, k=128):
-    """The candidate in `answers` that a VQAModel ranks first for the question."""
+    """The candidate in `answers` (a list of strings) that a VQAModel ranks first for the question."""
+    if not hasattr(model, "decoder"):
+        raise TypeError(f"answer needs a VQAModel (tasks.VQAModel.from_checkpoint of a vqa run), not a {type(model).__name__}")
+    answers = text_list(answers, "answer: candidate answers")
     x, _ = image_tensor(image, model.cfg.image_res)
     q_ids, q_mask = tokenizer.encode_batch([data.clean_caption(question)], model.cfg.max_tokens)
-    a_ids, a_mask = tokenizer.encode_batch(list(answers), model.cfg.max_tokens)
+    a_ids, a_mask = tokenizer.encode_batch(answers, model.cfg.max_tokens)
     device = model_device(model)
     best = rank_answers(model, x.to(device), q_ids.to(device), q_mask.to(device), a_ids.to(device), a_mask.to(device), k)
     return answers[best.item()]
@@ -1076,7 +948,7 @@ def main(argv=None):
     q.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)
     model = XVLM.from_checkpoint(args.checkpoint)
-    vocab = args.vocab or xvlm.read_file(args.checkpoint)[0].get("extra", {}).get("vocab")
+    vocab = args.vocab or xvlm.read_file(args.checkpoint)[0].get("extra", {}).get("settings", {}).get("vocab")
     if vocab is None:
         p.error(f"{args.checkpoint} names no vocabulary: pass --vocab")
     sheet = draw_prediction(model, args.image, args.text, data.Tokenizer(vocab), args.size)
@@ -1087,4 +959,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(data.run_cli(main))

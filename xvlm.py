@@ -1,37 +1,31 @@
 """
-X-VLM: multi-grained vision language pre-training (Zeng et al.), in one file.
+X-VLM: multi-grained vision language pre-training (Zeng, Zhang, Li; ICML 2022), in one file.
 
-Read top to bottom: the config, one attention module, the image encoder with mixed attention
-(paper 3.2, eq. 1), the BERT text and cross-modal ("fusion") encoders, the heads, the four
-pre-training losses (paper 3.3, eqs. 2-9) as small functions, the model that ties them together, and
-weight loading: DeiT / timm ViT and Hugging Face BERT through declarative key tables, and our checkpoints.
+Read top to bottom, it is the paper's section 3: the config; one attention module; the image
+encoder whose last layers use mixed attention (3.2, eq. 1); the BERT text and cross-modal encoders;
+the heads; the four pre-training losses as small functions (3.3, eqs. 2-9); and `XVLM.forward`,
+which ties them together. Loading public weights (DeiT / timm ViT, Hugging Face BERT, position
+embedding resampling) and our own checkpoints sits at the bottom.
 
-    import torch, xvlm
-    cfg = xvlm.XVLMConfig.tiny()
-    model = xvlm.XVLM(cfg)
-    batch = {
-        "images": torch.randn(2, 3, cfg.image_res, cfg.image_res),
-        "text_ids": torch.randint(1000, 2000, (3, 8)), "text_mask": torch.ones(3, 8, dtype=torch.bool),
-        "text_image": torch.tensor([0, 1, 1]),   # which image each text belongs to
-        "text_box": torch.tensor([-1, -1, 0]),   # text 2 describes box 0 (a region of image 1)
-        "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4]]), "box_image": torch.tensor([1]),
-    }
-    losses = model(batch)                     # {"loss", "itc", "itm", "mlm", "bbox"}
+    import data, xvlm
+    tok = data.Tokenizer("synth/vocab.txt")       # python data.py synth --out synth
+    cfg = xvlm.XVLMConfig.tiny(vocab_size=tok.vocab_size)
+    loader = data.pretrain_loader(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
+                                  "synth/images", tok, cfg, batch_size=8)
+    losses = xvlm.XVLM(cfg)(next(iter(loader)))    # {"loss", "itc", "itm", "mlm", "bbox"}
     losses["loss"].backward()
 
-`python -c "import xvlm; xvlm.XVLM(xvlm.XVLMConfig())"` builds X-VLM-base and prints its size.
+`python xvlm.py` builds X-VLM-base and prints its size.
 """
 
 import math
-import os
 import pickle
-import random
+import pickletools
 import re
-import tempfile
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -47,14 +41,15 @@ import torch.utils.checkpoint
 @dataclass
 class XVLMConfig:
     # Image encoder: ViT-B/16 as DeiT-base (paper 4.2), initialised from ImageNet-1k weights.
-    image_res: int = 256  # pre-training resolution; fine-tuning raises it to 384
+    image_res: int = 256  # pre-training resolution (4.2); fine-tuning raises it to 384
     patch_size: int = 16
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
-    local_layers: int = 4  # L2: the last layers are mixed (full + local copies); the first L1 = 8 full
+    local_layers: int = 4  # L2: the last layers are mixed (full + local copies); the first L1 = 8 full.
+    #                        vision_layers (every layer local) is Table 3's "w/o mixed attn"
     vision_mlp_ratio: float = 4.0
-    drop_path: float = 0.1  # stochastic depth of DeiT-base, linearly increasing over the layers
+    drop_path: float = 0.0  # stochastic depth; 0 in the authors' ViT builder (their Swin uses 0.1)
     # Text and cross-modal encoders: BERT-base layers 0-5 and 6-11 (paper 4.2).
     vocab_size: int = 30522  # bert-base-uncased
     text_width: int = 768
@@ -64,7 +59,7 @@ class XVLMConfig:
     text_mlp_dim: int = 3072
     max_positions: int = 512  # BERT's position table, so public weights load as they are
     type_vocab_size: int = 2  # BERT adds the token-type-0 embedding to every token; kept for parity
-    max_tokens: int = 25  # paper 4.2
+    max_tokens: int = 25  # paper 4.2 (the authors' configs: 40)
     dropout: float = 0.1  # BERT's hidden and attention-probability dropout
     # Activation checkpointing: keep only each ViT block's and BERT layer's input, and recompute the
     # rest in backward. Same losses and gradients; ~1/3 more compute for a fraction of the memory.
@@ -72,13 +67,19 @@ class XVLMConfig:
     # Heads and losses.
     embed_dim: int = 256  # g_v, g_w project [CLS] to 256-d (paper 3.3)
     temp: float = 0.07  # learnable; clamped to [0.001, 0.5]
-    mask_prob: float = 0.25  # paper 3.3: 25%, replaced 80/10/10
-    max_masks: int = 8  # as the authors' config: at most 8 masked tokens per text
+    # MLM (3.3): 25% of the tokens, replaced 80/10/10; the rest is the authors' TextMaskingGenerator
+    # (data.mask_text): whole words, spans of 2..mask_span_max tokens with probability mask_span_prob.
+    mask_prob: float = 0.25
+    max_masks: int = 8
+    mask_span_prob: float = 0.2
+    mask_span_max: int = 3
+    use_bbox_loss: bool = True  # False: Table 3's "w/o bbox loss"
     bbox_whole_image: bool = False  # put whole-image texts, target (0.5, 0.5, 1, 1), in the bbox loss
-    # Texts of equal words are positives of each other in itc and never itm negatives. Object
-    # labels repeat across images ("person", "red circle"): as one-hot targets they are false
-    # negatives, and the hardest ITM "negatives" (so many labelled wrong that ITM cannot learn).
-    equal_texts_positive: bool = True
+    # Positives in itc and itm. False: eq. (6) literally, one positive per (concept, text) pair, as the
+    # authors pre-train. True: pairs sharing a visual concept or a text of the same words are positives
+    # of each other (and never ITM negatives): object labels repeat across images ("person", "red
+    # circle"), and as one-hot targets they are false negatives and mislabelled ITM negatives.
+    equal_texts_positive: bool = False
     # Weights start as BERT's and timm's: normal, std 0.02, which suits width 768. A narrow model
     # trained from scratch learns much faster with ~1/sqrt(width) (tiny uses 0.1).
     init_std: float = 0.02
@@ -89,15 +90,21 @@ class XVLMConfig:
     mask_token_id: int = 103
 
     def __post_init__(self):
-        def need(ok, msg):
+        checks = [
+            (self.image_res % self.patch_size == 0, f"image_res={self.image_res} is not a multiple of patch_size={self.patch_size}"),
+            (0 <= self.local_layers <= self.vision_layers, f"local_layers={self.local_layers} must lie in [0, vision_layers={self.vision_layers}]"),
+            (self.vision_width % self.vision_heads == 0, f"vision_width={self.vision_width} is not divisible by vision_heads={self.vision_heads}"),
+            (self.text_width % self.text_heads == 0, f"text_width={self.text_width} is not divisible by text_heads={self.text_heads}"),
+            (3 <= self.max_tokens <= self.max_positions, f"max_tokens={self.max_tokens} must lie in [3, max_positions={self.max_positions}]: [CLS], a token, [SEP]"),
+            (0.0 < self.mask_prob < 1.0 and self.max_masks >= 1, "mask_prob must lie in (0, 1) and max_masks be >= 1"),
+            (0.0 <= self.mask_span_prob <= 1.0 and self.mask_span_max >= 2, "mask_span_prob must lie in [0, 1] and mask_span_max be >= 2"),
+            (0.0 < self.temp <= 0.5, f"temp={self.temp} must lie in (0, 0.5]"),
+            (max(self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id) < self.vocab_size,
+             f"vocab_size={self.vocab_size} must exceed every special token id"),
+        ]
+        for ok, message in checks:
             if not ok:
-                raise ValueError(f"XVLMConfig: {msg}")
-        need(self.image_res % self.patch_size == 0, f"image_res={self.image_res} is not a multiple of patch_size={self.patch_size}")
-        need(0 <= self.local_layers <= self.vision_layers, f"local_layers={self.local_layers} must lie in [0, vision_layers={self.vision_layers}]")
-        need(self.vision_width % self.vision_heads == 0, f"vision_width={self.vision_width} is not divisible by vision_heads={self.vision_heads}")
-        need(self.text_width % self.text_heads == 0, f"text_width={self.text_width} is not divisible by text_heads={self.text_heads}")
-        need(self.max_tokens <= self.max_positions, f"max_tokens={self.max_tokens} exceeds max_positions={self.max_positions}")
-        need(0.0 < self.mask_prob < 1.0 and self.max_masks >= 1, "mask_prob must lie in (0, 1) and max_masks be >= 1")
+                raise ValueError(f"XVLMConfig: {message}")
 
     @property
     def grid(self):
@@ -107,10 +114,10 @@ class XVLMConfig:
     def tiny(cls, **overrides):
         """A CPU-sized X-VLM for tests and the synthetic demo: 64px images on an 8x8 patch grid."""
         small = dict(image_res=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=4,
-                     local_layers=2, drop_path=0.0, text_width=96, text_heads=4, text_layers=2,
-                     fusion_layers=2, text_mlp_dim=384, max_positions=64, dropout=0.0, embed_dim=64, init_std=0.1)
-        small.update(overrides)
-        return cls(**small)
+                     local_layers=2, text_width=96, text_heads=4, text_layers=2, fusion_layers=2,
+                     text_mlp_dim=384, max_positions=64, dropout=0.0, embed_dim=64, init_std=0.1,
+                     equal_texts_positive=True)  # the synthetic world repeats each object text in most batches
+        return cls(**{**small, **overrides})
 
     def to_dict(self):
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -121,17 +128,13 @@ class XVLMConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention for ViT self-attention, text self-attention and cross-attention.
+    """Multi-head attention: ViT and text self-attention, and cross-attention from text to image.
 
     Self-attention (kv_dim=None) projects q, k, v with one fused matrix, as timm's ViT does.
-    Cross-attention projects queries from x and keys/values (fused) from `context`, which may be
-    wider or narrower than x. `mask` is boolean, True = may attend, broadcastable to
-    (B, heads, Lq, Lk). With `context_index` (B,), row b attends to context[context_index[b]]:
-    keys and values are projected once per distinct context, not once per query row, which is
-    what makes pairing many texts with few images cheap. `context_kv`, when given, is self.kv(context)
-    computed beforehand, so that several calls on the same context share one projection (`context` is
-    then not read). Set `keep_attention = True` to compute softmax(QK^T/sqrt(d) + M) V
-    literally and keep the probabilities in `self.attention` (with their gradient), for Grad-CAM.
+    Cross-attention projects queries from x and keys/values (fused) from `context`, whose width may
+    differ. With `context_index` (B,), row b attends to context[context_index[b]]: keys and values
+    are projected once per context row, not once per query row, which makes pairing many texts with
+    few visual concepts cheap. `mask` is boolean, True = may attend, broadcastable to (B, heads, Lq, Lk).
     """
 
     def __init__(self, dim, heads, kv_dim=None, dropout=0.0):
@@ -143,29 +146,21 @@ class Attention(nn.Module):
             self.q = nn.Linear(dim, dim)
             self.kv = nn.Linear(kv_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.keep_attention = False
-        self.attention = None
 
-    def forward(self, x, mask=None, context=None, context_index=None, context_kv=None):
+    def forward(self, x, mask=None, context=None, context_index=None):
         D = x.shape[-1]
-        if context is None and context_kv is None:
+        if context is None:
             q, k, v = self.qkv(x).split(D, dim=-1)
         else:
-            kv = self.kv(context) if context_kv is None else context_kv
+            kv = self.kv(context)
             q, (k, v) = self.q(x), (kv if context_index is None else kv[context_index]).split(D, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, hd)
-        p = self.dropout if self.training else 0.0
-        if self.keep_attention:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, Lq, Lk)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            self.attention = scores.softmax(-1)
-            if self.attention.requires_grad:
-                self.attention.retain_grad()
-            y = F.dropout(self.attention, p, self.training) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.proj(y.transpose(1, 2).flatten(2))  # (B, Lq, D)
+        return self.proj(self.attend(q, k, v, mask).transpose(1, 2).flatten(2))  # (B, Lq, D)
+
+    def attend(self, q, k, v, mask):
+        """softmax(QK^T / sqrt(d) + M) V, fused. The one place attention probabilities exist:
+        tasks.gradcam replaces it on one layer with the literal form, which keeps them."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
 
 
 class Mlp(nn.Module):
@@ -224,8 +219,8 @@ def mixed_attention_mask(patch_mask):
     """The literal eq. (1) mask of each region copy: bool (R, 1+N, 1+N), True = may attend.
 
     Region j's positions {[CLS], p_1..p_M} attend only among themselves. Eq. (1) leaves the rows of
-    out-of-box positions fully masked, which would make NaNs in softmax that then leak through
-    V; they attend to themselves instead. Their outputs are never used.
+    out-of-box positions fully masked, which would make NaNs in softmax that then leak through V;
+    they attend to themselves instead. Their outputs are never used.
     """
     keep = F.pad(patch_mask, (1, 0), value=True)  # (R, 1+N): [CLS] + in-box patches
     mask = keep[:, :, None] & keep[:, None, :]
@@ -245,9 +240,7 @@ def gather_regions(x, patch_mask, box_index):
     order = torch.sort((~patch_mask).to(torch.uint8), dim=1, stable=True).indices[:, :M]  # (R, M)
     real = torch.arange(M, device=x.device) < counts[:, None]
     index = F.pad(order + 1, (1, 0), value=0)  # token positions in the (1+N) sequence, [CLS] first
-    mask = F.pad(real, (1, 0), value=True)
-    tokens = x[box_index[:, None], index]  # (R, 1+M, D)
-    return tokens, mask
+    return x[box_index[:, None], index], F.pad(real, (1, 0), value=True)  # (R, 1+M, D), (R, 1+M)
 
 
 def sincos_pos_embed(dim, grid):
@@ -298,25 +291,28 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
 
-    def forward(self, images, patch_mask=None, box_index=None):
-        """images (B, 3, H, W); patch_mask (R, N) and box_index (R,) for R regions, or None.
-        Returns image tokens (B, 1+N, D) and, with regions, region tokens (R, 1+M, D) + mask (R, 1+M)."""
+    def forward(self, images):
+        """images (B, 3, H, W) -> image tokens (B, 1+N, D), full attention throughout."""
+        x = self.embed(images)
+        for block in self.blocks:
+            x = run_layer(block, self.checkpointing, x)
+        return self.norm(x)
+
+    def forward_mixed(self, images, patch_mask, box_index):
+        """The mixed layers' fast path for R regions: patch_mask (R, N), box_index (R,) their images.
+        Returns image tokens (B, 1+N, D), region tokens (R, 1+M, D) and their mask (R, 1+M)."""
         x = self.embed(images)
         for block in self.blocks[:self.first_local]:
             x = run_layer(block, self.checkpointing, x)
-        if patch_mask is None:
-            for block in self.blocks[self.first_local:]:
-                x = run_layer(block, self.checkpointing, x)
-            return self.norm(x), None, None
         regions, mask = gather_regions(x, patch_mask, box_index)
         for block in self.blocks[self.first_local:]:
             x = run_layer(block, self.checkpointing, x)  # the full-attention copy
-            regions = run_layer(block, self.checkpointing, regions, key_mask(mask))  # local attention within [CLS] + box
+            regions = run_layer(block, self.checkpointing, regions, key_mask(mask))  # local: [CLS] + the box
         return self.norm(x), self.norm(regions), mask
 
     def forward_literal(self, images, patch_mask, box_index):
-        """Reference for the mixed layers, as eq. (1) is written (and as the authors' ViT runs it):
-        a full (1+N)-token copy per region under the mixed_attention_mask. Returns image tokens
+        """Reference for forward_mixed, as eq. (1) is written (and as the authors' ViT runs it): a
+        full (1+N)-token copy per region under the mixed_attention_mask. Returns image tokens
         (B, 1+N, D), region copies (R, 1+N, D) and which of their positions are in the region."""
         x = self.embed(images)
         for block in self.blocks[:self.first_local]:
@@ -364,10 +360,10 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(d, eps=1e-12)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, context=None, context_mask=None, context_index=None, context_kv=None):
+    def forward(self, x, mask, context=None, context_mask=None, context_index=None):
         x = self.attn_norm(x + self.drop(self.attn(x, mask)))
-        if context is not None or context_kv is not None:
-            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context, context_index, context_kv)))
+        if context is not None:
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, context_mask, context, context_index)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
@@ -393,19 +389,13 @@ class FusionEncoder(nn.Module):
         self.layers = nn.ModuleList(BertLayer(cfg, cross=True) for _ in range(cfg.fusion_layers))
         self.checkpointing = cfg.grad_checkpointing
 
-    def project_images(self, image_embeds):
-        """Every layer's cross-attention keys/values of the visual tokens, [(C, S, 2D)] per layer: pass
-        them as `image_kv` to fuse several batches of texts with the same images, projecting them once."""
-        return [layer.cross_attn.kv(image_embeds) for layer in self.layers]
-
-    def forward(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None, image_kv=None):
-        x, mask = text_embeds, key_mask(attention_mask.bool())
+    def forward(self, text_embeds, text_mask, image_embeds, image_mask=None, image_index=None):
+        x, mask = text_embeds, key_mask(text_mask.bool())
         if image_mask is not None and image_index is not None:
             image_mask = image_mask[image_index]
         image_mask = key_mask(image_mask)
-        for i, layer in enumerate(self.layers):
-            kv = None if image_kv is None else image_kv[i]
-            x = run_layer(layer, self.checkpointing, x, mask, image_embeds, image_mask, image_index, kv)
+        for layer in self.layers:
+            x = run_layer(layer, self.checkpointing, x, mask, image_embeds, image_mask, image_index)
         return x
 
 
@@ -436,19 +426,21 @@ def box_corners(b):
     return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], dim=-1)
 
 
-def giou(a, b, eps=1e-7):
-    """Generalised IoU (Rezatofighi et al. 2019) of boxes a[i] and b[i], both (n, 4) cxcywh -> (n,).
-    Denominators are clamped at eps so degenerate (zero-area) boxes stay finite, value and
-    gradient, while every other box gets the exact value."""
+def box_iou(a, b, eps=1e-7):
+    """IoU and the area of the smallest box holding both, of boxes a[i] and b[i], both (n, 4)
+    cxcywh -> ((n,), (n,)). Denominators are clamped at eps, so degenerate boxes stay finite."""
     a, b = box_corners(a), box_corners(b)
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    union = area_a + area_b - inter
-    iou = inter / union.clamp(min=eps)
-    hull_wh = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0)
-    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    area = lambda c: (c[:, 2:] - c[:, :2]).clamp(min=0).prod(-1)
+    inter = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    union = area(a) + area(b) - inter
+    hull = (torch.maximum(a[:, 2:], b[:, 2:]) - torch.minimum(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    return inter / union.clamp(min=eps), union, hull
+
+
+def giou(a, b, eps=1e-7):
+    """Generalised IoU (Rezatofighi et al. 2019) of boxes a[i] and b[i], (n, 4) cxcywh -> (n,),
+    finite in value and gradient for degenerate (zero-area) boxes, exact for every other box."""
+    iou, union, hull = box_iou(a, b, eps)
     return iou - (hull - union) / hull.clamp(min=eps)
 
 
@@ -466,14 +458,14 @@ def world():
     return 0, 1
 
 
-def _all_sizes(n, device):
+def all_sizes(n, device):
     """The first-dimension size of every rank's tensor."""
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
     dist.all_gather(sizes, torch.tensor([n], device=device))
     return [int(s) for s in sizes]
 
 
-def _all_gather(x, sizes):
+def all_gather(x, sizes):
     """Concatenate every rank's x along dim 0; sizes may differ (padded for the collective)."""
     longest = max(sizes)
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0])).contiguous()
@@ -482,17 +474,18 @@ def _all_gather(x, sizes):
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-class _GatherWithGrad(torch.autograd.Function):
+class GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         rank, _ = world()
-        sizes = _all_sizes(x.shape[0], x.device)
+        sizes = all_sizes(x.shape[0], x.device)
         ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
-        return _all_gather(x, sizes)
+        return all_gather(x, sizes)
 
     @staticmethod
     def backward(ctx, grad):
         # Every rank's loss reads every rank's features: this rank's slice gets the sum of them.
+        # (The authors' AllGather returns only this rank's own part: 1/world_size of this gradient.)
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[ctx.start:ctx.start + ctx.n]
@@ -500,34 +493,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x):
     """All-gather along dim 0 keeping gradients; the identity at world size 1."""
-    return x if world()[1] == 1 else _GatherWithGrad.apply(x)
-
-
-def itc_loss(image_feat, text_feat, temp, ids=None):
-    """Contrastive loss, eqs. (4)-(6): L2-normalised features (n, E) of n (visual concept, text)
-    pairs; in-batch negatives; symmetric cross-entropy.
-
-    `ids` (n,) names each pair's visual concept: pairs sharing an id are all positives, with the
-    target uniform over them (appendix B). ids (n, k) give several names per pair (XVLM.forward:
-    the concept and the text's words): pairs sharing any of them are positives. Under DDP this
-    rank's rows are scored against the
-    global batch (features gathered with gradient) and the sum is scaled so that DDP's gradient
-    averaging gives exactly the loss and gradients of one process holding the whole batch.
-    """
-    rank, size = world()
-    n = image_feat.shape[0]
-    all_image, all_text = gather_with_grad(image_feat), gather_with_grad(text_feat)
-    sizes = _all_sizes(n, image_feat.device) if size > 1 else [n]
-    start, total = sum(sizes[:rank]), sum(sizes)
-    if ids is None:
-        ids = torch.arange(n, device=image_feat.device) + start
-    ids = ids.view(n, -1)  # (n, k)
-    all_ids = _all_gather(ids, sizes) if size > 1 else ids
-    positive = same_id(ids, all_ids).float()  # (n, total)
-    target = positive / positive.sum(1, keepdim=True)
-    i2t = -(F.log_softmax(image_feat @ all_text.T / temp, dim=1) * target).sum(1)
-    t2i = -(F.log_softmax(text_feat @ all_image.T / temp, dim=1) * target).sum(1)
-    return (i2t + t2i).sum() / 2 / total * size
+    return x if world()[1] == 1 else GatherWithGrad.apply(x)
 
 
 def same_id(a, b):
@@ -535,57 +501,63 @@ def same_id(a, b):
     return (a[:, None, :] == b[None, :, :]).any(-1)
 
 
-def text_key(input_ids, attention_mask):
-    """One int64 per text, equal for texts of equal tokens: a 62-bit polynomial hash (two 31-bit
-    halves, computed without int64 overflow), the same on every rank."""
-    ids = input_ids.masked_fill(~attention_mask.bool(), 0)
-    modulus = 2**31 - 1
-    halves = []
-    for base in (1_000_003, 999_983):
-        powers = torch.tensor([pow(base, t, modulus) for t in range(ids.shape[1])], device=ids.device)
-        halves.append((ids * powers).sum(1) % modulus)  # ids < 2^20, powers < 2^31: the sum fits
-    return halves[0] * 2**31 + halves[1]
+def itc_loss(image_feat, text_feat, temp, ids=None):
+    """Contrastive loss, eqs. (4)-(6): L2-normalised features (n, E) of n (visual concept, text)
+    pairs; in-batch negatives; symmetric cross-entropy.
+
+    ids=None: one-hot targets, each pair its own positive (eq. 6). ids (n,) or (n, k): pairs
+    sharing an id (in any column) are all positives, the target uniform over them (appendix B).
+    Under DDP each rank scores its rows against the global batch (features gathered with their
+    gradient), scaled so that DDP's gradient averaging gives exactly the loss and gradients of one
+    process holding the whole batch.
+    """
+    rank, size = world()
+    n = image_feat.shape[0]
+    sizes = all_sizes(n, image_feat.device) if size > 1 else [n]
+    start, total = sum(sizes[:rank]), sum(sizes)
+    ids = (torch.arange(n, device=image_feat.device) + start if ids is None else ids).view(n, -1)  # (n, k)
+    all_ids = all_gather(ids, sizes) if size > 1 else ids
+    positive = same_id(ids, all_ids).float()  # (n, total)
+    target = positive / positive.sum(1, keepdim=True)
+    i2t = -(F.log_softmax(image_feat @ gather_with_grad(text_feat).T / temp, dim=1) * target).sum(1)
+    t2i = -(F.log_softmax(text_feat @ gather_with_grad(image_feat).T / temp, dim=1) * target).sum(1)
+    return (i2t + t2i).sum() / 2 / total * size
 
 
-def sample_hard_negatives(sim_i2t, sim_t2i, ids=None):
-    """ITM hard negatives (paper 3.3): for each visual concept (row of sim_i2t) one text drawn from
-    softmax(sim) with the positives' weight zeroed, and for each text one concept likewise.
-    Square (n, n) similarities; `ids` as in itc_loss. Returns (text index per concept,
-    concept index per text), never a positive."""
-    n = sim_i2t.shape[0]
-    ids = torch.arange(n, device=sim_i2t.device) if ids is None else ids.view(n, -1)
+def draw_negatives(sim, exclude, k=1, generator=None):
+    """k indices per row drawn from softmax(sim) + 1e-5 (as the authors: a negative that softmax
+    underflows to 0 can still be drawn), never an `exclude` (n, m) column, without replacement.
+    Non-finite similarities (a diverged step) draw uniformly, so that the loss, not the sampler,
+    reports the problem. Rows excluding every column draw from all but themselves."""
+    weights = torch.nan_to_num(F.softmax(sim.float(), dim=1), nan=1.0) + 1e-5
+    weights = weights.masked_fill(exclude, 0.0)
+    hopeless = weights.sum(1, keepdim=True) == 0
+    own = torch.eye(*sim.shape, dtype=torch.bool, device=sim.device)
+    weights = torch.where(hopeless & ~own, 1.0, weights)
+    return torch.multinomial(weights, k, generator=generator)  # (n, k)
+
+
+def sample_hard_negatives(sim, ids=None):
+    """ITM hard negatives (paper 3.3): sim (n, n) relates pair i's concept to pair j's text. For each
+    concept one text drawn by following p_v2t (eq. 4), and for each text one concept by p_t2v, with
+    positives (ids as in itc_loss) excluded. Returns (text index per concept, concept index per text)."""
+    n = sim.shape[0]
+    ids = torch.arange(n, device=sim.device) if ids is None else ids
     positive = same_id(ids.view(n, -1), ids.view(n, -1))
-    if bool(positive.all(1).any()):  # one host sync, for this error rather than multinomial's
-        raise ValueError("ITM hard negatives: a batch needs at least two distinct visual concepts")
-
-    def draw(sim):
-        # + 1e-5 as the authors: a negative that softmax underflows to 0 can still be drawn
-        weights = (F.softmax(sim.float(), dim=1) + 1e-5).masked_fill(positive, 0.0)
-        return torch.multinomial(weights, 1).squeeze(1)
-
-    return draw(sim_i2t), draw(sim_t2i)
+    return draw_negatives(sim, positive)[:, 0], draw_negatives(sim.T, positive)[:, 0]
 
 
-def mask_tokens(input_ids, attention_mask, vocab_size, mask_token_id, special_ids, prob=0.25,
-                max_masks=8, generator=None):
-    """MLM corruption (paper 3.3): choose `prob` of each text's maskable tokens (real tokens that
-    are not special), at least one and at most `max_masks`; replace 80% of the chosen with [MASK],
-    10% with a random token, leave 10% unchanged. Returns (masked_ids, labels), labels -100 where
-    not chosen."""
-    rand = lambda: torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
-    maskable = attention_mask.bool() & ~torch.isin(input_ids, torch.as_tensor(special_ids, device=input_ids.device))
-    score = rand().masked_fill(~maskable, 2.0)  # non-maskable sort last
-    # Bernoulli(prob) per token, then clamp the count to [1, max_masks]; the chosen tokens are the
-    # lowest-scoring ones, which is exactly {score < prob} when the count is not clamped.
-    count = (score < prob).sum(1).clamp(1, max_masks)
-    rank = score.argsort(1).argsort(1)
-    chosen = (rank < count[:, None]) & maskable
-    labels = input_ids.masked_fill(~chosen, -100)
-    action = rand()
-    random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, generator=generator)
-    masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_token_id), input_ids)
-    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
-    return masked, labels
+def itm_loss(positive_logits, negative_logits):
+    """Eq. (7): cross-entropy of the ITM head's (n, 2) logits on matched pairs (label 1) and on
+    hard negatives (label 0)."""
+    logits = torch.cat([positive_logits, negative_logits]).float()
+    labels = (torch.arange(len(logits), device=logits.device) < len(positive_logits)).long()
+    return F.cross_entropy(logits, labels)
+
+
+def mlm_loss(logits, labels):
+    """Eq. (8): cross-entropy of the predicted tokens at the masked positions, (m, vocab) and (m,)."""
+    return F.cross_entropy(logits.float(), labels)
 
 
 # -----------------------------------------------------------------------------
@@ -594,6 +566,16 @@ def mask_tokens(input_ids, attention_mask, vocab_size, mask_token_id, special_id
 
 def num_params(module):
     return sum(p.numel() for p in module.parameters())
+
+
+def concept_bank(image_embeds, region_embeds, region_mask):
+    """Every visual concept of the batch in one padded tensor, images first, then regions, so any
+    text can be fused with any concept in one batched call: (B+R, 1+N, D) and mask (B+R, 1+N)."""
+    B, S, _ = image_embeds.shape
+    image_mask = torch.ones(B, S, dtype=torch.bool, device=image_embeds.device)
+    pad = S - region_embeds.shape[1]
+    regions = F.pad(region_embeds, (0, 0, 0, pad))
+    return torch.cat([image_embeds, regions]), torch.cat([image_mask, F.pad(region_mask, (0, pad), value=False)])
 
 
 class XVLM(nn.Module):
@@ -619,9 +601,6 @@ class XVLM(nn.Module):
         patch = self.vision.patch_embed.weight
         nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
         nn.init.trunc_normal_(self.vision.cls_token, std=0.02)
-        sizes = self.param_counts()
-        print(f"XVLM: {sizes['vision'] / 1e6:.1f}M vision, {sizes['text+fusion'] / 1e6:.1f}M text+fusion, "
-              f"{sizes['total'] / 1e6:.1f}M parameters in all")
 
     def init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -639,7 +618,7 @@ class XVLM(nn.Module):
         if stored is None:
             raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
         model = cls(XVLMConfig(**{**stored, **overrides}))
-        _load_own(model, _state_dict(checkpoint, source), source)
+        load_checkpoint(model, state_dict_of(checkpoint, source), name=source)
         return model
 
     def param_counts(self):
@@ -648,25 +627,27 @@ class XVLM(nn.Module):
 
     # -- encoders ---------------------------------------------------------------
 
-    def encode_image(self, images, boxes=None, box_index=None):
-        """images (B, 3, H, W); boxes (R, 4) normalised cxcywh, box_index (R,) their images
-        (default: box r belongs to image r). Returns image_embeds (B, 1+N, D) with full
-        attention, and for regions region_embeds (R, 1+M, D) + region_mask (R, 1+M), else None."""
-        if boxes is None or boxes.shape[0] == 0:
-            return self.vision(images)
-        if box_index is None:
-            box_index = torch.arange(boxes.shape[0], device=boxes.device)
-        return self.vision(images, patch_mask(boxes, self.vision.grid), box_index)
+    def encode_image(self, images):
+        """images (B, 3, H, W) -> I-trans(V^0) = image_embeds (B, 1+N, D), full attention."""
+        return self.vision(images)
+
+    def encode_concepts(self, images, boxes, box_index):
+        """Every visual concept of the images (3.2): the images with full attention (B, 1+N, D),
+        and one region per box through mixed attention, region_embeds (R, 1+M, D) with region_mask
+        (R, 1+M). boxes (R, 4) normalised cxcywh, box_index (R,) the image of each box."""
+        if boxes.shape[0] == 0:
+            image_embeds = self.vision(images)
+            return image_embeds, image_embeds[:0, :1], torch.ones(0, 1, dtype=torch.bool, device=images.device)
+        return self.vision.forward_mixed(images, patch_mask(boxes, self.vision.grid), box_index)
 
     def encode_text(self, input_ids, attention_mask):
-        """(B, L) ids and mask -> (B, L, D) text encoder output."""
+        """(T, L) ids and mask -> (T, L, D) text encoder output."""
         return self.text(input_ids, attention_mask)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_mask=None, image_index=None, image_kv=None):
-        """Cross-modal encoder: text (B, L, D) attends to visual tokens (B, S, Dv) -> (B, L, D).
-        With image_index (B,), text b attends to image_embeds[image_index[b]] of (C, S, Dv).
-        image_kv: self.fusion.project_images(image_embeds), when several calls share the images."""
-        return self.fusion(text_embeds, attention_mask, image_embeds, image_mask, image_index, image_kv)
+    def fuse(self, text_embeds, text_mask, image_embeds, image_mask=None, image_index=None):
+        """Cross-modal encoder: text (T, L, D) attends to visual tokens (T, S, Dv) -> (T, L, D).
+        With image_index (T,), text t attends to image_embeds[image_index[t]] of (C, S, Dv)."""
+        return self.fusion(text_embeds, text_mask, image_embeds, image_mask, image_index)
 
     def image_features(self, image_embeds):
         return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # g_v(v_cls)
@@ -674,12 +655,21 @@ class XVLM(nn.Module):
     def text_features(self, text_embeds):
         return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)  # g_w(w_cls)
 
+    @property
+    def temperature(self):
+        return self.temp.clamp(0.001, 0.5)  # tau, learned (eqs. 4-5)
+
+    def predict_boxes(self, image_embeds, text_embeds, text_mask, image_index=None):
+        """Eq. (2): b_hat = sigmoid(MLP(x_cls)) from the full-attention image fused with the text, (T, 4) cxcywh."""
+        fused = self.fuse(text_embeds, text_mask, image_embeds, image_index=image_index)
+        return self.bbox_head(fused[:, 0]).float().sigmoid()
+
     # -- pre-training -------------------------------------------------------------
 
     def forward(self, batch):
         """The pre-training loss, eq. (9): L = L_bbox + L_cl + L_match + L_mlm.
 
-        batch (tensors on the model's device):
+        batch (tensors on the model's device; data.pretrain_loader makes them):
           images      (B, 3, H, W)  normalised images
           text_ids    (T, L) int64  token ids, [CLS] ... [SEP] [PAD]...
           text_mask   (T, L) bool   True for real tokens
@@ -687,95 +677,56 @@ class XVLM(nn.Module):
           text_box    (T,) int64    box of each region text (object or region), -1 for whole-image texts
           boxes       (R, 4)        normalised (cx, cy, w, h) of the region texts' boxes
           box_image   (R,) int64    image of each box
-          concept_ids (T,) int64    optional: a global id of each text's visual concept; texts
-                                    sharing one (or, with cfg.equal_texts_positive, the same
-                                    words) are positives of each other in itc and itm
+          mlm_ids     (T, L) int64  text_ids with the MLM corruption (data.mask_text)
+          mlm_labels  (T, L) int64  the original token where corrupted, -100 elsewhere
+          concept_ids, text_keys (T,) int64, with cfg.equal_texts_positive: ids of each text's visual
+                      concept and of its words; texts sharing either are positives of each other
         A region text is paired with its region's copy of the image (mixed attention) for itc,
         itm and mlm, and with the full image for bbox, which locates its box (paper 3.3).
         Returns {"loss", "itc", "itm", "mlm", "bbox"}, 0-dim tensors; loss is the sum.
         """
         cfg = self.cfg
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        images, boxes = batch["images"], batch["boxes"]
         text_ids, text_mask = batch["text_ids"], batch["text_mask"].bool()
-        text_image, text_box = batch["text_image"], batch["text_box"]
+        text_image, text_box, boxes = batch["text_image"], batch["text_box"], batch["boxes"]
+        B, T = batch["images"].shape[0], text_ids.shape[0]
 
-        image_embeds, region_embeds, region_mask = self.encode_image(images, boxes, batch["box_image"])
+        # Visual concepts (3.2): the images and a region copy per box, in one bank (B+R, 1+N, D).
+        image_embeds, region_embeds, region_mask = self.encode_concepts(batch["images"], boxes, batch["box_image"])
         bank, bank_mask = concept_bank(image_embeds, region_embeds, region_mask)
-        concept = torch.where(text_box >= 0, images.shape[0] + text_box, text_image)  # (T,) row in bank
-        ids = batch.get("concept_ids")
-        if ids is None:
-            # bank rows are unique only within this process; itc compares ids across ranks
-            ids = concept + (world()[0] << 32)
-        if cfg.equal_texts_positive:
-            ids = torch.stack([ids, text_key(text_ids, text_mask)], 1)  # (T, 2): same concept or same words
+        concept = torch.where(text_box >= 0, B + text_box, text_image)  # (T,) each text's row in the bank
+        ids = torch.stack([batch["concept_ids"], batch["text_keys"]], 1) if cfg.equal_texts_positive else None
 
+        # Contrastive learning, eqs. (4)-(6): s(V, T) between [CLS] features.
         text_embeds = self.encode_text(text_ids, text_mask)
-        image_feat = self.image_features(bank)[concept]  # (T, E): each text's visual concept
-        text_feat = self.text_features(text_embeds)
-        itc = itc_loss(image_feat, text_feat, self.temp, ids)
-        # itm, mlm and bbox each fuse texts with the bank's concepts: project their keys/values once.
-        bank_kv = self.fusion.project_images(bank)
-        itm = self.itm_loss(bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids, bank_kv)
-        mlm = self.mlm_loss(bank, bank_mask, concept, text_ids, text_mask, bank_kv)
-        # the bank's first B rows are the full-attention images, which the bbox loss reads
-        bbox = self.bbox_prediction_loss(bank, text_embeds, text_mask, text_image, text_box, boxes, bank_kv)
-        return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
+        image_feat, text_feat = self.image_features(bank)[concept], self.text_features(text_embeds)
+        itc = itc_loss(image_feat, text_feat, self.temperature, ids)
 
-    def bbox_prediction_loss(self, image_embeds, text_embeds, text_mask, text_image, text_box, boxes, image_kv=None):
-        """Eqs. (2)-(3): locate each region text's box from the full-attention image fused with
-        the text. Whole-image texts, box (0.5, 0.5, 1, 1), join only with cfg.bbox_whole_image.
-        image_embeds[text_image] are the images; image_kv as in fuse."""
-        whole = torch.tensor([0.5, 0.5, 1.0, 1.0], device=text_box.device)
-        target = whole.expand(text_box.shape[0], 4)
-        if boxes.shape[0]:
-            target = torch.where((text_box >= 0)[:, None], boxes[text_box.clamp(min=0)].float(), whole)
-        located = torch.ones_like(text_box, dtype=torch.bool) if self.cfg.bbox_whole_image else text_box >= 0
-        pick = located.nonzero().squeeze(1)  # one host sync: how many texts have a box is data
-        fused = self.fuse(text_embeds[pick], text_mask[pick], image_embeds, None, text_image[pick], image_kv)
-        pred = self.bbox_head(fused[:, 0]).float().sigmoid()  # eq. (2)
-        return bbox_loss(pred, target[pick])
-
-    def itm_loss(self, bank, bank_mask, concept, text_embeds, text_mask, image_feat, text_feat, ids, bank_kv=None):
-        """Eq. (7): each pair, plus one hard negative text per concept and one hard negative
-        concept per text (1 : 2), classified from the fused [CLS]. bank_kv as image_kv in fuse."""
-        T = concept.shape[0]
+        # The cross-modal encoder, in one pass for the three losses that need it. Matching (eq. 7):
+        # each pair, a hard negative text per concept and a hard negative concept per text.
+        # MLM (eq. 8): the corrupted text with its concept. Bbox (eqs. 2-3): each region text with its
+        # full-attention image (whole-image texts too, with cfg.bbox_whole_image).
         with torch.no_grad():
-            sim = image_feat @ text_feat.T / self.temp  # (T, T): concept of text i vs text j
-            neg_text, neg_concept = sample_hard_negatives(sim, sim.T, ids)
-        texts = torch.cat([torch.arange(T, device=concept.device), neg_text, torch.arange(T, device=concept.device)])
-        concepts = torch.cat([concept, concept, concept[neg_concept]])
-        fused = self.fuse(text_embeds[texts], text_mask[texts], bank, bank_mask, concepts, bank_kv)
-        logits = self.itm_head(fused[:, 0])
-        labels = (torch.arange(3 * T, device=logits.device) < T).long()  # pairs 1, negatives 0
-        return F.cross_entropy(logits.float(), labels)
+            neg_text, neg_concept = sample_hard_negatives(image_feat @ text_feat.T / self.temperature, ids)
+        located = (text_box >= 0) | cfg.bbox_whole_image if cfg.use_bbox_loss else torch.zeros_like(text_box, dtype=torch.bool)
+        boxed = located.nonzero().squeeze(1)  # one host sync: how many texts have a box is data
+        every = torch.arange(T, device=text_ids.device)
+        texts = torch.cat([every, neg_text, every])
+        fused = self.fuse(
+            torch.cat([text_embeds[texts], self.encode_text(batch["mlm_ids"], text_mask), text_embeds[boxed]]),
+            torch.cat([text_mask[texts], text_mask, text_mask[boxed]]),
+            bank, bank_mask, torch.cat([concept, concept, concept[neg_concept], concept, text_image[boxed]]))
+        matched, mlm_out, box_out = fused.split([3 * T, T, len(boxed)])
 
-    def mlm_loss(self, bank, bank_mask, concept, text_ids, text_mask, bank_kv=None):
-        """Eq. (8): predict masked tokens from the cross-modal encoder given the visual concept."""
-        cfg = self.cfg
-        special = [cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id]
-        masked, labels = mask_tokens(text_ids, text_mask, cfg.vocab_size, cfg.mask_token_id, special,
-                                     cfg.mask_prob, cfg.max_masks)
-        fused = self.fuse(self.encode_text(masked, text_mask), text_mask, bank, bank_mask, concept, bank_kv)
-        # Only masked positions reach the (vocab-sized) output layer. One host sync: how many were
-        # drawn is data. (Padding to max_masks slots per text avoids it, but doubles this layer's
-        # work: 19% of the tiny config's CPU step.)
-        chosen = labels != -100
-        logits = self.mlm_head(fused[chosen], self.text.embeddings.word.weight)
-        return F.cross_entropy(logits.float(), labels[chosen])
-
-
-def concept_bank(image_embeds, region_embeds, region_mask):
-    """Every visual concept of the batch in one padded tensor, images first, then regions, so any
-    text can be fused with any concept in one batched call: (B+R, 1+N, D) and mask (B+R, 1+N)."""
-    B, S, _ = image_embeds.shape
-    image_mask = torch.ones(B, S, dtype=torch.bool, device=image_embeds.device)
-    if region_embeds is None:
-        return image_embeds, image_mask
-    pad = S - region_embeds.shape[1]
-    regions = F.pad(region_embeds, (0, 0, 0, pad))
-    return torch.cat([image_embeds, regions]), torch.cat([image_mask, F.pad(region_mask, (0, pad), value=False)])
+        itm_logits = self.itm_head(matched[:, 0])
+        itm = itm_loss(itm_logits[:T], itm_logits[T:])
+        labels = batch["mlm_labels"]
+        chosen = labels != -100  # only masked positions reach the vocab-sized output (a host sync)
+        mlm = mlm_loss(self.mlm_head(mlm_out[chosen], self.text.embeddings.word.weight), labels[chosen])
+        whole = torch.tensor([0.5, 0.5, 1.0, 1.0], device=boxes.device)  # footnote 2: the image as a concept
+        target = boxes[text_box[boxed].clamp(min=0)].float() if len(boxes) else whole.expand(len(boxed), 4)
+        target = torch.where((text_box[boxed] >= 0)[:, None], target, whole)
+        bbox = bbox_loss(self.bbox_head(box_out[:, 0]).float().sigmoid(), target) if cfg.use_bbox_loss else itc.new_zeros(())
+        return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
 
 
 # -----------------------------------------------------------------------------
@@ -799,6 +750,8 @@ def _names(keys, most=12):
 def weights_file(path):
     """The file `path` names: itself, or the weights file in a directory."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or directory")
     if not path.is_dir():
         return path
     found = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
@@ -817,15 +770,43 @@ def read_file(source):
     if not path.name.endswith(WEIGHT_SUFFIXES):
         raise ValueError(f"{path}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
     if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(path), str(path)
+        try:
+            return safetensors.torch.load_file(path), str(path)
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True), str(path)
     except pickle.UnpicklingError as e:
-        # Anything but tensors and plain containers could run code when unpickled; torch names it.
-        why = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
-        raise ValueError(f"{path}: refused: it pickles objects other than tensors and plain containers "
-                         f"({why.group(0) if why else str(e).splitlines()[0]}); "
-                         f"save the weights as .safetensors or as a plain state dict") from e
+        # Anything but tensors and plain containers could run code when unpickled: name what it imports.
+        named = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) or foreign_globals(path)
+        if named:
+            raise ValueError(f"{path}: refused: unpickling it would import {', '.join(named[:3])}, which can run code; "
+                             f"save the weights as .safetensors or as a plain state dict") from e
+        raise ValueError(f"{path}: not a PyTorch checkpoint (the weights-only unpickler cannot read it)") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint, truncated or corrupt? ({str(e).splitlines()[0]})") from e
+
+
+def foreign_globals(path):
+    """The module.name globals other than torch's that a pickle (or a torch zip archive's data.pkl)
+    would import, read from its opcodes without unpickling; [] when it is not a pickle at all."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                raw = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            raw = Path(path).read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # noqa: BLE001 -- not a readable pickle: nothing to name
+        return []
+    return [g for g in dict.fromkeys(found) if not g.startswith(("torch.", "collections.OrderedDict"))]
 
 
 def stored_config(checkpoint, source):
@@ -840,35 +821,35 @@ def stored_config(checkpoint, source):
     return stored
 
 
-def _state_dict(obj, name):
+def state_dict_of(obj, name):
     """The state dict in a file's object, unwrapping {"model": ...} as DeiT releases and our checkpoints store it."""
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict):
         raise ValueError(f"{name}: holds a {type(obj).__name__}, not a state dict")
-    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
     if not_tensors:
-        raise ValueError(f"{name}: not a state dict: {_names(not_tensors)} are not tensors")
+        raise ValueError(f"{name}: not a state dict of named tensors: {_names(not_tensors)}")
     return obj
 
 
 def read_state_dict(source):
     """(state dict, name) from a dict, a file (.safetensors .bin .pt .pth .th) or a directory."""
     obj, name = read_file(source)
-    return _state_dict(obj, name), name
+    return state_dict_of(obj, name), name
 
 
 def resample_pos_embed(pos_embed, grid, prefix_tokens=1):
-    """Position embeddings (1, prefix + n*n, D) of an n x n patch grid -> (1, prefix + grid*grid, D),
-    as timm's resample_abs_pos_embed: the prefix ([CLS]) rows kept, the grid resized bicubically in
-    float32, the dtype restored. On the same grid it is the identity."""
+    """Position embeddings (1, prefix + n*n, D) of an n x n patch grid -> (1, prefix + grid*grid, D):
+    the prefix ([CLS]) rows kept, the grid resized bicubically in float32 as the authors'
+    interpolate_pos_embed (no antialiasing, unlike timm's default), the dtype restored. On the same
+    grid it is the identity."""
     prefix, patches = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
     n = math.isqrt(patches.shape[1])
     if n * n != patches.shape[1]:
         raise ValueError(f"resample_pos_embed: {patches.shape[1]} patch positions do not form a square grid")
     x = patches.float().unflatten(1, (n, n)).permute(0, 3, 1, 2)  # (1, D, n, n)
-    # antialias (as timm) matters only when shrinking: average the cells rather than skip some
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
     patches = x.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # (1, grid*grid, D)
     return torch.cat([prefix, patches], dim=1)
 
@@ -1005,7 +986,7 @@ def map_state_dict(state, pairs, rename=lambda k: k):
     return tensors, origin, problems
 
 
-def _assign(model, tensors, source, origin=None, problems=(), required=()):
+def assign(model, tensors, source, origin=None, problems=(), required=()):
     """Copy `tensors` (our names) into `model`, strictly: each must be one of the model's keys, of its
     shape (a VisionTransformer's pos_embed is resampled to the model's grid), and every `required`
     key must be there; otherwise raise, naming every problem at once, before anything is copied."""
@@ -1027,17 +1008,19 @@ def _assign(model, tensors, source, origin=None, problems=(), required=()):
     model.load_state_dict({**own, **tensors})  # strict: exactly the model's keys
 
 
-def _load_table(model, state, pairs, source, rename=lambda k: k, optional=()):
+def load_table(model, state, pairs, source, kind, rename=lambda k: k, optional=()):
     """Map, check and copy a foreign state dict; report the table's keys it did not fill (but those
     under `optional` prefixes, which this kind of checkpoint need not have)."""
     tensors, origin, problems = map_state_dict(state, pairs, rename)
-    _assign(model, tensors, source, origin, problems)
+    if not tensors and not problems:
+        raise ValueError(f"{source}: holds no {kind} weights ({len(state)} tensors, none of them {kind}'s)")
+    assign(model, tensors, source, origin, problems)
     scope = dict.fromkeys(ours for ours, _ in pairs if ours is not None)
     missing = [k for k in scope if k not in tensors and not k.startswith(optional)]
     return LoadReport(source, list(tensors), missing)
 
 
-def _depth(state, pattern):
+def depth(state, pattern):
     """How many layers a state dict holds, by a regex whose group is the layer index."""
     found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
     return max(found) + 1 if found else 0
@@ -1052,10 +1035,10 @@ def load_vit(model, source):
     if "dist_token" in state:
         raise ValueError(f"{source}: a distilled DeiT (dist_token): two prefix tokens where X-VLM's ViT has one; "
                          f"use the plain DeiT, e.g. deit_base_patch16_224")
-    depth, layers = _depth(state, r"blocks\.(\d+)\."), model.cfg.vision_layers
-    if depth > layers:
-        raise ValueError(f"{source}: {depth} ViT blocks, the model has {layers}; refusing to drop blocks {layers}-{depth - 1}")
-    return _load_table(model, state, vit_key_pairs(model.cfg), source)
+    blocks, layers = depth(state, r"blocks\.(\d+)\."), model.cfg.vision_layers
+    if blocks > layers:
+        raise ValueError(f"{source}: {blocks} ViT blocks, the model has {layers}; refusing to drop blocks {layers}-{blocks - 1}")
+    return load_table(model, state, vit_key_pairs(model.cfg), source, "ViT")
 
 
 def load_bert(model, source):
@@ -1069,86 +1052,32 @@ def load_bert(model, source):
     then not reported missing). Returns a LoadReport; raises ValueError as load_vit does."""
     state, source = read_state_dict(source)
     cfg = model.cfg
-    depth, layers = _depth(state, r"(?:bert\.)?encoder\.layer\.(\d+)\."), cfg.text_layers + cfg.fusion_layers
-    if depth > layers:
-        raise ValueError(f"{source}: {depth} BERT layers, the model has {cfg.text_layers} text + {cfg.fusion_layers} "
-                         f"fusion layers; refusing to drop layers {layers}-{depth - 1}")
+    layers, ours = depth(state, r"(?:bert\.)?encoder\.layer\.(\d+)\."), cfg.text_layers + cfg.fusion_layers
+    if layers > ours:
+        raise ValueError(f"{source}: {layers} BERT layers, the model has {cfg.text_layers} text + {cfg.fusion_layers} "
+                         f"fusion layers; refusing to drop layers {ours}-{layers - 1}")
     has_head = any(hf_bert_name(k).startswith("cls.predictions.") for k in state)
-    return _load_table(model, state, bert_key_pairs(cfg), source, hf_bert_name,
-                       optional=() if has_head else ("mlm_head.",))
+    return load_table(model, state, bert_key_pairs(cfg), source, "BERT", hf_bert_name,
+                      optional=() if has_head else ("mlm_head.",))
 
 
-# -- our own checkpoints ---------------------------------------------------------
-
-
-def rng_state():
-    """This process's random generators (torch CPU and CUDA, numpy, Python) as tensors and plain
-    lists, so that a checkpoint holding them loads with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-            "python": [version, list(mt), gauss_next]}
-
-
-def set_rng_state(state):
-    """The inverse of rng_state(): every generator continues where it was saved. CUDA states are
-    skipped on a machine without CUDA."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, mt, gauss_next = state["python"]
-    random.setstate((version, tuple(mt), gauss_next))
-
-
-def save_checkpoint(path, model, optimizer=None, scheduler=None, step=0, extra=None):
-    """Write {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"} to `path`.
-    `model` is the unwrapped module (not DDP or compiled), with a `cfg`. Atomic: written to a temporary
-    file beside `path`, then renamed over it, so a crash mid-write leaves the previous file whole.
-
-    To resume: XVLM.from_checkpoint(path), then build the optimizer and the scheduler as at the start,
-    then load their states and set_rng_state(checkpoint["rng"]). Footgun: a scheduler built after the
-    optimizer's state is loaded resets the learning rate to its step-0 value. Bit-exact resumption also
-    needs torch.use_deterministic_algorithms(True): index backward may accumulate in any order."""
-    path = Path(path)
-    checkpoint = {"model": model.state_dict(),
-                  "optimizer": None if optimizer is None else optimizer.state_dict(),
-                  "scheduler": None if scheduler is None else scheduler.state_dict(),
-                  "step": step, "config": model.cfg.to_dict(), "rng": rng_state(), "extra": extra or {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _load_own(model, state, source, prefix="", allow_missing=()):
-    """load_checkpoint on a state dict already read from `source`."""
+def load_checkpoint(model, source, prefix="", allow_missing=(), name=None):
+    """Load the weights of one of our checkpoints (a file, or a state dict of ours) into `model`,
+    strictly. A checkpoint made at another image_res is resampled to the model's grid (256 -> 384 to
+    fine-tune). For a downstream model wrapping an XVLM, `prefix` is where it sits ("xvlm.") and
+    `allow_missing` names the prefixes of new modules ("decoder.",) that the checkpoint lacks: they
+    come back in the report's `missing`. Any other missing or unexpected key, or a shape mismatch,
+    raises ValueError naming the file (or `name`, for a state dict read from one)."""
+    state, source = read_state_dict(source)
+    source = name or source
     allow = (allow_missing,) if isinstance(allow_missing, str) else tuple(allow_missing)
     tensors = {prefix + k: v for k, v in state.items()}
     own = model.state_dict()
-    _assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
+    assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
     return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
 
 
-def load_checkpoint(model, source, prefix="", allow_missing=()):
-    """Load the weights of one of our checkpoints (or a state dict of ours) into `model`, strictly.
-    A checkpoint made at another image_res is resampled to the model's grid (256 -> 384 to fine-tune).
-    For a downstream model wrapping an XVLM, `prefix` is where it sits ("xvlm.") and `allow_missing`
-    names the prefixes of the new modules ("vqa_decoder.",) that the checkpoint lacks: they are returned
-    in the report's `missing`. Any other missing or unexpected key, or a shape mismatch, raises ValueError."""
-    state, source = read_state_dict(source)
-    return _load_own(model, state, source, prefix, allow_missing)
-
-
 if __name__ == "__main__":
-    XVLM(XVLMConfig())
+    counts = XVLM(XVLMConfig()).param_counts()
+    print(f"X-VLM-base: {counts['vision'] / 1e6:.1f}M vision, {counts['text+fusion'] / 1e6:.1f}M text+fusion, "
+          f"{counts['total'] / 1e6:.1f}M parameters in all")
