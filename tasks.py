@@ -29,10 +29,13 @@ wires them to data and flags. On raw images (PIL or a path):
 """
 
 import argparse
+import json
 import math
 import re
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -226,7 +229,7 @@ def evaluating(model):
 
 
 def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def model_device(model):
@@ -371,7 +374,8 @@ def evaluate_retrieval(model, image_batches, text_batches, text_image, k=128, ch
         sims = f.image_feat @ f.text_feat.T  # s(I, T), cosine
         scores_i2t, scores_t2i = itm_rerank(model, sims, f.image_embeds, f.text_embeds, f.text_mask, k, chunk)
     metrics = recall_at_k(scores_i2t.cpu(), text_image.cpu(), ks, scores_t2i.cpu())
-    return {**metrics, "chance": retrieval_chance(sims.shape[0], text_image.cpu(), ks)}
+    constant = recall_at_k(torch.zeros(sims.shape), text_image.cpu(), ks)  # what a random ranking gets
+    return {**metrics, "chance": constant["r_mean"], "chance_txt_r1": constant["txt_r1"], "chance_img_r1": constant["img_r1"]}
 
 
 # -----------------------------------------------------------------------------
@@ -934,6 +938,134 @@ def draw_prediction(model, image, text, tokenizer, size=256):
     return sheet
 
 
+# -----------------------------------------------------------------------------
+# The paper's Table 3 on the synthetic world: `python tasks.py ablation`
+#
+# Each variant is pre-trained with the default recipe (train.ABLATIONS: its switches), evaluated
+# zero-shot, then fine-tuned on retrieval, VQA, NLVR2 and both groundings for fewer steps than the
+# tiny defaults (ABLATION_STEPS), so that 6 variants x 2 seeds fit in about two hours on 2 cores.
+# Every finished cell is a small JSON file under docs/ablation/: a rerun, even on a fresh machine,
+# skips those and finishes the table; an unfinished train run resumes from its checkpoint.
+
+ABLATION_VARIANTS = {"X-VLM": "none", "w/o object": "no_object", "w/o region": "no_region",
+                     "w/o bbox loss": "no_bbox_loss", "w/o mixed attn": "no_mixed_attn", "w/o all": "no_all"}
+ABLATION_STEPS = {"retrieval": 200, "vqa": 400, "nlvr2": 200, "grounding_pretrain": 300, "grounding": 400, "grounding_weak": 400}
+# (column, task, metric key, in Meta-Sum, in Meta-Sum*): R@1 for retrieval, as the paper's Table 3;
+# Meta-Sum sums the fine-tuned scores, Meta-Sum* leaves out supervised grounding, as the paper's *.
+ABLATION_COLUMNS = [
+    ("zero-shot r_mean", "pretrain", "retrieval.r_mean", False, False),
+    ("zero-shot region grounding", "pretrain", "grounding_regions.acc", False, False),
+    ("TR R@1", "retrieval", "txt_r1", True, True),
+    ("IR R@1", "retrieval", "img_r1", True, True),
+    ("VQA", "vqa", "vqa_acc", True, True),
+    ("NLVR2", "nlvr2", "acc", True, True),
+    ("grounding", "grounding", "acc", True, False),
+    ("weak grounding", "grounding_weak", "acc", True, True),
+]
+CHANCE_KEYS = {"retrieval.r_mean": "retrieval.chance", "grounding_regions.acc": "grounding_regions.chance",
+               "txt_r1": "chance_txt_r1", "img_r1": "chance_img_r1", "vqa_acc": "chance", "acc": "chance"}
+
+
+def lookup(metrics, key):
+    for part in key.split("."):
+        metrics = metrics[part]
+    return metrics
+
+
+def ablation_cell(variant, seed, workdir, say):
+    """Pre-train one variant with one seed, then every fine-tune; each train run resumes or is skipped
+    when it already finished. Returns {task: the run's evaluation}."""
+    import train  # train imports this module: a late import keeps the order of the files' reading
+
+    root = Path(workdir) / f"{ABLATION_VARIANTS[variant]}-seed{seed}"
+    init = lambda task: str(root / task / "checkpoint.pt")
+    runs = [("pretrain", "pretrain", ["--ablation", ABLATION_VARIANTS[variant]])]
+    # supervised grounding starts from its pre-step (L_bbox alone), as the paper's; the rest from pre-training
+    runs += [(task, f"{task}-{steps}", ["--steps", str(steps), "--init", init(f"grounding_pretrain-{ABLATION_STEPS['grounding_pretrain']}"
+                                                                           if task == "grounding" else "pretrain")])
+             for task, steps in ABLATION_STEPS.items()]
+    out = {}
+    for task, name, flags in runs:
+        run = root / name
+        if not (run / "metrics.json").exists():
+            say(f"  {task} ({variant}, seed {seed})")
+            resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
+            train.main(["--task", task, "--out", str(run), "--seed", str(seed), "--log-every", "100", *flags, *resume])
+        out[task] = json.loads((run / "metrics.json").read_text())["eval"]
+    return out
+
+
+def ablation_table(cells):
+    """The markdown table: each column's mean and half-range over seeds, Meta-Sums, chance."""
+    header = ["variant", "seeds"] + [c[0] for c in ABLATION_COLUMNS] + ["Meta-Sum", "Meta-Sum*"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for variant in ABLATION_VARIANTS:
+        runs = [c for c in cells if c["variant"] == variant]
+        if not runs:
+            continue
+        values = [[c["scores"][name] for c in runs] for name in [col[0] for col in ABLATION_COLUMNS] + ["Meta-Sum", "Meta-Sum*"]]
+        fmt = lambda v: f"{np.mean(v):.1f}" + (f" ± {(max(v) - min(v)) / 2:.1f}" if len(v) > 1 else "")
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(fmt(v) for v in values) + " |")
+    chance = cells[0]["chance"]
+    lines.append("| chance | | " + " | ".join(f"{chance[c[0]]:.1f}" for c in ABLATION_COLUMNS)
+                 + f" | {sum(chance[c[0]] for c in ABLATION_COLUMNS if c[3]):.1f} | {sum(chance[c[0]] for c in ABLATION_COLUMNS if c[4]):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_plot(cells, path):
+    """One bar per variant (its seeds' mean Meta-Sum), a dot per seed, drawn with PIL."""
+    variants = [v for v in ABLATION_VARIANTS if any(c["variant"] == v for c in cells)]
+    sums = {v: [c["scores"]["Meta-Sum"] for c in cells if c["variant"] == v] for v in variants}
+    lo = min(min(s) for s in sums.values()) - 10
+    hi = max(max(s) for s in sums.values()) + 5
+    W, H, left, bottom = 120 * len(variants) + 80, 360, 60, 50
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 8), "Meta-Sum on the synthetic world (bar: mean, dots: seeds)", fill="black")
+    y = lambda v: H - bottom - (v - lo) / (hi - lo) * (H - bottom - 40)
+    for tick in np.linspace(lo, hi, 5):
+        draw.line([(left - 4, y(tick)), (W - 10, y(tick))], fill=(230, 230, 230))
+        draw.text((4, y(tick) - 6), f"{tick:.0f}", fill="gray")
+    for i, v in enumerate(variants):
+        x0 = left + 20 + 120 * i
+        draw.rectangle([x0, y(np.mean(sums[v])), x0 + 70, y(lo)], fill=(31, 119, 180) if v == "X-VLM" else (150, 170, 190))
+        for s in sums[v]:
+            draw.ellipse([x0 + 31, y(s) - 4, x0 + 39, y(s) + 4], fill="black")
+        draw.text((x0, H - bottom + 8), v, fill="black")
+    img.save(path)
+
+
+def ablation(seeds=(0, 1), out="docs/ablation", workdir="runs/ablation", variants=tuple(ABLATION_VARIANTS)):
+    """Run (or finish) the table: every (variant, seed) cell not yet in `out`, then write
+    out/table.md and out/metasum.png. Returns the cells."""
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{ABLATION_VARIANTS[v]}-seed{s}.json").exists()]
+    start = time.time()
+    say = lambda message: print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    say(f"{len(todo)} of {len(seeds) * len(variants)} cells to run")
+    for n, (variant, seed) in enumerate(todo):
+        say(f"cell {n + 1}/{len(todo)}: {variant}, seed {seed}" + (
+            f" (eta {(time.time() - start) / n * (len(todo) - n) / 60:.0f} min)" if n else ""))
+        began = time.time()
+        evals = ablation_cell(variant, seed, workdir, say)
+        scores = {c[0]: lookup(evals[c[1]], c[2]) for c in ABLATION_COLUMNS}
+        scores["Meta-Sum"] = sum(scores[c[0]] for c in ABLATION_COLUMNS if c[3])
+        scores["Meta-Sum*"] = sum(scores[c[0]] for c in ABLATION_COLUMNS if c[4])
+        chance = {c[0]: lookup(evals[c[1]], CHANCE_KEYS[c[2]]) for c in ABLATION_COLUMNS}
+        cell = {"variant": variant, "seed": seed, "scores": scores, "chance": chance, "steps": ABLATION_STEPS,
+                "minutes": round((time.time() - began) / 60, 1)}
+        path = out / "cells" / f"{ABLATION_VARIANTS[variant]}-seed{seed}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(cell, indent=1) + "\n")
+        path.with_suffix(".tmp").replace(path)  # atomically: a cell file is whole or absent
+        say(f"cell done in {cell['minutes']} min: Meta-Sum {scores['Meta-Sum']:.1f}")
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    (out / "table.md").write_text(ablation_table(cells))
+    ablation_plot(cells, out / "metasum.png")
+    say(f"wrote {out / 'table.md'} and {out / 'metasum.png'} ({len(cells)} cells; this pass {(time.time() - start) / 60:.0f} min)")
+    return cells
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="X-VLM inference on one image.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -946,7 +1078,20 @@ def main(argv=None):
     q.add_argument("--out", required=True, help="PNG to write")
     q.add_argument("--vocab", help="vocab.txt (default: the one the checkpoint was trained with)")
     q.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
+    a = sub.add_parser("ablation", help="the paper's Table 3 on the synthetic world (about two hours on 2 cores)",
+                       description="Pre-train X-VLM and its five ablations (Table 3) with the default recipe, for each "
+                       "seed, evaluate zero-shot, fine-tune on every task, and write OUT/table.md and OUT/metasum.png. "
+                       "Finished cells are kept as OUT/cells/*.json: a rerun skips them. Run it in the background "
+                       "(nohup ... &); it logs progress, and a stopped run continues where it stopped.")
+    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every variant (default: 0 1)")
+    a.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS),
+                   metavar="VARIANT", help=f"a subset of the rows: {', '.join(ABLATION_VARIANTS)}")
+    a.add_argument("--out", default="docs/ablation", help="where the cells, the table and the plot go (default: docs/ablation)")
+    a.add_argument("--workdir", default="runs/ablation", help="the train runs' directories (default: runs/ablation)")
     args = p.parse_args(argv)
+    if args.command == "ablation":
+        ablation(args.seeds, args.out, args.workdir, args.variants)
+        return 0
     model = XVLM.from_checkpoint(args.checkpoint)
     vocab = args.vocab or xvlm.read_file(args.checkpoint)[0].get("extra", {}).get("settings", {}).get("vocab")
     if vocab is None:

@@ -2196,6 +2196,7 @@ def test_tasks_evaluate_retrieval_with_k_covering_everything_is_the_itm_ranking(
         itm = tasks.itm_scores(model, f.image_embeds, f.text_embeds, f.text_mask,
                                torch.arange(I).repeat_interleave(T), torch.arange(T).repeat(I)).view(I, T)
     assert got.pop("chance") == pytest.approx(tasks.retrieval_chance(I, text_image))
+    assert 0 < got.pop("chance_txt_r1") < 100 and 0 < got.pop("chance_img_r1") < 100
     assert got == pytest.approx(tasks.recall_at_k(itm, text_image))
     assert not model.training  # evaluation leaves the mode as it found it
     model.train()
@@ -2654,6 +2655,43 @@ def test_tasks_models_build_and_run_at_a_higher_resolution():
         assert torch.isfinite(train.TASKS[name].loss(model, batch)["loss"])
     heat, _ = tasks.gradcam(model, batch["images"][:2], batch["text_ids"][:2], batch["text_mask"][:2])
     assert heat.shape == (2, 12, 12)
+
+
+def fake_ablation_evals(value):
+    """What ablation_cell returns, every column's metric = value and its chance = 1."""
+    evals = {}
+    for _, task, key, _, _ in tasks.ABLATION_COLUMNS:
+        for path, v in ((key, value), (tasks.CHANCE_KEYS[key], 1.0)):
+            *parents, leaf = path.split(".")
+            d = evals.setdefault(task, {})
+            for part in parents:
+                d = d.setdefault(part, {})
+            d[leaf] = v
+    return evals
+
+
+def test_the_ablation_table_sums_as_the_paper_and_a_rerun_runs_only_missing_cells(tmp_path, monkeypatch):
+    calls = []
+    values = {("X-VLM", 0): 50.0, ("X-VLM", 1): 60.0, ("w/o all", 0): 40.0, ("w/o all", 1): 40.0}
+    monkeypatch.setattr(tasks, "ablation_cell", lambda v, s, workdir, say: calls.append((v, s)) or fake_ablation_evals(values[v, s]))
+    run = lambda: tasks.ablation(seeds=(0, 1), out=tmp_path, workdir=tmp_path / "runs", variants=("X-VLM", "w/o all"))
+    cells = run()
+    assert sorted(calls) == sorted(values) and len(cells) == 4
+    in_sum = sum(c[3] for c in tasks.ABLATION_COLUMNS)
+    in_star = sum(c[4] for c in tasks.ABLATION_COLUMNS)
+    assert (in_sum, in_star) == (6, 5)  # TR, IR, VQA, NLVR2, grounding, weak grounding; * leaves out grounding
+    cell = json.loads((tmp_path / "cells" / "none-seed1.json").read_text())
+    assert cell["scores"]["Meta-Sum"] == 6 * 60.0 and cell["scores"]["Meta-Sum*"] == 5 * 60.0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    xvlm_row, all_row, chance_row = (next(l for l in table if l.startswith(f"| {name} |")) for name in ("X-VLM", "w/o all", "chance"))
+    assert xvlm_row.endswith("| 330.0 ± 30.0 | 275.0 ± 25.0 |") and "| 2 |" in xvlm_row  # mean ± half the range
+    assert all_row.endswith("| 240.0 ± 0.0 | 200.0 ± 0.0 |")
+    assert chance_row.endswith("| 6.0 | 5.0 |")
+    with Image.open(tmp_path / "metasum.png") as plot:
+        assert plot.getextrema() != ((255, 255),) * 3
+    (tmp_path / "cells" / "no_all-seed1.json").unlink()
+    calls.clear()
+    assert len(run()) == 4 and calls == [("w/o all", 1)]  # finished cells are skipped
 
 
 # ---- bench.py ----

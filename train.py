@@ -540,7 +540,7 @@ def claim_out(out, settings):
     if settings.overwrite:
         for path in (checkpoint, metrics, log, out / "losses.png"):
             path.unlink(missing_ok=True)
-    held = [p.name for p in (checkpoint, metrics, log) if p.exists()]
+    held = [p.name for p in (checkpoint, metrics) if p.exists()]  # a log alone: a start that failed, appended to
     if settings.resume:
         if not checkpoint.exists():
             raise UsageError(f"--resume: {checkpoint} does not exist" + (f" ({out} holds {', '.join(held)})" if held else ""))
@@ -650,10 +650,6 @@ def setup_distributed(device_name=None):
     return rank, world_size, device
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def everywhere(ok, world_size, device):
     """Whether `ok` holds on every rank: all ranks must skip a step together, or DDP hangs."""
     if world_size == 1:
@@ -700,8 +696,8 @@ class StopRequest:
 
 
 def main(argv=None):
-    # Flags; the directory the run writes to (refused if it holds another run); the settings: the
-    # recipe and the flags, or the resumed run's own (refusing flags that would change it).
+    # 1. Flags; the directory the run writes to (refused if it holds another run); the settings:
+    #    the recipe and the flags, or on --resume the stored run's own.
     args, explicit = parse_args(argv)
     rank, world_size, device = setup_distributed(args.device)
     out = Path(args.out or f"runs/{args.task}")
@@ -710,27 +706,15 @@ def main(argv=None):
         dist.barrier()
         if rank != 0 and args.resume:
             previous = xvlm.read_file(out / "checkpoint.pt")[0]
-    settings, overrides = resolve(args, explicit)
-    if previous is not None:
-        stored = previous["extra"]["settings"]
-        check_resume(stored, previous["config"], args, explicit, overrides)
-        settings = TrainConfig(**{**stored, **{k: getattr(args, k) for k in RESUME_FREE}})
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs CUDA (use bf16 on CPU)")
+    settings, overrides = run_settings(args, explicit, previous, device)
     log = Log(out / "log.txt", rank)
     log("$ train.py " + " ".join(sys.argv[1:] if argv is None else argv))
     for path in (remove_partial_saves(out) if rank == 0 else []):
         log(f"removed {path}: a checkpoint write that a killed run left half done")
 
-    # Data, and every input the evaluation will need, checked before any compute.
-    if settings.data is None and rank == 0 and not data.synth_ready(settings.synth_dir):
-        log(f"writing the synthetic world to {settings.synth_dir}/ (once, ~30 s)")
-        data.synthesize(settings.synth_dir, seed=0)
-    if world_size > 1:
-        dist.barrier()
-    settings = data_files(settings)
+    # 2. Data, and every input the evaluation will need, checked before any compute.
+    settings, tokenizer = prepare_data(settings, rank, world_size, log)
     task = TASKS[settings.task]
-    tokenizer = data.Tokenizer(settings.vocab)
     cfg = XVLMConfig(**previous["config"]) if previous is not None else model_config(settings, overrides, tokenizer)
     if settings.batch_size < task.min_images:
         raise UsageError(f"--task {settings.task} needs --batch-size >= {task.min_images}, got {settings.batch_size}")
@@ -741,7 +725,8 @@ def main(argv=None):
     if evaluate_task is None:
         log("no evaluation data (--eval-data): training only, no evaluation at the end")
 
-    # Model: the same init on every rank (DDP broadcasts rank 0's anyway), then public weights.
+    # 3. Model: the same init on every rank (DDP broadcasts rank 0's anyway), then public weights;
+    #    what the task's loss never reaches is frozen, so that DDP waits for no gradient.
     torch.manual_seed(settings.seed)
     model = task.model(cfg)
     counts = model.param_counts()
@@ -750,151 +735,205 @@ def main(argv=None):
     fresh = load_weights(model, settings, task, log) if previous is None else set(previous["extra"]["fresh"])
     frozen = task.frozen + (("bbox_head",) if settings.task == "pretrain" and not cfg.use_bbox_loss else ())
     for name, p in model.named_parameters():
-        p.requires_grad_(not name.startswith(frozen))  # what the loss never reaches: DDP waits for nothing
-    model.to(device)
+        p.requires_grad_(not name.startswith(frozen))
 
-    # Optimizer and schedule: AdamW with the authors' betas, the recipe's schedule.
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr, fresh, settings.lr_mult),
-                                  lr=settings.lr, betas=(0.9, 0.98), eps=1e-8)
-    total = settings.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, settings.schedule, settings.warmup, settings.lr_ends))
-    scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-    step, history, skipped_steps, skipped_images = 0, [], 0, 0
+    # 4. Optimizer, schedule, and where the run stands; then train, evaluate, write the results.
+    run = Run(settings, task, model.to(device), fresh, loader, evaluate_task, out, log, rank, world_size, device)
     if previous is not None:
-        model.load_state_dict(previous["model"])
-        optimizer.load_state_dict(previous["optimizer"])
-        schedule.load_state_dict(previous["scheduler"])
-        extra = previous["extra"]
-        step, history = previous["step"], extra["history"]
-        skipped_steps, skipped_images = extra["skipped_steps"], extra["skipped_images"]
-        loader.load_state_dict(extra["data"])
-        scaler.load_state_dict(extra["scaler"])
-        rngs = extra["rng_all"]
-        set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0])
-        log(f"resumed {out / 'checkpoint.pt'} at step {step} of {total}, data position {extra['data']}")
-        if step >= total:
-            log(f"the run finished at step {step}; its metrics are in {out / 'metrics.json'}")
+        run.restore(previous)
+        if run.step >= run.total:
+            log(f"the run finished at step {run.step}; its metrics are in {out / 'metrics.json'}")
             return json.loads((out / "metrics.json").read_text()).get("eval", {}) if (out / "metrics.json").exists() else {}
     else:
         torch.manual_seed(settings.seed + rank)  # ranks draw different negatives and dropout
-
-    # What trains is the model and its loss as one module (DDP syncs what runs inside forward).
-    raw_model = model
-    model = TaskLoss(model, task.loss)
-    if settings.compile:
-        model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save():
-        rngs = gather_rng_states(world_size)
-        if rank == 0:
-            save_checkpoint(out / "checkpoint.pt", raw_model, optimizer, schedule, step, rng=rngs[0], extra={
-                "settings": dataclasses.asdict(settings), "fresh": sorted(fresh), "data": loader.state_dict(),
-                "scaler": scaler.state_dict(), "history": history, "skipped_steps": skipped_steps,
-                "skipped_images": skipped_images, "rng_all": rngs})
-
-    def evaluate():
-        metrics = {}
-        if rank == 0 and evaluate_task is not None:
-            raw_model.eval()
-            metrics = evaluate_task(raw_model)
-            raw_model.train()
-            log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items()))
-        if world_size > 1:
-            dist.barrier()
-        return metrics
-
-    log(f"{settings.task}: {total} steps of {settings.batch_size} images x {world_size} process(es) on {device}, "
-        f"lr {settings.lr:g} ({settings.schedule}), {settings.precision}, model {settings.config} "
-        f"({xvlm.num_params(raw_model) / 1e6:.1f}M parameters)" + (f", ablation {settings.ablation}" if settings.ablation != "none" else ""))
-    model.train()
-    batches = forever(loader)
-    sums, count, seen, t0, t_start, start_step, diverged = {}, 0, 0, time.time(), time.time(), step, 0
-    with StopRequest(log) as stop:
-        try:
-            while step < total:
-                batch = next(batches)
-                for u in batch.pop("skipped"):
-                    log(f"skipping unreadable image {u.path}: {u.reason}")
-                    skipped_images += 1
-                seen += len(batch["images"]) * world_size
-                why = None
-                if not everywhere(len(batch["images"]) >= task.min_images, world_size, device):
-                    why = f"only {len(batch['images'])} readable image(s), fewer than the {task.min_images} the loss needs"
-                else:
-                    with autocast:
-                        losses = model(to_device(batch, device))
-                    loss = losses["loss"].detach()
-                    if not everywhere(torch.isfinite(loss).item(), world_size, device):
-                        why = f"loss is not finite ({loss.item()})"
-                    elif not optimizer_step(losses["loss"], optimizer, scaler, raw_model, settings.grad_clip):
-                        why = "the gradient is not finite"
-                    else:
-                        for k, v in losses.items():
-                            sums[k] = sums.get(k, 0.0) + v.detach().float()
-                        count += 1
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                step += 1
-                if why:
-                    skipped_steps += 1
-                    log(f"step {step}: {why}, step skipped ({skipped_steps} so far)")
-                diverged = diverged + 1 if why and "finite" in why else 0
-                if diverged >= 20:
-                    raise UsageError(f"the loss or its gradient was not finite for {diverged} steps in a row (to step {step}): "
-                                     f"the weights have diverged; lower --lr (was {settings.lr:g}) or clip (--grad-clip)")
-
-                if (settings.log_every and step % settings.log_every == 0) or step == total:
-                    means = {k: (v / max(count, 1)).item() for k, v in sums.items()}
-                    if world_size > 1:
-                        reduced = torch.tensor(list(means.values()), device=device)
-                        dist.all_reduce(reduced)
-                        means = dict(zip(means, (reduced / world_size).tolist()))
-                    rate = seen / max(time.time() - t0, 1e-9)
-                    eta = (time.time() - t_start) / (step - start_step) * (total - step)
-                    if means:
-                        history.append({"step": step, **means})
-                    log(f"step {step}/{total}  " + "  ".join(f"{k} {v:.3f}" for k, v in means.items())
-                        + f"  lr {schedule.get_last_lr()[0]:.2e}  {rate:.1f} img/s  eta {fmt_time(eta)}"
-                        + (f"  skipped images {skipped_images}" if skipped_images else ""))
-                    sums, count, seen, t0 = {}, 0, 0, time.time()
-                if settings.eval_every and step % settings.eval_every == 0 and step < total:
-                    evaluate()
-                if settings.save_every and step % settings.save_every == 0 and step < total:
-                    save()
-                if not everywhere(not stop.requested, world_size, device):
-                    save()
-                    log(f"interrupted at step {step}: saved {out / 'checkpoint.pt'}; --resume continues the run")
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            if not stop.requested:
-                saved = xvlm.read_file(out / "checkpoint.pt")[0]["step"] if (out / "checkpoint.pt").exists() else None
-                log(f"interrupted at step {step}: " + (f"the last checkpoint, of step {saved}, is {out / 'checkpoint.pt'}; "
-                                                      f"--resume continues from it" if saved else "no checkpoint was saved yet"))
-            raise
-        except (ValueError, OSError) as e:
-            log(f"error at step {step}: {e}")
-            raise
-
-    save()
-    metrics = evaluate()
-    if rank == 0:
-        last = history[-1] if history else {}
-        summary = {"task": settings.task, "step": step, **{k: v for k, v in last.items() if k != "step"},
-                   "eval": metrics, "skipped_steps": skipped_steps, "skipped_images": skipped_images,
-                   "minutes": round((time.time() - t_start) / 60, 2)}
-        write_json(out / "metrics.json", summary)
-        plot_losses(history, out / "losses.png", f"X-VLM {settings.task} ({settings.config})")
-        log(f"wrote {out / 'metrics.json'}, {out / 'losses.png'} and {out / 'checkpoint.pt'}")
+    run.train()
+    metrics = run.finish()
     log.close()
     if world_size > 1:
         dist.destroy_process_group()
     return metrics
+
+
+def run_settings(args, explicit, previous, device):
+    """(settings, model overrides): resolve()'s, or the resumed run's own, refusing flags that differ."""
+    settings, overrides = resolve(args, explicit)
+    if previous is not None:
+        stored = previous["extra"]["settings"]
+        check_resume(stored, previous["config"], args, explicit, overrides)
+        settings = TrainConfig(**{**stored, **{k: getattr(args, k) for k in RESUME_FREE}})
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs CUDA (use bf16 on CPU)")
+    return settings, overrides
+
+
+def prepare_data(settings, rank, world_size, log):
+    """The synthetic world written if the run needs it; the settings with every data path; the tokenizer."""
+    if settings.data is None and rank == 0 and not data.synth_ready(settings.synth_dir):
+        log(f"writing the synthetic world to {settings.synth_dir}/ (once, ~30 s)")
+        data.synthesize(settings.synth_dir, seed=0)
+    if world_size > 1:
+        dist.barrier()
+    settings = data_files(settings)
+    return settings, data.Tokenizer(settings.vocab)
+
+
+class Run:
+    """A training run's state: the model, AdamW (the authors' betas) with the recipe's schedule, the
+    data position, the logged history and the skip counters; train() runs it to its last step."""
+
+    def __init__(self, settings, task, model, fresh, loader, evaluate_task, out, log, rank, world_size, device):
+        self.settings, self.task, self.model, self.fresh, self.loader = settings, task, model, fresh, loader
+        self.evaluate_task, self.out, self.log = evaluate_task, out, log
+        self.rank, self.world_size, self.device = rank, world_size, device
+        s = settings
+        self.optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay, s.lr, fresh, s.lr_mult),
+                                           lr=s.lr, betas=(0.9, 0.98), eps=1e-8)
+        self.total = s.steps
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total, s.schedule, s.warmup, s.lr_ends))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=s.precision == "fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        self.step, self.history, self.skipped_steps, self.skipped_images = 0, [], 0, 0
+
+    def restore(self, previous):
+        """Continue a checkpoint: weights, optimizer, schedule, scaler, data position, history, RNG."""
+        self.model.load_state_dict(previous["model"])
+        self.optimizer.load_state_dict(previous["optimizer"])
+        self.schedule.load_state_dict(previous["scheduler"])
+        extra = previous["extra"]
+        self.step, self.history = previous["step"], extra["history"]
+        self.skipped_steps, self.skipped_images = extra["skipped_steps"], extra["skipped_images"]
+        self.loader.load_state_dict(extra["data"])
+        self.scaler.load_state_dict(extra["scaler"])
+        rngs = extra["rng_all"]
+        set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
+        self.log(f"resumed {self.out / 'checkpoint.pt'} at step {self.step} of {self.total}, data position {extra['data']}")
+
+    def save(self):
+        rngs = gather_rng_states(self.world_size)
+        if self.rank == 0:
+            save_checkpoint(self.out / "checkpoint.pt", self.model, self.optimizer, self.schedule, self.step, rng=rngs[0], extra={
+                "settings": dataclasses.asdict(self.settings), "fresh": sorted(self.fresh), "data": self.loader.state_dict(),
+                "scaler": self.scaler.state_dict(), "history": self.history, "skipped_steps": self.skipped_steps,
+                "skipped_images": self.skipped_images, "rng_all": rngs})
+
+    def evaluate(self):
+        metrics = {}
+        if self.rank == 0 and self.evaluate_task is not None:
+            self.model.eval()
+            metrics = self.evaluate_task(self.model)
+            self.model.train()
+            self.log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items()))
+        if self.world_size > 1:
+            dist.barrier()
+        return metrics
+
+    def train_step(self, module, batch):
+        """One optimizer step on the batch; returns why it was skipped, or None. Every rank decides alike."""
+        s, ws, device = self.settings, self.world_size, self.device
+        why = None
+        if not everywhere(len(batch["images"]) >= self.task.min_images, ws, device):
+            why = f"only {len(batch['images'])} readable image(s), fewer than the {self.task.min_images} the loss needs"
+        else:
+            with self.autocast:
+                losses = module(tasks.to_device(batch, device))
+            loss = losses["loss"].detach()
+            if not everywhere(torch.isfinite(loss).item(), ws, device):
+                why = f"loss is not finite ({loss.item()})"
+            elif not optimizer_step(losses["loss"], self.optimizer, self.scaler, self.model, s.grad_clip):
+                why = "the gradient is not finite"
+            else:
+                for k, v in losses.items():
+                    self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+                self.count += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()  # a skipped step counts: the run keeps its length and learning rates
+        self.step += 1
+        if why:
+            self.skipped_steps += 1
+            self.log(f"step {self.step}: {why}, step skipped ({self.skipped_steps} so far)")
+        return why
+
+    def log_progress(self):
+        """One line of every loss term's mean since the last line (over ranks), lr, speed and eta."""
+        means = {k: (v / max(self.count, 1)).item() for k, v in self.sums.items()}
+        if self.world_size > 1:
+            reduced = torch.tensor(list(means.values()), device=self.device)
+            dist.all_reduce(reduced)
+            means = dict(zip(means, (reduced / self.world_size).tolist()))
+        rate = self.seen / max(time.time() - self.t0, 1e-9)
+        eta = (time.time() - self.t_start) / (self.step - self.start_step) * (self.total - self.step)
+        if means:
+            self.history.append({"step": self.step, **means})
+        self.log(f"step {self.step}/{self.total}  " + "  ".join(f"{k} {v:.3f}" for k, v in means.items())
+                 + f"  lr {self.schedule.get_last_lr()[0]:.2e}  {rate:.1f} img/s  eta {fmt_time(eta)}"
+                 + (f"  skipped images {self.skipped_images}" if self.skipped_images else ""))
+        self.sums, self.count, self.seen, self.t0 = {}, 0, 0, time.time()
+
+    def train(self):
+        """Steps to the last one: skip what cannot train, log, evaluate and save at their intervals;
+        Ctrl-C saves and stops; 20 non-finite steps in a row stop the run."""
+        s, out, log = self.settings, self.out, self.log
+        # What trains is the model and its loss as one module (DDP syncs what runs inside forward).
+        module = TaskLoss(self.model, self.task.loss)
+        if s.compile:
+            module = torch.compile(module)
+        if self.world_size > 1:
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        log(f"{s.task}: {self.total} steps of {s.batch_size} images x {self.world_size} process(es) on {self.device}, "
+            f"lr {s.lr:g} ({s.schedule}), {s.precision}, model {s.config} ({xvlm.num_params(self.model) / 1e6:.1f}M parameters)"
+            + (f", ablation {s.ablation}" if s.ablation != "none" else ""))
+        module.train()
+        batches = forever(self.loader)
+        self.sums, self.count, self.seen, self.t0, self.t_start, self.start_step = {}, 0, 0, time.time(), time.time(), self.step
+        diverged = 0
+        with StopRequest(log) as stop:
+            try:
+                while self.step < self.total:
+                    batch = next(batches)
+                    for u in batch.pop("skipped"):
+                        log(f"skipping unreadable image {u.path}: {u.reason}")
+                        self.skipped_images += 1
+                    self.seen += len(batch["images"]) * self.world_size
+                    why = self.train_step(module, batch)
+                    diverged = diverged + 1 if why and "finite" in why else 0
+                    if diverged >= 20:
+                        raise UsageError(f"the loss or its gradient was not finite for {diverged} steps in a row (to step "
+                                         f"{self.step}): the weights have diverged; lower --lr (was {s.lr:g}) or clip (--grad-clip)")
+                    if (s.log_every and self.step % s.log_every == 0) or self.step == self.total:
+                        self.log_progress()
+                    if s.eval_every and self.step % s.eval_every == 0 and self.step < self.total:
+                        self.evaluate()
+                    if s.save_every and self.step % s.save_every == 0 and self.step < self.total:
+                        self.save()
+                    if not everywhere(not stop.requested, self.world_size, self.device):
+                        self.save()
+                        log(f"interrupted at step {self.step}: saved {out / 'checkpoint.pt'}; --resume continues the run")
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                if not stop.requested:
+                    saved = xvlm.read_file(out / "checkpoint.pt")[0]["step"] if (out / "checkpoint.pt").exists() else None
+                    log(f"interrupted at step {self.step}: " + (f"the last checkpoint, of step {saved}, is {out / 'checkpoint.pt'}; "
+                                                               f"--resume continues from it" if saved else "no checkpoint was saved yet"))
+                raise
+            except (ValueError, OSError) as e:
+                log(f"error at step {self.step}: {e}")
+                raise
+
+    def finish(self):
+        """The last checkpoint, the final evaluation, metrics.json and the loss plot; returns the metrics."""
+        self.save()
+        metrics = self.evaluate()
+        if self.rank == 0:
+            last = self.history[-1] if self.history else {}
+            summary = {"task": self.settings.task, "step": self.step, **{k: v for k, v in last.items() if k != "step"},
+                       "eval": metrics, "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images,
+                       "minutes": round((time.time() - self.t_start) / 60, 2)}
+            write_json(self.out / "metrics.json", summary)
+            plot_losses(self.history, self.out / "losses.png", f"X-VLM {self.settings.task} ({self.settings.config})")
+            self.log(f"wrote {self.out / 'metrics.json'}, {self.out / 'losses.png'} and {self.out / 'checkpoint.pt'}")
+        return metrics
 
 
 def load_weights(model, settings, task, log):
