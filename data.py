@@ -1326,9 +1326,8 @@ def make_scene(rng):
 
 # Each kind has its own fill as well as its outline: light bands 4 px wide, counted from the shape's
 # corner (u, v), on the shape's colour. A ViT sees an outline only through how it crosses the patch
-# grid, at whatever offset the shape happens to sit; a fill shows in every patch the shape covers.
-# Trained 800 steps (batch 32) to say which of the 4 kinds an image holds, the tiny ViT (8-px
-# patches at 64 px) was right for 76% of (image, kind) pairs with outlines alone, 95% with fills.
+# grid, at whatever offset the shape happens to sit; a fill shows in every patch the shape covers
+# (measured: docs/history.md).
 FILLS = {
     "circle": lambda u, v: np.zeros(u.shape, dtype=bool),  # solid
     "square": lambda u, v: (v // 4) % 2 == 1,              # horizontal stripes
@@ -1589,42 +1588,53 @@ def synthesize(out_dir, images=4000, seed=0):
         write_json(out / SYNTH_FILES[f"vqa_{split}"],
                    [{"question_id": i * 10 + j, "question": q, "answer": [a] * 10, "image": path, "dataset": "vqa"}
                     for i, (path, shapes) in enumerate(scenes[split]) for j, (q, a) in enumerate(vqa_questions(shapes, rng(3, split, i), 3))])
-        records = []
-        pool = scenes[split]
-        for i in range((3 if split == "train" else 2) * len(pool)):  # pairs: more than images
-            r = rng(4, split, i)
-            a, b = (pool[j] for j in r.choice(len(pool), 2, replace=False))
-            label = bool(r.random() < 0.5)
-            text = nlvr2_statement((a[1], b[1]), r, label)
-            if text is not None:
-                records.append({"images": [a[0], b[0]], "sentence": text, "label": str(label)})
-        write_json(out / SYNTH_FILES[f"nlvr2_{split}"], records)
-        records = []
-        for i, (path, shapes) in enumerate(pool):
-            r = rng(5, split, i)
-            for target in [shapes[j] for j in r.permutation(len(shapes))[:None if split == "train" else 2]]:
-                text = referring_expression(shapes, target, r)
-                if text is not None:
-                    records.append({"image": path, "text": text, "bbox": list(target.box)})
-        write_json(out / SYNTH_FILES[f"grounding_{split}"], records)
-    proposals = {}
-    for split in ("train", "val", "test"):
-        for i, (path, shapes) in enumerate(scenes[split]):
-            r = rng(6, split, i)
-            with Image.open(out / "images" / path) as img:
-                W, H = img.size
-            decoys = []
-            for _ in range(2):  # boxes of shape size in random places: a proposal need not hold a shape
-                side = int(r.integers(SIZES["small"][0], SIZES["large"][1] + 1))
-                decoys.append([int(r.integers(0, W - side)), int(r.integers(0, H - side)), side, side])
-            boxes = [list(s.box) for s in shapes] + decoys
-            proposals[path] = [boxes[j] for j in r.permutation(len(boxes))]
+        write_json(out / SYNTH_FILES[f"nlvr2_{split}"], synth_nlvr2(scenes[split], split == "train", lambda i: rng(4, split, i)))
+        write_json(out / SYNTH_FILES[f"grounding_{split}"], synth_grounding(scenes[split], split == "train", lambda i: rng(5, split, i)))
+    proposals = {path: synth_proposals(shapes, out / "images" / path, rng(6, split, i))
+                 for split in ("train", "val", "test") for i, (path, shapes) in enumerate(scenes[split])}
     (out / SYNTH_FILES["grounding_proposals"]).write_text(json.dumps(proposals) + "\n")
     (out / SYNTH_FILES["vocab"]).write_text("\n".join(synth_vocab()) + "\n")
     counts = {key: len(read_records(out / name)[0]) for key, name in SYNTH_FILES.items()
               if name.endswith((".json", ".jsonl")) and key not in ("grounding_proposals", "done")}
     (out / SYNTH_FILES["done"]).write_text(json.dumps({"version": SYNTH_VERSION, "images": images, "seed": seed}) + "\n")
     return counts
+
+
+def synth_nlvr2(pool, train, rng):
+    """NLVR2 records over random pairs of the pool's (path, shapes); rng(i) draws pair i."""
+    records = []
+    for i in range((3 if train else 2) * len(pool)):  # pairs: more than images
+        r = rng(i)
+        a, b = (pool[j] for j in r.choice(len(pool), 2, replace=False))
+        label = bool(r.random() < 0.5)
+        text = nlvr2_statement((a[1], b[1]), r, label)
+        if text is not None:
+            records.append({"images": [a[0], b[0]], "sentence": text, "label": str(label)})
+    return records
+
+
+def synth_grounding(pool, train, rng):
+    """Referring expressions: every shape of a training image, two of an evaluation image."""
+    records = []
+    for i, (path, shapes) in enumerate(pool):
+        r = rng(i)
+        for target in [shapes[j] for j in r.permutation(len(shapes))[:None if train else 2]]:
+            text = referring_expression(shapes, target, r)
+            if text is not None:
+                records.append({"image": path, "text": text, "bbox": list(target.box)})
+    return records
+
+
+def synth_proposals(shapes, image_path, r):
+    """Weak grounding's proposals of one image: its shapes' boxes and two decoys, shuffled."""
+    with Image.open(image_path) as img:
+        W, H = img.size
+    decoys = []
+    for _ in range(2):  # boxes of shape size in random places: a proposal need not hold a shape
+        side = int(r.integers(SIZES["small"][0], SIZES["large"][1] + 1))
+        decoys.append([int(r.integers(0, W - side)), int(r.integers(0, H - side)), side, side])
+    boxes = [list(s.box) for s in shapes] + decoys
+    return [boxes[j] for j in r.permutation(len(boxes))]
 
 
 def synth_ready(out_dir):
