@@ -949,7 +949,8 @@ def draw_prediction(model, image, text, tokenizer, size=256):
 
 ABLATION_VARIANTS = {"X-VLM": "none", "w/o object": "no_object", "w/o region": "no_region",
                      "w/o bbox loss": "no_bbox_loss", "w/o mixed attn": "no_mixed_attn", "w/o all": "no_all"}
-ABLATION_STEPS = {"retrieval": 200, "vqa": 400, "nlvr2": 200, "grounding_pretrain": 300, "grounding": 400, "grounding_weak": 400}
+ABLATION_STEPS = {"pretrain": 1200, "retrieval": 200, "vqa": 400, "nlvr2": 200, "grounding_pretrain": 300, "grounding": 400,
+                  "grounding_weak": 400}  # pretrain: the default recipe's 1200 x 16 images
 # (column, task, metric key, in Meta-Sum, in Meta-Sum*): R@1 for retrieval, as the paper's Table 3;
 # Meta-Sum sums the fine-tuned scores, Meta-Sum* leaves out supervised grounding, as the paper's *.
 ABLATION_COLUMNS = [
@@ -972,25 +973,24 @@ def lookup(metrics, key):
     return metrics
 
 
-def ablation_cell(variant, seed, workdir, say):
-    """Pre-train one variant with one seed, then every fine-tune; each train run resumes or is skipped
-    when it already finished. Returns {task: the run's evaluation}."""
+def ablation_cell(variant, seed, workdir, say, steps=ABLATION_STEPS):
+    """Pre-train one variant with one seed, then every fine-tune, each for steps[task]; each train run
+    resumes or is skipped when it already finished. Returns {task: the run's evaluation}."""
     import train  # train imports this module: a late import keeps the order of the files' reading
 
     root = Path(workdir) / f"{ABLATION_VARIANTS[variant]}-seed{seed}"
-    init = lambda task: str(root / task / "checkpoint.pt")
-    runs = [("pretrain", "pretrain", ["--ablation", ABLATION_VARIANTS[variant]])]
-    # supervised grounding starts from its pre-step (L_bbox alone), as the paper's; the rest from pre-training
-    runs += [(task, f"{task}-{steps}", ["--steps", str(steps), "--init", init(f"grounding_pretrain-{ABLATION_STEPS['grounding_pretrain']}"
-                                                                           if task == "grounding" else "pretrain")])
-             for task, steps in ABLATION_STEPS.items()]
+    name = lambda task: f"{task}-{steps[task]}"
     out = {}
-    for task, name, flags in runs:
-        run = root / name
+    for task in steps:
+        # supervised grounding starts from its pre-step (L_bbox alone), as the paper's; the rest from pre-training
+        flags = ["--ablation", ABLATION_VARIANTS[variant]] if task == "pretrain" else \
+            ["--init", str(root / name("grounding_pretrain" if task == "grounding" else "pretrain") / "checkpoint.pt")]
+        run = root / name(task)
         if not (run / "metrics.json").exists():
             say(f"  {task} ({variant}, seed {seed})")
             resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
-            train.main(["--task", task, "--out", str(run), "--seed", str(seed), "--log-every", "100", *flags, *resume])
+            train.main(["--task", task, "--out", str(run), "--seed", str(seed), "--steps", str(steps[task]),
+                        "--log-every", "100", *flags, *resume])
         out[task] = json.loads((run / "metrics.json").read_text())["eval"]
     return out
 
@@ -1035,11 +1035,15 @@ def ablation_plot(cells, path):
     img.save(path)
 
 
-def ablation(seeds=(0, 1), out="docs/ablation", workdir="runs/ablation", variants=tuple(ABLATION_VARIANTS)):
+def ablation(seeds=(0, 1), out="docs/ablation", workdir="runs/ablation", variants=tuple(ABLATION_VARIANTS), pretrain_steps=None):
     """Run (or finish) the table: every (variant, seed) cell not yet in `out`, then write
-    out/table.md and out/metasum.png. Returns the cells."""
+    out/table.md and out/metasum.png. Returns the cells. pretrain_steps: other than the recipe's."""
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    steps = {**ABLATION_STEPS, "pretrain": pretrain_steps or ABLATION_STEPS["pretrain"]}
+    for path in (out / "cells").glob("*.json"):
+        if json.loads(path.read_text())["steps"] != steps:
+            raise ValueError(f"{path} was run with other steps than {steps}: give the table its own --out and --workdir")
     todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{ABLATION_VARIANTS[v]}-seed{s}.json").exists()]
     start = time.time()
     say = lambda message: print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -1048,12 +1052,12 @@ def ablation(seeds=(0, 1), out="docs/ablation", workdir="runs/ablation", variant
         say(f"cell {n + 1}/{len(todo)}: {variant}, seed {seed}" + (
             f" (eta {(time.time() - start) / n * (len(todo) - n) / 60:.0f} min)" if n else ""))
         began = time.time()
-        evals = ablation_cell(variant, seed, workdir, say)
+        evals = ablation_cell(variant, seed, workdir, say, steps)
         scores = {c[0]: lookup(evals[c[1]], c[2]) for c in ABLATION_COLUMNS}
         scores["Meta-Sum"] = sum(scores[c[0]] for c in ABLATION_COLUMNS if c[3])
         scores["Meta-Sum*"] = sum(scores[c[0]] for c in ABLATION_COLUMNS if c[4])
         chance = {c[0]: lookup(evals[c[1]], CHANCE_KEYS[c[2]]) for c in ABLATION_COLUMNS}
-        cell = {"variant": variant, "seed": seed, "scores": scores, "chance": chance, "steps": ABLATION_STEPS,
+        cell = {"variant": variant, "seed": seed, "scores": scores, "chance": chance, "steps": steps,
                 "minutes": round((time.time() - began) / 60, 1)}
         path = out / "cells" / f"{ABLATION_VARIANTS[variant]}-seed{seed}.json"
         path.with_suffix(".tmp").write_text(json.dumps(cell, indent=1) + "\n")
@@ -1088,9 +1092,11 @@ def main(argv=None):
                    metavar="VARIANT", help=f"a subset of the rows: {', '.join(ABLATION_VARIANTS)}")
     a.add_argument("--out", default="docs/ablation", help="where the cells, the table and the plot go (default: docs/ablation)")
     a.add_argument("--workdir", default="runs/ablation", help="the train runs' directories (default: runs/ablation)")
+    a.add_argument("--pretrain-steps", type=int, help="pre-training steps of every cell (default: the recipe's 1200); "
+                   "with its own --out and --workdir")
     args = p.parse_args(argv)
     if args.command == "ablation":
-        ablation(args.seeds, args.out, args.workdir, args.variants)
+        ablation(args.seeds, args.out, args.workdir, args.variants, args.pretrain_steps)
         return 0
     model = XVLM.from_checkpoint(args.checkpoint)
     vocab = args.vocab or xvlm.read_file(args.checkpoint)[0].get("extra", {}).get("settings", {}).get("vocab")

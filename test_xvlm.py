@@ -2673,7 +2673,7 @@ def fake_ablation_evals(value):
 def test_the_ablation_table_sums_as_the_paper_and_a_rerun_runs_only_missing_cells(tmp_path, monkeypatch):
     calls = []
     values = {("X-VLM", 0): 50.0, ("X-VLM", 1): 60.0, ("w/o all", 0): 40.0, ("w/o all", 1): 40.0}
-    monkeypatch.setattr(tasks, "ablation_cell", lambda v, s, workdir, say: calls.append((v, s)) or fake_ablation_evals(values[v, s]))
+    monkeypatch.setattr(tasks, "ablation_cell", lambda v, s, workdir, say, steps: calls.append((v, s)) or fake_ablation_evals(values[v, s]))
     run = lambda: tasks.ablation(seeds=(0, 1), out=tmp_path, workdir=tmp_path / "runs", variants=("X-VLM", "w/o all"))
     cells = run()
     assert sorted(calls) == sorted(values) and len(cells) == 4
@@ -2692,6 +2692,8 @@ def test_the_ablation_table_sums_as_the_paper_and_a_rerun_runs_only_missing_cell
     (tmp_path / "cells" / "no_all-seed1.json").unlink()
     calls.clear()
     assert len(run()) == 4 and calls == [("w/o all", 1)]  # finished cells are skipped
+    with pytest.raises(ValueError, match=r"-seed\d\.json was run with other steps"):  # never mixed into one table
+        tasks.ablation(seeds=(0,), out=tmp_path, workdir=tmp_path / "runs", variants=("X-VLM",), pretrain_steps=2400)
 
 
 # ---- bench.py ----
