@@ -6,7 +6,7 @@ X-VLM's idea is data: images whose regions are enclosed by boxes, each box paire
 the authors' public formats, checks it, turns it into batches, and can write a small synthetic
 world in the same formats so that everything runs with no download.
 
-    python data.py synth --out synth                 # write the synthetic world (~30 s)
+    python data.py synth --out synth                 # write the synthetic world
     python data.py check synth/*.json* --image-root synth/images   # validate records and images
     python data.py convert-coco --help               # COCO captions/instances -> these formats
     python data.py convert-vg --help                 # Visual Genome objects/regions -> these formats
@@ -17,18 +17,18 @@ From Python (train.py / tasks.py):
     data.synthesize("synth", images=4000, seed=0)    # layout: data.SYNTH_FILES
     tok = data.Tokenizer("synth/vocab.txt")
     cfg = xvlm.XVLMConfig.tiny(vocab_size=tok.vocab_size)   # image_res, max_tokens, masking
-    loader = data.pretrain_loader(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
-                                  "synth/images", tok, cfg, batch_size=32)
-    for batch in loader: ...                          # one epoch; loader.state_dict() to resume
+    dataset = data.PretrainDataset(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
+                                   "synth/images", tok, cfg)
+    for batch in data.pretrain_loader(dataset, batch_size=32): ...   # one epoch; state_dict() to resume
 
 Contents, top to bottom:
-  text      Tokenizer (BERT WordPiece via `tokenizers`), clean_caption, swap_left_right
-  records   read_records, the per-format validators, load_records (fails fast, naming
-            file / record / field)
+  text      Tokenizer (BERT WordPiece via `tokenizers`), the authors' masking, clean_caption
+  records   read_records, every format as a table of field checks, load_records (fails fast,
+            naming file / record / field)
   images    load_image (any mode), crops, flips, resizes that carry boxes, to_tensor
-  pretrain  pretrain_loader: half image-text, half box-annotated images per batch (paper 4.2)
+  pretrain  PretrainDataset, pretrain_loader: half image-text, half box-annotated images (paper 4.2)
   tasks     RetrievalTrainDataset, RetrievalEvalDataset, VQADataset, NLVR2Dataset,
-            GroundingDataset, task_loader, TaskTrainLoader
+            GroundingDataset, task_train_loader, eval_loader
   synth     synthesize(): the synthetic multi-grained world
   cli       synth, check, convert-coco, convert-vg
 """
@@ -92,11 +92,13 @@ class Tokenizer:
         # whole-word masking groups a word's pieces: every piece after the first starts with "##"
         self.is_piece = np.array([token.startswith("##") for token in vocab], dtype=bool)
 
-    def encode(self, text, max_tokens):
-        """One text -> [CLS] tokens [SEP] as a list of ids, at most max_tokens (the tail is cut, never [SEP])."""
+    def encode(self, text, max_tokens, sep=True):
+        """One text -> [CLS] tokens [SEP] as a list of ids, at most max_tokens (the tail is cut, never [SEP]).
+        sep=False: [CLS] tokens, as the authors' released models read texts (XVLMConfig.text_sep)."""
         if max_tokens < 3:
             raise ValueError(f"max_tokens must leave room for [CLS], a token and [SEP], got {max_tokens}")
-        return [self.cls_id] + self._tok.encode(text, add_special_tokens=False).ids[:max_tokens - 2] + [self.sep_id]
+        pieces = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.cls_id] + (pieces[:max_tokens - 2] + [self.sep_id] if sep else pieces[:max_tokens - 1])
 
     def pad(self, rows, value=None):
         """Id lists -> (ids int64 [n, L], mask bool [n, L]), L = the longest, padded with `value` ([PAD])."""
@@ -107,14 +109,14 @@ class Tokenizer:
         mask = torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows], dtype=torch.long)[:, None]
         return ids, mask
 
-    def encode_batch(self, texts, max_tokens):
+    def encode_batch(self, texts, max_tokens, sep=True):
         """Texts -> (input_ids int64 [n, L], attention_mask bool [n, L]), L = longest, <= max_tokens.
 
-        Each row is [CLS] tokens [SEP] [PAD]...; a long text loses its tail tokens, never [SEP].
+        Each row is [CLS] tokens [SEP] [PAD]... (sep=False: no [SEP]); a long text loses its tail tokens, never [SEP].
         """
         # one `encode` per text, not `encode_batch`: the batch call starts a thread pool, and a
         # DataLoader worker forked after that pool exists gets the parallelism disabled with a warning
-        return self.pad([self.encode(t, max_tokens) for t in texts])
+        return self.pad([self.encode(t, max_tokens, sep) for t in texts])
 
     def decode(self, ids):
         """Ids (list or 1-D tensor) -> text, special tokens left out, word pieces joined."""
@@ -146,7 +148,7 @@ def mask_spans(tokens, is_piece, rng, n, span_prob=0.2, span_max=3):
     return spans
 
 
-def mask_text(ids, is_piece, rng, vocab_size, mask_id, prob=0.25, max_masks=8, span_prob=0.2, span_max=3):
+def mask_text(ids, is_piece, rng, vocab_size, mask_id, prob=0.25, max_masks=8, spans=(0.2, 3)):
     """MLM corruption of one text (paper 3.3), as the authors' TextMaskingGenerator does it.
 
     ids: [CLS] tokens [SEP] (a list); is_piece: bool per vocabulary id, True for "##" pieces.
@@ -154,12 +156,12 @@ def mask_text(ids, is_piece, rng, vocab_size, mask_id, prob=0.25, max_masks=8, s
     the length; [SEP] is not a candidate, as the authors mask before appending it): the mask_spans
     whole words and spans, and if the last one overshoots n, n of their positions at random (the
     only way a word is split). Each masked position becomes [MASK] with probability 0.8, else a
-    random vocabulary id with probability 0.5, else stays. Returns (corrupted ids, labels: the
-    original id where masked, -100 elsewhere).
+    random vocabulary id with probability 0.5, else stays. spans: (span_prob, span_max) of mask_spans.
+    Returns (corrupted ids, labels: the original id where masked, -100 elsewhere).
     """
     tokens = ids[:-1]  # without [SEP]
     n = min(max_masks, max(1, round(len(tokens) * prob)))  # Python's round, half to even, as theirs
-    masked = sorted({p for start, end in mask_spans(tokens, is_piece, rng, n, span_prob, span_max) for p in range(start, end)})
+    masked = sorted({p for start, end in mask_spans(tokens, is_piece, rng, n, *spans) for p in range(start, end)})
     if len(masked) > n:
         masked = sorted(rng.permutation(masked)[:n].tolist())
     out, labels = list(ids), [-100] * len(ids)
@@ -177,15 +179,27 @@ def text_key(text):
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-# Caption clean-up as the authors' `pre_caption`: lowercase, punctuation noise to spaces, words
-# capped. Every text (caption, question, referring expression) goes through it before tokenising.
-_PUNCT = re.compile(r"[,.'!?\"()*#:;~\-/]")
+# Text clean-up exactly as the authors' dataset/utils.py, so that a text gives their tokens (the released
+# models read those): pre_caption for every caption, region text, sentence and referring expression, and
+# pre_question for VQA questions. Both delete , . ' ! ? " ( ) * # : ; ~ ("man's" -> "mans", "3.5" -> "35")
+# and turn - and / into spaces; they cap the words counted between single spaces.
+_DELETED = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACES = re.compile(r"\s{2,}")
 
 
 def clean_caption(text, max_words=30):
-    """Lowercase, replace , . ' ! ? " ( ) * # : ; ~ - / by spaces, squeeze spaces, keep max_words."""
-    words = _PUNCT.sub(" ", text.lower()).replace("<person>", "person").split()
-    return " ".join(words[:max_words])
+    """Their pre_caption: lowercase, delete the marks above, - and / to spaces, "<person>" to "person", runs
+    of whitespace to one space, trim, keep max_words. A text with no words gives "" (theirs raises)."""
+    text = _DELETED.sub("", text.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = _SPACES.sub(" ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def clean_question(text, max_words=50):
+    """Their pre_question: as clean_caption, but "<person>" and runs of spaces stay (an extra space counts
+    as an empty word), and only the end is trimmed; max_words: 50 when they evaluate, 30 in training."""
+    text = _DELETED.sub("", text.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    return " ".join(text.split(" ")[:max_words])
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
@@ -254,17 +268,25 @@ def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _text(value, field, out, allow_list=True):
-    """A non-empty text, or with allow_list a non-empty list of them."""
+# Each format is a table {field: (required, check)}. A check(value, field, out, seen) appends
+# (field, message) pairs to `out`; `seen` carries image_size (path -> (W, H), or None: images are not
+# opened) and the record's image size once its image field was checked, for the boxes that follow.
+
+def _texts(value, field, out, seen, allow_list=True):
+    """A non-empty text, or (allow_list) a non-empty list of them."""
     if isinstance(value, list) and allow_list:
         if not value:
             out.append((field, "empty list of texts"))
         for j, v in enumerate(value):
-            _text(v, f"{field}[{j}]", out, allow_list=False)
+            _texts(v, f"{field}[{j}]", out, seen, allow_list=False)
     elif not isinstance(value, str):
         out.append((field, f"must be a string{' or a list of strings' if allow_list else ''}, got {value!r}"))
     elif not clean_caption(value):
         out.append((field, f"empty text {value!r}"))
+
+
+def _text(value, field, out, seen):
+    _texts(value, field, out, seen, allow_list=False)
 
 
 # Annotation tools round coordinates, so a box may end a pixel past the border (Visual Genome
@@ -272,12 +294,13 @@ def _text(value, field, out, allow_list=True):
 BOX_TOLERANCE = 1.0
 
 
-def _box(value, field, out, size=None):
+def _box(value, field, out, seen):
     """[x, y, w, h] in pixels: four finite numbers, positive size, inside the image (W, H) if known."""
     if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) for v in value)):
         out.append((field, f"box must be 4 numbers [x, y, w, h], got {value!r}"))
         return
     x, y, w, h = value
+    size = seen.get("size")
     if w <= 0 or h <= 0:
         out.append((field, f"box has a non-positive size: w={w}, h={h}"))
     elif x < -BOX_TOLERANCE or y < -BOX_TOLERANCE:
@@ -286,155 +309,101 @@ def _box(value, field, out, size=None):
         out.append((field, f"box {value} lies outside the {size[0]}x{size[1]} image"))
 
 
-def _image(path, field, out, image_size):
-    """An image path; with image_size, the image must open. Returns its (W, H) or None."""
+def _image(path, field, out, seen):
+    """An image path; with seen["image_size"], the image must open, and its (W, H) is kept in seen."""
     if not isinstance(path, str) or not path:
         out.append((field, f"must be an image path, got {path!r}"))
-        return None
-    if image_size is None:
-        return None
-    try:
-        return image_size(path)
-    except Exception as e:  # noqa: BLE001 -- any decoder error means the same thing: unusable image
-        out.append((field, f"cannot read image {path!r}: {type(e).__name__}: {e}"))
-        return None
+    elif seen.get("image_size") is not None:
+        try:
+            seen["size"] = seen["image_size"](path)
+        except Exception as e:  # noqa: BLE001 -- any decoder error means the same thing: unusable image
+            out.append((field, f"cannot read image {path!r}: {type(e).__name__}: {e}"))
 
 
-def _id(value, field, out):
+def _image_pair(value, field, out, seen):
+    if not isinstance(value, list) or len(value) != 2:
+        out.append((field, f"must be a list of two image paths, got {value!r}"))
+    else:
+        for j, path in enumerate(value):
+            _image(path, f"{field}[{j}]", out, seen)
+
+
+def _id(value, field, out, seen):
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         out.append((field, f"must be a string or an integer, got {value!r}"))
 
 
-def _fields(rec, out, *names):
-    """Record the missing ones among `names`; True when all are there."""
-    missing = [n for n in names if n not in rec]
-    out.extend((n, "missing field") for n in missing)
-    return not missing
+def _answers(value, field, out, seen):
+    answers = value if isinstance(value, list) else [value]
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        out.append((field, f"must be a non-empty string or list of them, got {value!r}"))
+
+
+def _true_false(value, field, out, seen):
+    if value not in ("True", "False"):
+        out.append((field, f"must be \"True\" or \"False\", got {value!r}"))
 
 
 ELEMENT_KINDS = ("object", "region")
 
 
-def pretrain_problems(rec, image_size=None):
-    """Image-text {"image", "caption": str | [str]} or, with "elems", a region record
-    {"image", "caption"?, "elems": [{"caption", "bb": [x, y, w, h], "attributes"?, "kind"?}]}, where
-    kind is "object" (a labelled object) or "region" (a region description), for Table 3's ablations."""
-    out = []
-    if not _fields(rec, out, "image"):
-        return out
-    size = _image(rec["image"], "image", out, image_size)
-    if "elems" not in rec:
-        if _fields(rec, out, "caption"):
-            _text(rec["caption"], "caption", out)
-        return out
-    if "caption" in rec:
-        _text(rec["caption"], "caption", out)
-    elems = rec["elems"]
-    if not isinstance(elems, list) or not elems:
-        out.append(("elems", f"must be a non-empty list of regions, got {elems!r}"))
-        return out
-    for j, elem in enumerate(elems):
-        if not isinstance(elem, dict):
-            out.append((f"elems[{j}]", f"must be an object, got {elem!r}"))
-            continue
-        for name in ("caption", "bb"):
-            if name not in elem:
-                out.append((f"elems[{j}].{name}", "missing field"))
-        if "caption" in elem:
-            _text(elem["caption"], f"elems[{j}].caption", out)
-        if "attributes" in elem:
-            _text(elem["attributes"], f"elems[{j}].attributes", out)
-        if elem.get("kind", "object") not in ELEMENT_KINDS:
-            out.append((f"elems[{j}].kind", f"must be one of {', '.join(map(repr, ELEMENT_KINDS))}, got {elem['kind']!r}"))
-        if "bb" in elem:
-            _box(elem["bb"], f"elems[{j}].bb", out, size)
-    return out
+def _element_kind(value, field, out, seen):
+    if value not in ELEMENT_KINDS:
+        out.append((field, f"must be one of {', '.join(map(repr, ELEMENT_KINDS))}, got {value!r}"))
 
 
-def retrieval_train_problems(rec, image_size=None):
-    """{"image", "caption": str, "image_id": str | int}"""
-    out = []
-    if _fields(rec, out, "image", "caption", "image_id"):
-        _image(rec["image"], "image", out, image_size)
-        _text(rec["caption"], "caption", out, allow_list=False)
-        _id(rec["image_id"], "image_id", out)
-    return out
+# An element of a region record: a labelled object or a region description (kind), for Table 3's ablations.
+ELEMENT = {"caption": (True, _texts), "bb": (True, _box), "attributes": (False, _texts), "kind": (False, _element_kind)}
 
 
-def retrieval_eval_problems(rec, image_size=None):
-    """{"image", "caption": [str, ...]}"""
-    out = []
-    if _fields(rec, out, "image", "caption"):
-        _image(rec["image"], "image", out, image_size)
-        _text(rec["caption"], "caption", out)
-    return out
-
-
-def vqa_problems(rec, image_size=None):
-    """{"question_id", "question", "image", "answer"?: [str] | str, "dataset"?}; test sets have no answers."""
-    out = []
-    if _fields(rec, out, "question_id", "question", "image"):
-        _image(rec["image"], "image", out, image_size)
-        _text(rec["question"], "question", out, allow_list=False)
-        _id(rec["question_id"], "question_id", out)
-    answer = rec.get("answer")
-    if answer is not None:
-        answers = answer if isinstance(answer, list) else [answer]
-        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            out.append(("answer", f"must be a non-empty string or list of them, got {answer!r}"))
-    return out
-
-
-def nlvr2_problems(rec, image_size=None):
-    """{"images": [a, b], "sentence", "label": "True" | "False"}"""
-    out = []
-    if _fields(rec, out, "images", "sentence", "label"):
-        images = rec["images"]
-        if not isinstance(images, list) or len(images) != 2:
-            out.append(("images", f"must be a list of two image paths, got {images!r}"))
+def _elements(value, field, out, seen):
+    if not isinstance(value, list) or not value:
+        out.append((field, f"must be a non-empty list of regions, got {value!r}"))
+        return
+    for j, elem in enumerate(value):
+        if isinstance(elem, dict):
+            out += check_fields(elem, ELEMENT, seen, f"{field}[{j}].")
         else:
-            for j, path in enumerate(images):
-                _image(path, f"images[{j}]", out, image_size)
-        _text(rec["sentence"], "sentence", out, allow_list=False)
-        if rec["label"] not in ("True", "False"):
-            out.append(("label", f"must be \"True\" or \"False\", got {rec['label']!r}"))
-    return out
+            out.append((f"{field}[{j}]", f"must be an object, got {elem!r}"))
 
 
-def grounding_problems(rec, image_size=None):
-    """{"image", "text", "bbox": [x, y, w, h]}"""
-    out = []
-    if _fields(rec, out, "image", "text", "bbox"):
-        size = _image(rec["image"], "image", out, image_size)
-        _text(rec["text"], "text", out, allow_list=False)
-        _box(rec["bbox"], "bbox", out, size)
-    return out
-
-
-def vqa_train_problems(rec, image_size=None):
-    """A VQA record that training can learn from: as vqa_problems, and the answers are there."""
-    return vqa_problems(rec, image_size) + ([] if "answer" in rec else [("answer", "missing field (training needs answers)")])
-
-
+VQA = {"question_id": (True, _id), "question": (True, _text), "image": (True, _image), "answer": (False, _answers),
+       "dataset": (False, _text)}  # test sets have no answers
 FORMATS = {
-    "pretrain": pretrain_problems,
-    "retrieval_train": retrieval_train_problems,
-    "retrieval_eval": retrieval_eval_problems,
-    "vqa": vqa_problems,
-    "vqa_train": vqa_train_problems,
-    "nlvr2": nlvr2_problems,
-    "grounding": grounding_problems,
+    "pretrain": {"image": (True, _image), "caption": (True, _texts)},  # image-text; with "elems": PRETRAIN_REGION
+    "retrieval_train": {"image": (True, _image), "caption": (True, _text), "image_id": (True, _id)},
+    "retrieval_eval": {"image": (True, _image), "caption": (True, _texts)},
+    "vqa": VQA,
+    "vqa_train": {**VQA, "answer": (True, _answers)},  # training needs the answers
+    "nlvr2": {"images": (True, _image_pair), "sentence": (True, _text), "label": (True, _true_false)},
+    "grounding": {"image": (True, _image), "text": (True, _text), "bbox": (True, _box), "kind": (False, _text)},
 }
+PRETRAIN_REGION = {"image": (True, _image), "caption": (False, _texts), "elems": (True, _elements)}
+
+
+def check_fields(rec, schema, seen, prefix=""):
+    """The (field, message) problems of one record (a dict) against a format's table."""
+    out = []
+    for name, (required, check) in schema.items():
+        if name in rec:
+            check(rec[name], prefix + name, out, seen)
+        elif required:
+            out.append((prefix + name, "missing field"))
+    return out
+
+
+def record_problem_list(rec, fmt, image_size=None):
+    """The (field, message) problems of one record of format `fmt`; with image_size (path -> (W, H)),
+    its images are opened and its boxes checked against them."""
+    if not isinstance(rec, dict):
+        return [("(record)", f"must be a JSON object, got {rec!r}")]
+    schema = PRETRAIN_REGION if fmt == "pretrain" and "elems" in rec else FORMATS[fmt]
+    return check_fields(rec, schema, {"image_size": image_size})
 
 
 def record_problems(records, fmt, image_size=None):
     """Every problem of every record of one file, as (record index, field, message) triples."""
-    check = FORMATS[fmt]
-    found = []
-    for i, rec in enumerate(records):
-        problems = check(rec, image_size) if isinstance(rec, dict) else [("(record)", f"must be a JSON object, got {rec!r}")]
-        found += [(i, field, message) for field, message in problems]
-    return found
+    return [(i, field, message) for i, rec in enumerate(records) for field, message in record_problem_list(rec, fmt, image_size)]
 
 
 def problem_lines(path, found, jsonl):
@@ -567,9 +536,9 @@ def transform_boxes(boxes, crop, flip, out_size, min_visible=0.5):
     """Follow boxes through crop -> flip -> resize.
 
     boxes: [n, 4] (x, y, w, h) pixels of the source image; crop: (x, y, w, h) window; out_size:
-    (W, H) of the resized result. Each box is clipped to the window and kept only if at least
-    `min_visible` of its area (and more than nothing) survives. Returns (kept boxes [k, 4] in
-    output pixels, keep mask [n]).
+    (W, H) of the resized result. Each box is clipped to the window and kept only if more than
+    `min_visible` of its area survives (the authors' min_perc_in_image rule). Returns (kept boxes
+    [k, 4] in output pixels, keep mask [n]).
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     cx0, cy0, cw, ch = crop
@@ -578,7 +547,7 @@ def transform_boxes(boxes, crop, flip, out_size, min_visible=0.5):
     x1 = np.minimum(boxes[:, 0] + boxes[:, 2], cx0 + cw)
     y1 = np.minimum(boxes[:, 1] + boxes[:, 3], cy0 + ch)
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    keep = (inter > 0) & (inter >= min_visible * boxes[:, 2] * boxes[:, 3])
+    keep = (inter > 0) & (inter > min_visible * boxes[:, 2] * boxes[:, 3])
     out = np.stack([x0 - cx0, y0 - cy0, x1 - x0, y1 - y0], axis=1)[keep]  # (x, y, w, h) in the window
     if flip:
         out[:, 0] = cw - out[:, 0] - out[:, 2]
@@ -598,6 +567,10 @@ def xywh_to_cxcywh(boxes, width, height):
 
 class DataError(ValueError):
     """The data cannot be used as given (no readable image, no records). The message says which."""
+
+
+class UsageError(ValueError):
+    """A flag, an input or an output directory that cannot work; the message says what to do instead."""
 
 
 class Unreadable(NamedTuple):
@@ -668,21 +641,23 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     A sample is an Unreadable, or a dict: "image" float32 [3, res, res], and per text "texts"
     (cleaned), "ids" ([CLS] ... [SEP]), "mlm" ((corrupted ids, labels) of mask_text, with `mlm`),
+    "kinds" ("caption", or the element's kind: "object", "region"),
     "boxes" (normalised (cx, cy, w, h) float32 [4], or None for a whole-image text) and "concepts"
     (visual-concept ids). Concept ids are stable across processes: one per distinct image path (all
     its captions are positives of each other), then one per element of each region record, in order.
     `elements` keeps only object or region texts (Table 3's "w/o object", "w/o region").
     """
 
-    def __init__(self, files, image_root, tokenizer, cfg, max_regions=5, crop_scale=(0.2, 1.0),
-                 elements=ELEMENT_KINDS, mlm=True, max_words=30):
+    max_words = 30  # texts are cut to this many words (clean_caption)
+
+    def __init__(self, files, image_root, tokenizer, cfg, max_regions=5, crop_scale=(0.2, 1.0), elements=ELEMENT_KINDS, mlm=True):
         records = load_records(files, "pretrain")
         try:
             self.texts, self.regions = split_records(records, elements)
         except DataError as e:
             raise DataError(f"{', '.join(map(str, [files] if isinstance(files, (str, Path)) else files))}: {e}") from None
         self.image_root, self.tokenizer, self.cfg = Path(image_root), tokenizer, cfg
-        self.max_regions, self.crop_scale, self.mlm, self.max_words = max_regions, tuple(crop_scale), mlm, max_words
+        self.max_regions, self.crop_scale, self.mlm = max_regions, tuple(crop_scale), mlm
         image_ids = {}
         for r in records:
             image_ids.setdefault(r["image"], len(image_ids))
@@ -707,7 +682,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         sample["ids"] = [tok.encode(t, cfg.max_tokens) for t in sample["texts"]]
         if self.mlm:
             sample["mlm"] = [mask_text(ids, tok.is_piece, rng, tok.vocab_size, tok.mask_id, cfg.mask_prob, cfg.max_masks,
-                                       cfg.mask_span_prob, cfg.mask_span_max) for ids in sample["ids"]]
+                                       (cfg.mask_span_prob, cfg.mask_span_max)) for ids in sample["ids"]]
         return sample
 
     def text(self, raw, flip):
@@ -719,11 +694,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         flip = bool(rng.random() < 0.5)
         image = to_tensor(crop_flip_resize(img, crop, flip, self.cfg.image_res))
         return {"image": image, "texts": [self.text(pick(rng, rec["caption"]), flip)], "boxes": [None],
-                "concepts": [self.text_concept[index]]}
+                "concepts": [self.text_concept[index]], "kinds": ["caption"]}
 
     def region_sample(self, rec, index, img, rng):
         """The authors' region crop: pick one element, crop around it, flip, resize; its caption
-        (if any) and element texts whose boxes keep half their area, max_regions texts in all."""
+        (if any) and element texts whose boxes keep more than half their area, max_regions texts in all."""
         W, H = img.size
         elems = rec["elems"]
         # annotations may run a pixel past the border: clip to the image first
@@ -740,17 +715,19 @@ class PretrainDataset(torch.utils.data.Dataset):
         out_of = np.cumsum(keep) - 1  # row of each kept box in out_boxes
         # the chosen element first (the crop holds it whole), then the other survivors in random order
         order = [chosen] + [j for j in rng.permutation(len(elem_ids)).tolist() if j != chosen and keep[j]]
-        texts, box_list, concepts = [], [], []
+        texts, box_list, concepts, kinds = [], [], [], []
         if "caption" in rec:  # it takes one of the max_regions places, as in the authors' code
             texts.append(self.text(pick(rng, rec["caption"]), flip))
             box_list.append(None)
             concepts.append(self.region_concept[index])
+            kinds.append("caption")
         for j in order[:max(1, self.max_regions - len(texts))]:
             e = int(elem_ids[j])
             texts.append(self.text(elem_text(elems[e], rng), flip))
             box_list.append(xywh_to_cxcywh(out_boxes[out_of[j]], res, res)[0])
             concepts.append(self.elem_concept[index] + e)
-        return {"image": image, "texts": texts, "boxes": box_list, "concepts": concepts}
+            kinds.append(elems[e].get("kind", "object"))
+        return {"image": image, "texts": texts, "boxes": box_list, "concepts": concepts, "kinds": kinds}
 
     def collate(self, samples):
         """Samples -> the batch dict that XVLM.forward takes (see pretrain_loader)."""
@@ -876,10 +853,20 @@ class EpochLoader:
         self.epoch, self.batch = self.epoch + 1, 0
 
 
-def pretrain_loader(files, image_root, tokenizer, cfg, batch_size, max_regions=5, crop_scale=(0.2, 1.0),
-                    elements=ELEMENT_KINDS, image_text=True, mlm=True, workers=0, seed=0, rank=0, world_size=1):
-    """The pre-training loader: batches of `batch_size` images for this rank, half image-text
-    pairs and half box-annotated images (paper 4.2). Malformed records raise RecordError here.
+@dataclass(frozen=True)
+class Shard:
+    """How one training process reads the data: its share (rank of world_size), the loader worker
+    processes, and the seed of every random draw (order, crops, flips, masks)."""
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 0
+    seed: int = 0
+
+
+def pretrain_loader(dataset, batch_size, shard=Shard(), image_text=True):
+    """The pre-training loader of a PretrainDataset: batches of `batch_size` images for this process,
+    half image-text pairs and half box-annotated images (paper 4.2); image_text=False reads only the
+    box-annotated records (the grounding pre-step). Resume with state_dict / load_state_dict.
 
     Each batch is the dict that XVLM.forward takes (B images, T texts, R region texts):
       images      float32 [B, 3, res, res]  normalised with MEAN / STD; image-text images first
@@ -891,21 +878,20 @@ def pretrain_loader(files, image_root, tokenizer, cfg, batch_size, max_regions=5
       box_image   int64 [R]                 image of each box
       mlm_ids     int64 [T, L]              text_ids corrupted by mask_text (with `mlm`)
       mlm_labels  int64 [T, L]              the original id where corrupted, -100 elsewhere
-      concept_ids int64 [T]                 visual concept of each text (stable across processes)
-      text_keys   int64 [T]                 text_key of each text: equal for texts of equal words
+      concept_ids int64 [T]                 visual concept of each text (stable across processes); with
+      text_keys   int64 [T]                 text_key of each text; texts sharing either are positives of
+                                            each other under cfg.equal_texts_positive
       skipped     [Unreadable]              images of this draw that could not be read, left out
     An image-text image brings one of its captions (random resized crop with `crop_scale`, flip);
     a region image brings its caption if it has one and element texts, max_regions in all, the
     randomly chosen element first (region crop that keeps it whole, flip, resize; boxes keeping
-    less than half their area are dropped). A flip swaps "left" and "right" in the image's texts.
+    half their area or less are dropped). A flip swaps "left" and "right" in the image's texts.
     crop_scale (0.2, 1.0) is the authors'; the synthetic world's captions name every shape, and a
     crop that cuts shapes out makes them partly false, so the tiny preset uses (0.8, 1.0).
-    image_text=False reads only the region records (the grounding pre-step); `elements` keeps
-    only object or region texts (Table 3's ablations). Resume with state_dict / load_state_dict.
     """
-    dataset = PretrainDataset(files, image_root, tokenizer, cfg, max_regions, crop_scale, elements, mlm)
-    sampler = PretrainSampler(len(dataset.texts) if image_text else 0, len(dataset.regions), batch_size, seed, rank, world_size)
-    return EpochLoader(dataset, sampler.batches, len(sampler), workers, seed)
+    sampler = PretrainSampler(len(dataset.texts) if image_text else 0, len(dataset.regions), batch_size,
+                              shard.seed, shard.rank, shard.world_size)
+    return EpochLoader(dataset, sampler.batches, len(sampler), shard.workers, shard.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -923,13 +909,12 @@ class TaskDataset(torch.utils.data.Dataset):
     """
     fmt = None  # key of FORMATS for the records
     train_fmt = None  # a stricter one for training, where it differs
+    max_words = 30  # texts are cut to this many words (clean_caption)
 
-    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, train=False, seed=0,
-                 crop_scale=(0.5, 1.0), max_words=30):
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, train=False, seed=0, crop_scale=(0.5, 1.0)):
         self.records = load_records(files, (train and self.train_fmt) or self.fmt)
         self.image_root, self.tokenizer, self.max_tokens = Path(image_root), tokenizer, max_tokens
-        self.image_res, self.train, self.seed = image_res, train, seed
-        self.crop_scale, self.max_words = tuple(crop_scale), max_words
+        self.image_res, self.train, self.seed, self.crop_scale = image_res, train, seed, tuple(crop_scale)
         self.epoch = 0
 
     def __len__(self):
@@ -943,6 +928,12 @@ class TaskDataset(torch.utils.data.Dataset):
 
     def flip(self, rng):
         return self.train and bool(rng.random() < 0.5)
+
+    def record(self, index):
+        """(record, its random generator, whether it is flipped, its image tensor or an Unreadable)."""
+        rec, rng = self.records[index], self.rng(index)
+        flip = self.flip(rng)
+        return rec, rng, flip, self.image(rec["image"], rng, flip)
 
     def image(self, rel, rng, flip):
         """Image tensor [3, res, res] through the train or eval transform, or an Unreadable."""
@@ -983,9 +974,7 @@ class RetrievalTrainDataset(TaskDataset):
         self.image_ids = [ids.setdefault(r["image_id"], len(ids)) for r in self.records]
 
     def __getitem__(self, index):
-        rec, rng = self.records[index], self.rng(index)
-        flip = self.flip(rng)
-        image = self.image(rec["image"], rng, flip)
+        rec, rng, flip, image = self.record(index)
         if isinstance(image, Unreadable):
             return image
         return {"image": image, "text": self.text(rec["caption"], flip), "image_id": self.image_ids[index], "index": index}
@@ -1005,13 +994,13 @@ class RetrievalEvalDataset(TaskDataset):
     """
     fmt = "retrieval_eval"
 
-    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, max_words=30):
-        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False, max_words=max_words)
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res):
+        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False)
         self.texts, self.txt2img, self.img2txt = [], [], []
         for i, rec in enumerate(self.records):
             captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
             self.img2txt.append(list(range(len(self.texts), len(self.texts) + len(captions))))
-            self.texts += [clean_caption(c, max_words) for c in captions]
+            self.texts += [clean_caption(c, self.max_words) for c in captions]
             self.txt2img += [i] * len(captions)
 
     def __getitem__(self, index):
@@ -1034,13 +1023,18 @@ def answer_list_problems(path, value):
             for i, a in enumerate(value) if not (isinstance(a, str) and a.strip())]
 
 
+def read_checked(path, problems):
+    """A JSON file whose value problems(path, value) finds nothing wrong with; else the first problem."""
+    value, _ = read_json(path)
+    found = problems(path, value)
+    if found:
+        raise RecordError(found[0])
+    return value
+
+
 def read_answer_list(path):
     """answer_list.json: a JSON list of the candidate answers (strings) VQA ranks at inference."""
-    answers, _ = read_json(path)
-    problems = answer_list_problems(path, answers)
-    if problems:
-        raise RecordError(problems[0])
-    return answers
+    return read_checked(path, answer_list_problems)
 
 
 class VQADataset(TaskDataset):
@@ -1057,9 +1051,7 @@ class VQADataset(TaskDataset):
     fmt, train_fmt = "vqa", "vqa_train"
 
     def __getitem__(self, index):
-        rec, rng = self.records[index], self.rng(index)
-        flip = self.flip(rng)
-        image = self.image(rec["image"], rng, flip)
+        rec, rng, flip, image = self.record(index)
         if isinstance(image, Unreadable):
             return image
         given = rec.get("answer", [])
@@ -1067,7 +1059,8 @@ class VQADataset(TaskDataset):
         given = [swap_left_right(a) if flip else a for a in given]
         answers = sorted(set(given), key=given.index)
         weights = [0.5] * len(answers) if rec.get("dataset") == "vg" else [given.count(a) / len(given) for a in answers]
-        return {"image": image, "text": self.text(rec["question"], flip), "given": given, "answers": answers,
+        question = clean_question(rec["question"], self.max_words)  # the authors' pre_question, not pre_caption
+        return {"image": image, "text": swap_left_right(question) if flip else question, "given": given, "answers": answers,
                 "weights": weights, "index": index}
 
     def collate(self, samples):
@@ -1115,24 +1108,20 @@ def proposal_problems(path, value, image_size=None):
         return [f"{path}: expected a JSON object {{image: [[x, y, w, h], ...]}}, got a JSON {type(value).__name__}"]
     lines = []
     for image, boxes in value.items():
-        out = []
-        size = _image(image, "(image)", out, image_size)
+        out, seen = [], {"image_size": image_size}
+        _image(image, "(image)", out, seen)
         if not isinstance(boxes, list) or not boxes:
             out.append(("(boxes)", f"must be a non-empty list of boxes, got {boxes!r}"))
         else:
             for j, box in enumerate(boxes):
-                _box(box, f"[{j}]", out, size)
+                _box(box, f"[{j}]", out, seen)
         lines += [f"{path}: image {image!r}: field '{field}': {message}" for field, message in out]
     return lines
 
 
 def read_proposals(path):
     """Proposal boxes for weakly supervised grounding: {image path: [[x, y, w, h], ...]} in pixels."""
-    value, _ = read_json(path)
-    problems = proposal_problems(path, value)
-    if problems:
-        raise RecordError(problems[0])
-    return value
+    return read_checked(path, proposal_problems)
 
 
 class GroundingDataset(TaskDataset):
@@ -1143,13 +1132,13 @@ class GroundingDataset(TaskDataset):
     Batch: images [B, 3, H, W], text_ids / text_mask [B, L], boxes float32 [B, 4] (normalised
     (cx, cy, w, h) of the target), image_ids int64 [B] (one per image path: the weakly supervised
     setting trains image-text matching on these pairs, where expressions of one image are
-    positives of each other), index, skipped; with `proposals` (a read_proposals file) also
+    positives of each other), kinds (each record's "kind" of expression, or None), index, skipped; with `proposals` (a read_proposals file) also
     proposals float32 [B, P, 4] (normalised cxcywh, zero-padded) and proposal_mask bool [B, P].
     """
     fmt = "grounding"
 
-    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, proposals=None, max_words=30):
-        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False, max_words=max_words)
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, proposals=None):
+        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False)
         self.proposals = None if proposals is None else read_proposals(proposals)
         if self.proposals is not None:
             missing = [r["image"] for r in self.records if r["image"] not in self.proposals]
@@ -1169,7 +1158,8 @@ class GroundingDataset(TaskDataset):
         x0, y0, w, h = rec["bbox"]
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
         sample = {"image": image, "text": clean_caption(rec["text"], self.max_words), "index": index,
-                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "image_id": self.image_ids[index]}
+                  "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "image_id": self.image_ids[index],
+                  "kind": rec.get("kind")}
         if self.proposals is not None:
             sample["proposals"] = xywh_to_cxcywh(self.proposals[rec["image"]], W, H)
         return sample
@@ -1178,6 +1168,7 @@ class GroundingDataset(TaskDataset):
         batch, kept = self.collate_common(samples)
         batch["boxes"] = torch.stack([s["box"] for s in kept]) if kept else torch.zeros(0, 4)
         batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
+        batch["kinds"] = [s["kind"] for s in kept]
         if self.proposals is not None:
             most = max((len(s["proposals"]) for s in kept), default=0)
             batch["proposals"] = torch.zeros(len(kept), most, 4)
@@ -1188,23 +1179,23 @@ class GroundingDataset(TaskDataset):
         return batch
 
 
-def task_train_loader(dataset, batch_size, workers=0, seed=0, rank=0, world_size=1):
+def task_train_loader(dataset, batch_size, shard=Shard()):
     """A downstream training set as an EpochLoader: epoch e's order is DistributedSampler's shuffle
     for (seed, e), this rank's share, the last partial batch dropped; each sample's augmentation is
     keyed by (seed, e, index), so a resumed run skips straight to its batch (no image read for the
     skipped ones)."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=shard.world_size, rank=shard.rank, shuffle=True,
+                                                  seed=shard.seed, drop_last=True)
     length = len(sampler) // batch_size
     if length == 0:
-        raise DataError(f"{len(dataset)} training records make no batch of {batch_size} x {world_size} processes")
+        raise DataError(f"{len(dataset)} training records make no batch of {batch_size} x {shard.world_size} processes")
 
     def batches(epoch, start):
         sampler.set_epoch(epoch)
         order = list(sampler)
         return [order[b * batch_size:(b + 1) * batch_size] for b in range(start, length)]
 
-    return EpochLoader(dataset, batches, length, workers, seed)
+    return EpochLoader(dataset, batches, length, shard.workers, shard.seed)
 
 
 def eval_loader(dataset, batch_size=64):
@@ -1243,7 +1234,7 @@ SYNTH_FILES = {
     "grounding_proposals": "grounding_proposals.json",  # all shape boxes + 2 decoys per image
     "done": "synth.done",                               # written last: {"version", "images", "seed"} (JSON)
 }
-SYNTH_VERSION = 2  # 2: element kinds, NLVR2 sentences naming an image; an older world is rewritten
+SYNTH_VERSION = 3  # 2: element kinds, NLVR2 sentences naming an image; 3: look-alikes, RefCOCO+ kinds; an older world is rewritten
 MIN_SYNTH_IMAGES = 12
 
 COLOURS = {"red": (215, 35, 35), "orange": (245, 140, 20), "yellow": (230, 205, 30),
@@ -1302,17 +1293,20 @@ def union_box(a, b):
 
 
 def make_scene(rng):
-    """(width, height, shapes): 2-4 non-overlapping shapes, each sharing its colour or its kind
-    with an earlier one 30% of the time each, so that colour and kind must be bound to tell them apart."""
+    """(width, height, shapes): 2-4 non-overlapping shapes. Each after the first is a look-alike of an
+    earlier one (its colour and kind: only size, place or a relation tells them apart) 15% of the time,
+    and shares only its colour 25%, only its kind 25%: colour, kind and place must be bound."""
     width, height = int(rng.integers(96, 129)), int(rng.integers(96, 129))
     shapes = []
     for _ in range(int(rng.integers(2, 5))):
         colour, kind = str(rng.choice(list(COLOURS))), str(rng.choice(KINDS))
-        r = rng.random()
-        if shapes and r < 0.3:
-            colour = pick(rng, shapes).colour
-        elif shapes and r < 0.6:
-            kind = pick(rng, shapes).kind
+        r, model = rng.random(), pick(rng, shapes) if shapes else None
+        if model and r < 0.15:
+            colour, kind = model.colour, model.kind
+        elif model and r < 0.4:
+            colour = model.colour
+        elif model and r < 0.65:
+            kind = model.kind
         size = str(rng.choice(list(SIZES)))
         side = int(rng.integers(SIZES[size][0], SIZES[size][1] + 1))
         for _ in range(100):  # rejection sampling of a free spot, 4 px clear of the others
@@ -1411,8 +1405,10 @@ def unique_shapes(shapes):
 
 
 def region_elems(shapes, rng, max_relations=3):
-    """Object texts (attributes + caption, as Visual Genome) and up to max_relations region texts
-    relating two uniquely named shapes, with the union box."""
+    """Object texts (attributes + caption, as Visual Genome's objects), and region texts as Visual
+    Genome's region descriptions, phrases about a part of the image boxed around what they name: up
+    to max_relations relating two uniquely named shapes (the union box), and each group of
+    look-alikes ("two red circles", their union box)."""
     elems = [{"caption": s.kind, "attributes": f"{s.size} {s.colour}" if rng.random() < 0.3 else s.colour,
               "bb": list(s.box), "kind": "object"} for s in shapes]
     named = unique_shapes(shapes)
@@ -1421,6 +1417,12 @@ def region_elems(shapes, rng, max_relations=3):
         a, b = pairs[i] if rng.random() < 0.5 else pairs[i][::-1]
         # shapes are placed apart along at least one axis, so some relation always holds
         elems.append({"caption": f"{a.name} {pick(rng, relations(a, b))} {b.name}", "bb": union_box(a, b), "kind": "region"})
+    for name in sorted({s.name for s in shapes} - {s.name for s in named}):
+        group = [s for s in shapes if s.name == name]
+        box = group[0].box
+        for s in group[1:]:
+            box = union_box(Shape(s.kind, s.colour, s.size, box), s)
+        elems.append({"caption": f"{NUMBERS[len(group)]} {plural_name(name)}", "bb": list(box), "kind": "region"})
     return elems
 
 
@@ -1500,28 +1502,42 @@ def nlvr2_statement(pair, rng, want):
     return None
 
 
-def referring_expression(shapes, target, rng):
-    """An expression that picks out `target` alone, or None: its name (or kind / colour alone when
-    that is unique), else its size, else its place among the look-alikes."""
-    same = [s for s in shapes if s.name == target.name]
-    if len(same) == 1:
-        options = [target.name]
-        if [s.kind for s in shapes].count(target.kind) == 1:
-            options.append(target.kind)
-        if [s.colour for s in shapes].count(target.colour) == 1:
-            options.append(f"{target.colour} shape")
-        text = pick(rng, options)
-    elif [s.size for s in same].count(target.size) == 1:
-        text = f"{target.size} {target.name}"
-    else:
-        others = [s for s in same if s is not target]
-        places = [p for p, r in (("on the left", "left of"), ("on the right", "right of"),
-                                 ("at the top", "above"), ("at the bottom", "below"))
-                  if all(r in relations(target, o) for o in others)]
-        if not places:
-            return None
-        text = f"{target.name} {pick(rng, places)}"
-    return ("the " if rng.random() < 0.5 else "") + text
+REFERRING_KINDS = ("name", "attribute", "position", "relation")  # RefCOCO+'s kinds of expression
+
+
+def referring_expressions(shapes, target):
+    """Every expression that picks out `target` alone, by kind: {kind: [texts]}. name: its name, or
+    its kind or colour alone when unique; attribute: its size and name, when no look-alike (a shape
+    of its colour and kind) shares its size; position: where it lies among its look-alikes; relation:
+    how it lies to a uniquely named shape, when none of its look-alikes lies so. Each is boxed on
+    `target`, the subject, as RefCOCO+'s."""
+    alike = [s for s in shapes if s.name == target.name and s is not target]
+    out = {}
+    if not alike:
+        out["name"] = [target.name] + ([target.kind] if [s.kind for s in shapes].count(target.kind) == 1 else []) \
+            + ([f"{target.colour} shape"] if [s.colour for s in shapes].count(target.colour) == 1 else [])
+    if all(s.size != target.size for s in alike):
+        out["attribute"] = [f"{target.size} {target.name}"]
+    places = [p for p, r in (("on the left", "left of"), ("on the right", "right of"), ("at the top", "above"),
+                             ("at the bottom", "below")) if alike and all(r in relations(target, o) for o in alike)]
+    if places:
+        out["position"] = [f"{target.name} {p}" for p in places]
+    related = [f"{target.name} {r} the {o.name}" for o in unique_shapes(shapes) if o.name != target.name
+               for r in relations(target, o) if not any(r in relations(a, o) for a in alike)]
+    if related:
+        out["relation"] = related
+    return out
+
+
+def referring_expression(shapes, target, rng, kind=None):
+    """(kind, text): one expression that picks out `target` alone, of `kind` or of a kind drawn among
+    those the scene allows; None when there is none."""
+    options = referring_expressions(shapes, target)
+    if kind is None and options:
+        kind = pick(rng, sorted(options, key=REFERRING_KINDS.index))
+    if kind not in options:
+        return None
+    return kind, ("the " if rng.random() < 0.5 else "") + pick(rng, options[kind])
 
 
 def synth_vocab():
@@ -1534,7 +1550,7 @@ def synth_vocab():
     return tokens
 
 
-def write_json(path, records, lines=False):
+def write_records(path, records, lines=False):
     """A JSON list with one record a line (diff-friendly), or JSON lines."""
     rows = [json.dumps(r) for r in records]
     Path(path).write_text("\n".join(rows) + "\n" if lines else "[\n" + ",\n".join(rows) + "\n]\n")
@@ -1570,26 +1586,26 @@ def synthesize(out_dir, images=4000, seed=0):
 
     pre = scenes["pretrain"]
     half = len(pre) // 2
-    write_json(out / SYNTH_FILES["pretrain_captions"],
+    write_records(out / SYNTH_FILES["pretrain_captions"],
                [{"image": path, "caption": captions(shapes, rng(0, "pretrain", i), 3)} for i, (path, shapes) in enumerate(pre[:half])])
-    write_json(out / SYNTH_FILES["pretrain_regions"],
+    write_records(out / SYNTH_FILES["pretrain_regions"],
                [{"image": path, "caption": captions(shapes, rng(0, "pretrain", i), 1)[0],
                  "elems": region_elems(shapes, rng(1, "pretrain", i))} for i, (path, shapes) in enumerate(pre[half:], half)],
                lines=True)
-    write_json(out / SYNTH_FILES["retrieval_train"],
+    write_records(out / SYNTH_FILES["retrieval_train"],
                [{"image": path, "caption": c, "image_id": f"train_{i}"}
                 for i, (path, shapes) in enumerate(scenes["train"]) for c in captions(shapes, rng(2, "train", i), 3)])
     for split in ("val", "test"):
-        write_json(out / SYNTH_FILES[f"retrieval_{split}"],
+        write_records(out / SYNTH_FILES[f"retrieval_{split}"],
                    [{"image": path, "caption": captions(shapes, rng(2, split, i), 5)} for i, (path, shapes) in enumerate(scenes[split])])
-    write_json(out / SYNTH_FILES["answer_list"], VQA_ANSWERS)
+    write_records(out / SYNTH_FILES["answer_list"], VQA_ANSWERS)
     for split in ("train", "val", "test"):
         # ten annotators who all agree, as VQA's ten answers per question
-        write_json(out / SYNTH_FILES[f"vqa_{split}"],
+        write_records(out / SYNTH_FILES[f"vqa_{split}"],
                    [{"question_id": i * 10 + j, "question": q, "answer": [a] * 10, "image": path, "dataset": "vqa"}
                     for i, (path, shapes) in enumerate(scenes[split]) for j, (q, a) in enumerate(vqa_questions(shapes, rng(3, split, i), 3))])
-        write_json(out / SYNTH_FILES[f"nlvr2_{split}"], synth_nlvr2(scenes[split], split == "train", lambda i: rng(4, split, i)))
-        write_json(out / SYNTH_FILES[f"grounding_{split}"], synth_grounding(scenes[split], split == "train", lambda i: rng(5, split, i)))
+        write_records(out / SYNTH_FILES[f"nlvr2_{split}"], synth_nlvr2(scenes[split], split == "train", lambda i: rng(4, split, i)))
+        write_records(out / SYNTH_FILES[f"grounding_{split}"], synth_grounding(scenes[split], split == "train", lambda i: rng(5, split, i)))
     proposals = {path: synth_proposals(shapes, out / "images" / path, rng(6, split, i))
                  for split in ("train", "val", "test") for i, (path, shapes) in enumerate(scenes[split])}
     (out / SYNTH_FILES["grounding_proposals"]).write_text(json.dumps(proposals) + "\n")
@@ -1614,14 +1630,16 @@ def synth_nlvr2(pool, train, rng):
 
 
 def synth_grounding(pool, train, rng):
-    """Referring expressions: every shape of a training image, two of an evaluation image."""
+    """Referring expressions, each with its kind: one of every kind a shape allows for every shape of a
+    training image; one of a random kind for two shapes of an evaluation image."""
     records = []
     for i, (path, shapes) in enumerate(pool):
         r = rng(i)
         for target in [shapes[j] for j in r.permutation(len(shapes))[:None if train else 2]]:
-            text = referring_expression(shapes, target, r)
-            if text is not None:
-                records.append({"image": path, "text": text, "bbox": list(target.box)})
+            for kind in (REFERRING_KINDS if train else [None]):
+                found = referring_expression(shapes, target, r, kind)
+                if found is not None:
+                    records.append({"image": path, "text": found[1], "bbox": list(target.box), "kind": found[0]})
     return records
 
 
@@ -1762,7 +1780,7 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
 # -----------------------------------------------------------------------------
 # Command line
 
-def main(argv=None):
+def cli_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1772,7 +1790,7 @@ def main(argv=None):
     p.add_argument("--out", default="synth", help="output directory (created; files in it are overwritten)")
     p.add_argument("--images", type=int, default=4000,
                    help=f"pre-training images (at least {MIN_SYNTH_IMAGES}); the downstream pools get images/2 (train) and "
-                        "images/20 (val, test); ~30 s for the default 4000")
+                        "images/20 (val, test)")
     p.add_argument("--seed", type=int, default=0, help="the world is a function of this seed alone")
 
     p = sub.add_parser("check", help="validate data files and every image they name",
@@ -1783,23 +1801,30 @@ def main(argv=None):
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS, "answer_list", "proposals"],
                    help="record format; auto = from the fields of each file's first record")
 
-    p = sub.add_parser("convert-coco", help="COCO captions / instances -> pre-training records",
-                       description="COCO captions -> image-text records; with --instances, region records whose "
-                       "elements are the object boxes with their category names.")
-    p.add_argument("--captions", help="captions_*.json (COCO captions annotation file)")
-    p.add_argument("--instances", help="instances_*.json (COCO detection annotation file)")
-    p.add_argument("--image-dir", default="", help="prefix of the image paths, relative to the image root, e.g. train2014")
-    p.add_argument("--out", required=True, help="output file: .json for a JSON list, .jsonl for JSON lines")
+    converters = {
+        "convert-coco": ("COCO captions / instances -> pre-training records", "COCO captions -> image-text records; with "
+                         "--instances, region records whose elements are the object boxes with their category names.",
+                         [("--captions", "captions_*.json (COCO captions annotation file)"),
+                          ("--instances", "instances_*.json (COCO detection annotation file)")],
+                         ("", "prefix of the image paths, relative to the image root, e.g. train2014")),
+        "convert-vg": ("Visual Genome objects / regions -> region records", "Visual Genome objects (with attributes) and "
+                       "region descriptions -> region records, one per image.",
+                       [("--objects", "objects.json, or attributes.json to keep the objects' attributes"),
+                        ("--regions", "region_descriptions.json"),
+                        ("--image-data", "image_data.json: take each image's folder (VG_100K or VG_100K_2) from its url")],
+                       ("VG_100K", "image paths are IMAGE_DIR/ID.jpg relative to the image root")),
+    }
+    for name, (help, description, sources, (image_dir, image_help)) in converters.items():
+        p = sub.add_parser(name, help=help, description=description)
+        for option, option_help in sources:
+            p.add_argument(option, help=option_help)
+        p.add_argument("--image-dir", default=image_dir, help=image_help)
+        p.add_argument("--out", required=True, help="output file: .json for a JSON list, .jsonl for JSON lines")
+    return parser
 
-    p = sub.add_parser("convert-vg", help="Visual Genome objects / regions -> region records",
-                       description="Visual Genome objects (with attributes) and region descriptions -> region "
-                       "records, one per image.")
-    p.add_argument("--objects", help="objects.json, or attributes.json to keep the objects' attributes")
-    p.add_argument("--regions", help="region_descriptions.json")
-    p.add_argument("--image-dir", default="VG_100K", help="image paths are IMAGE_DIR/ID.jpg relative to the image root")
-    p.add_argument("--image-data", help="image_data.json: take each image's folder (VG_100K or VG_100K_2) from its url")
-    p.add_argument("--out", required=True, help="output file: .json for a JSON list, .jsonl for JSON lines")
 
+def main(argv=None):
+    parser = cli_parser()
     args = parser.parse_args(argv)
     if args.command == "synth" and args.images < MIN_SYNTH_IMAGES:
         parser.error(f"--images must be at least {MIN_SYNTH_IMAGES}, got {args.images}")
@@ -1823,7 +1848,7 @@ def main(argv=None):
         if not (args.objects or args.regions):
             parser.error("convert-vg needs --objects and/or --regions")
         records = convert_vg(args.objects, args.regions, args.image_dir, args.image_data)
-    write_json(args.out, records, lines=str(args.out).endswith(".jsonl"))
+    write_records(args.out, records, lines=str(args.out).endswith(".jsonl"))
     print(f"wrote {len(records)} records to {args.out}; next: python data.py check {args.out} --image-root DIR")
     return 0
 

@@ -26,6 +26,9 @@ wires them to data and flags. On raw images (PIL or a path):
 
     python tasks.py predict --checkpoint runs/grounding/checkpoint.pt --image synth/images/val/00000.png \
         --text "yellow circle" --out predict.png      # box + per-word Grad-CAM (paper Figures 3-5)
+
+The authors' released checkpoints load the same way, with bert-base-uncased's vocab.txt (--vocab):
+README, "Use the authors' released models".
 """
 
 import argparse
@@ -37,7 +40,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from contextlib import contextmanager
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -47,8 +51,8 @@ from PIL import Image, ImageDraw
 
 import data
 import xvlm
-from xvlm import (XVLM, Attention, BertLayer, FusionEncoder, MLMHead, TextEmbeddings, bbox_loss, box_corners, box_iou,
-                  draw_negatives, giou, itc_loss, itm_loss, key_mask, mlp_head, sample_hard_negatives)
+from xvlm import (XVLM, Attention, BertLayer, FusionEncoder, MLMHead, TextEmbeddings, bbox_loss, bbox_terms, box_corners,
+                  box_iou, draw_negatives, key_mask, mlp_head)
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +181,13 @@ def grounding_accuracy(pred, target):
     return 100.0 * (box_iou(pred, target)[0] >= 0.5).float().mean().item()
 
 
+def accuracy_by_kind(pred, target, kinds):
+    """grounding_accuracy over the expressions of each kind ("name", "attribute", ...), for the kinds present."""
+    order = [k for k in data.REFERRING_KINDS if k in kinds] + sorted({k for k in kinds if k not in data.REFERRING_KINDS} - {None})
+    return {k: grounding_accuracy(pred[[i for i, x in enumerate(kinds) if x == k]], target[[i for i, x in enumerate(kinds) if x == k]])
+            for k in order}
+
+
 def accuracy(predicted, labels):
     """Classification accuracy, percent (NLVR2 and its text-assignment pre-step)."""
     return 100.0 * (predicted == labels).float().mean().item()
@@ -254,29 +265,41 @@ def copy_matching(dst, src):
     return kept
 
 
+def lacks(model, module):
+    """Whether `model` came from a checkpoint without `module` (one of the authors' files for another
+    task: model.load_report names what it left at random init)."""
+    report = getattr(model, "load_report", None)
+    return report is not None and any(k == module or k.startswith(module + ".") for k in report.missing)
+
+
+def require_modules(model, modules, use):
+    """`model`, unless its checkpoint lacked one of `modules`, which `use` needs: they would compute noise."""
+    lacking = [m for m in modules if lacks(model, m)]
+    if lacking:
+        raise ValueError(f"{model.load_report.source}: has no {', '.join(lacking)}, which {use} needs; the authors' "
+                         f"checkpoints that have it: xvlm.RELEASED_KINDS")
+    return model
+
+
 # -----------------------------------------------------------------------------
 # Image-text retrieval (paper 4.3): fine-tune with ITC + ITM, rank by s(I, T), re-rank the top k by ITM
 
 
 def retrieval_loss(model, batch):
-    """L_cl + L_match on image-text pairs (appendix B). Also the weakly supervised grounding loss.
+    """L_cl + L_match on image-text pairs (appendix B), as pre-training computes them
+    (XVLM.contrastive_and_pairs, matching_loss). Also the weakly supervised grounding loss.
 
     batch: images (B, 3, H, W), text_ids (B, L), text_mask (B, L) bool, image_ids (B,) int64.
     Pair i is (images[i], texts[i]). Pairs sharing an image id are all positives of each other:
     the ITC target is uniform over them, and ITM never draws one of them as a hard negative.
     Returns {"loss", "itc", "itm"}.
     """
-    text_mask, ids = batch["text_mask"].bool(), batch["image_ids"]
+    text_mask = batch["text_mask"].bool()
     image_embeds = model.encode_image(batch["images"])
     text_embeds = model.encode_text(batch["text_ids"], text_mask)
-    image_feat, text_feat = model.image_features(image_embeds), model.text_features(text_embeds)
-    itc = itc_loss(image_feat, text_feat, model.temperature, ids)
-    with torch.no_grad():
-        neg_text, neg_image = sample_hard_negatives(image_feat @ text_feat.T / model.temperature, ids)
-    every = torch.arange(len(ids), device=ids.device)
-    texts, images = torch.cat([every, neg_text, every]), torch.cat([every, every, neg_image])
-    logits = model.itm_head(model.fuse(text_embeds[texts], text_mask[texts], image_embeds, image_index=images)[:, 0])
-    itm = itm_loss(logits[:len(ids)], logits[len(ids):])
+    itc, texts, images = model.contrastive_and_pairs(model.image_features(image_embeds), model.text_features(text_embeds),
+                                                     batch["image_ids"])
+    itm = model.matching_loss(model.fuse(text_embeds[texts], text_mask[texts], image_embeds, image_index=images))
     return {"loss": itc + itm, "itc": itc, "itm": itm}
 
 
@@ -292,7 +315,7 @@ class RetrievalFeatures(NamedTuple):
 def retrieval_features(model, image_batches, text_batches):
     """Encode every image and text once. image_batches yields (b, 3, H, W) tensors;
     text_batches yields (text_ids, text_mask) pairs, whose lengths may differ between batches.
-    Like the authors, all image tokens stay in memory (COCO 5k at 384px: ~9 GB in fp32)."""
+    Like the authors, all image tokens stay in memory: 5k images x (1 + N) tokens x width floats."""
     device = model_device(model)
     image_embeds = torch.cat([model.encode_image(images.to(device)) for images in image_batches])
     texts = [(model.encode_text(ids.to(device), mask.to(device).bool()), mask.to(device).bool()) for ids, mask in text_batches]
@@ -444,6 +467,12 @@ class VQAModel(XVLM):
         """Initialise the new modules `names` from the loaded weights; return the parameters left at init."""
         return [f"decoder.{n}" for n in self.init_decoder_from_fusion()] if "decoder" in names else []
 
+    @classmethod
+    def from_checkpoint(cls, source, name=None, **overrides):
+        """From one of our vqa runs' checkpoints, or the authors' released VQA file (their text_decoder is
+        the decoder; its config ranks answers as their rank_answer: rank_first_twice)."""
+        return require_modules(super().from_checkpoint(source, name, **overrides), ("decoder",), "VQA")
+
 
 def answer_log_likelihood(decoder, answer_ids, answer_mask, question_states, question_mask):
     """log p(answer | question) = sum_t log p(a_t | [CLS] a_<t, question): teacher forcing over every
@@ -479,7 +508,9 @@ def vqa_loss(model, batch):
 def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_mask, k=128):
     """Answer from the closed candidate list (paper 4.3, the authors' `rank_answer`): score every
     candidate's first token after [CLS], keep the k best candidates, and pick the one of those
-    with the highest full log-likelihood. Batched over questions and candidates.
+    with the highest full log-likelihood. Batched over questions and candidates. With
+    cfg.rank_first_twice (the released VQA models), as their rank_answer does: the first token's
+    log-probability is added to the full log-likelihood, which already holds it, so it counts twice.
 
     answer_ids, answer_mask (C, La): the candidates, "[CLS] answer [SEP] [PAD]..". Returns the
     chosen candidate index of each question (B,).
@@ -494,8 +525,10 @@ def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_
         top = first.topk(k, dim=1).indices  # (B, k)
         cand = top.flatten()
         ll = answer_log_likelihood(model.decoder, answer_ids[cand], answer_mask[cand],
-                                   states.repeat_interleave(k, 0), question_mask.repeat_interleave(k, 0))
-        return top.gather(1, ll.view(B, k).argmax(1, keepdim=True)).squeeze(1)
+                                   states.repeat_interleave(k, 0), question_mask.repeat_interleave(k, 0)).view(B, k)
+        if model.cfg.rank_first_twice:
+            ll = ll + first.gather(1, top)
+        return top.gather(1, ll.argmax(1, keepdim=True)).squeeze(1)
 
 
 def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
@@ -547,6 +580,13 @@ class NLVR2Model(XVLM):
         """Each image-2 block starts as the same pre-trained layer as its image-1 block."""
         for first, second in zip(self.fusion.layers, self.fusion_second.layers):
             second.load_state_dict(first.state_dict())
+
+    @classmethod
+    def from_checkpoint(cls, source, name=None, **overrides):
+        """From one of our nlvr2 runs' checkpoints, or the authors' released NLVR2 file (their text encoder's
+        cross-modal layers T + 2i and T + 2i + 1 are fusion.layers[i] and fusion_second.layers[i]; it has no
+        assign_head, the pre-step's, which stays at init)."""
+        return require_modules(super().from_checkpoint(source, name, **overrides), ("fusion_second", "cls_head"), "NLVR2")
 
     def init_new_modules(self, names):
         """Initialise the new modules `names` from the loaded weights; return the parameters left at init."""
@@ -657,13 +697,12 @@ def predict_boxes(model, images, text_ids, text_mask):
 
 
 def grounding_loss(model, batch):
-    """Supervised grounding: L_bbox (eq. 3), L1 + (1 - GIoU), on the referred box.
+    """Supervised grounding: L_bbox (eq. 3), (1 - GIoU) + L1, on the referred box.
     batch: images (B, 3, H, W), text_ids (B, L), text_mask (B, L), boxes (B, 4) normalised cxcywh.
-    Returns {"loss", "l1", "giou"}."""
-    pred, target = predict_boxes(model, batch["images"], batch["text_ids"], batch["text_mask"]), batch["boxes"].float()
-    l1 = (pred - target).abs().sum(-1).mean()
-    g = (1.0 - giou(pred, target)).mean()
-    return {"loss": l1 + g, "l1": l1, "giou": g}
+    Returns {"loss", "giou", "l1"}."""
+    pred = predict_boxes(model, batch["images"], batch["text_ids"], batch["text_mask"])
+    terms = bbox_terms(pred, batch["boxes"].float())
+    return {"loss": terms["giou"] + terms["l1"], **terms}
 
 
 def grounding_pretrain_loss(model, batch):
@@ -681,16 +720,23 @@ def grounding_pretrain_loss(model, batch):
 
 @torch.no_grad()
 def evaluate_grounding(model, batches):
-    """Accuracy (IoU >= 0.5) of the predicted boxes, and `chance`, always predicting the split's
-    mean box. batches yield grounding_loss's batches."""
-    pred, target = [], []
+    """Accuracy (IoU >= 0.5) of the predicted boxes, overall and by kind of expression, and `chance`,
+    always predicting the split's mean box. batches yield grounding_loss's batches (+ kinds)."""
+    pred, target, kinds = [], [], []
     with evaluating(model):
         for batch in batches:
             b = to_device(batch, model_device(model))
             pred.append(predict_boxes(model, b["images"], b["text_ids"], b["text_mask"]))
             target.append(b["boxes"].float())
-    target = torch.cat(target)
-    return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": box_chance(target)}
+            kinds += b.get("kinds", [None] * len(b["boxes"]))
+    pred, target = torch.cat(pred), torch.cat(target)
+    return {"acc": grounding_accuracy(pred, target), "chance": box_chance(target), **by_kind_metrics(pred, target, kinds)}
+
+
+def by_kind_metrics(pred, target, kinds):
+    """{"by_kind": accuracy_by_kind}, or nothing when no record says its kind."""
+    found = accuracy_by_kind(pred, target, kinds)
+    return {"by_kind": found} if found else {}
 
 
 def gradcam(model, images, text_ids, text_mask, layer=2):
@@ -763,19 +809,20 @@ def rank_proposals(heat, proposals, proposal_mask=None):
 
 
 def proposal_accuracy(model, batches, choose):
-    """Accuracy (IoU >= 0.5) of the proposal that choose(batch) -> (B,) picks for each text, and
-    `chance`, picking a proposal at random. batches yield {images, text_ids, text_mask, boxes
-    (B, 4), proposals (B, P, 4) normalised cxcywh, proposal_mask (B, P) bool}."""
-    pred, target, lucky = [], [], 0.0
+    """Accuracy (IoU >= 0.5) of the proposal that choose(batch) -> (B,) picks for each text, overall and
+    by kind of expression, and `chance`, picking a proposal at random. batches yield {images, text_ids,
+    text_mask, boxes (B, 4), proposals (B, P, 4) normalised cxcywh, proposal_mask (B, P) bool, kinds}."""
+    pred, target, kinds, lucky = [], [], [], 0.0
     for batch in batches:
         b = to_device(batch, model_device(model))
         best = choose(b)
         pred.append(b["proposals"][torch.arange(len(best)), best].float())
         target.append(b["boxes"].float())
+        kinds += b.get("kinds", [None] * len(best))
         mask = b.get("proposal_mask", torch.ones(b["proposals"].shape[:2], dtype=torch.bool, device=best.device))
         lucky += proposal_chance(b["proposals"].float(), mask.bool(), target[-1]) * len(best)
-    target = torch.cat(target)
-    return {"acc": grounding_accuracy(torch.cat(pred), target), "chance": lucky / len(target)}
+    pred, target = torch.cat(pred), torch.cat(target)
+    return {"acc": grounding_accuracy(pred, target), "chance": lucky / len(target), **by_kind_metrics(pred, target, kinds)}
 
 
 def evaluate_grounding_weak(model, batches, layer=2):
@@ -815,15 +862,18 @@ def evaluate_grounding_regions(model, batches):
 # Loading a pre-trained X-VLM into a task model
 
 
-def load_pretrained(model, source):
-    """Load one of our checkpoints (pre-trained X-VLM, or the task's own) into a task model, strictly,
+def load_pretrained(model, source, name=None):
+    """Load one of our checkpoints (pre-trained X-VLM, or the task's own; a file, or what xvlm.read_file
+    read from one, `name` naming it in messages) into a task model, strictly,
     through xvlm.load_checkpoint (position embeddings resampled to the model's resolution, shapes
     and key sets checked). A model key may be absent only if it belongs to one of the model's
     `new_modules`, and then the whole module must be; those modules are then initialised by the
     model from its loaded weights (the VQA decoder and the NLVR2 twins from the cross-modal
     encoder). Returns (the modules initialised so, the parameter names left at their random init).
     """
-    state, source = xvlm.read_state_dict(source)
+    obj, source = xvlm.read_file(source)
+    source = name or source
+    state = xvlm.state_dict_of(obj, source)
     new = getattr(model, "new_modules", ())
     own = model.state_dict(keep_vars=True)
     # A tensor shared under two names (NLVR2's key/value) is loaded when either name is present,
@@ -863,14 +913,21 @@ def text_list(texts, what):
     return texts
 
 
+def encode_texts(model, tokenizer, texts, clean=data.clean_caption):
+    """Texts cleaned and tokenised as the model's training read them: ids, mask (n, L), L <= cfg.max_tokens;
+    ending in [SEP] (ours) or not (the authors' released models: cfg.text_sep)."""
+    return tokenizer.encode_batch([clean(t) for t in texts], model.cfg.max_tokens, sep=model.cfg.text_sep)
+
+
 @torch.no_grad()
 def score(model, image, texts, tokenizer):
     """p_match(I, T) of the ITM head for each text (a list, or one string): (n,), how well each
     text describes the image."""
     texts = text_list(texts, "score")
+    require_modules(model, ("itm_head",), "score")
     with evaluating(model):
         x, _ = image_tensor(image, model.cfg.image_res)
-        ids, mask = tokenizer.encode_batch([data.clean_caption(t) for t in texts], model.cfg.max_tokens)
+        ids, mask = encode_texts(model, tokenizer, texts)
         device = model_device(model)
         fused = fuse_image_text(model, x.to(device).expand(len(texts), -1, -1, -1), ids.to(device), mask.to(device))
         return model.itm_head(fused[:, 0]).float().softmax(-1)[:, 1].cpu()
@@ -879,9 +936,10 @@ def score(model, image, texts, tokenizer):
 @torch.no_grad()
 def ground(model, image, text, tokenizer):
     """The box the text refers to, (x, y, w, h) in pixels of the image, clipped to it: the bbox head (eq. 2)."""
+    require_modules(model, ("bbox_head",), "ground")
     with evaluating(model):
         x, img = image_tensor(image, model.cfg.image_res)
-        ids, mask = tokenizer.encode_batch([data.clean_caption(text)], model.cfg.max_tokens)
+        ids, mask = encode_texts(model, tokenizer, [text])
         device = model_device(model)
         x0, y0, x1, y1 = box_corners(predict_boxes(model, x.to(device), ids.to(device), mask.to(device)))[0].clamp(0, 1).tolist()
         W, H = img.size
@@ -895,8 +953,8 @@ def answer(model, image, question, answers, tokenizer, k=128):
         raise TypeError(f"answer needs a VQAModel (tasks.VQAModel.from_checkpoint of a vqa run), not a {type(model).__name__}")
     answers = text_list(answers, "answer: candidate answers")
     x, _ = image_tensor(image, model.cfg.image_res)
-    q_ids, q_mask = tokenizer.encode_batch([data.clean_caption(question)], model.cfg.max_tokens)
-    a_ids, a_mask = tokenizer.encode_batch(answers, model.cfg.max_tokens)
+    q_ids, q_mask = encode_texts(model, tokenizer, [question], data.clean_question)
+    a_ids, a_mask = tokenizer.encode_batch(answers, model.cfg.max_tokens)  # "[CLS] answer [SEP]", theirs too
     device = model_device(model)
     best = rank_answers(model, x.to(device), q_ids.to(device), q_mask.to(device), a_ids.to(device), a_mask.to(device), k)
     return answers[best.item()]
@@ -914,160 +972,219 @@ def heat_overlay(img, heat, size):
 
 def draw_prediction(model, image, text, tokenizer, size=256):
     """The paper's Figures 3-5 for one image and text: the predicted box, the Grad-CAM map of the
-    whole text, then one map per word. Returns a PIL image."""
+    whole text, then one map per word. Returns a PIL image. A model whose checkpoint had no bbox head
+    (the authors' retrieval files) draws no box; one without an ITM head (their bbox files), no maps."""
     x, img = image_tensor(image, model.cfg.image_res)
-    ids, mask = tokenizer.encode_batch([data.clean_caption(text)], model.cfg.max_tokens)
+    ids, mask = encode_texts(model, tokenizer, [text])
     device = model_device(model)
-    layer = max(0, min(2, len(model.fusion.layers) - 2))  # words have no map in the last layer (see gradcam)
-    heat, per_word = gradcam(model, x.to(device), ids.to(device), mask.to(device), layer)
-    box = ground(model, image, text, tokenizer)
-    words = [(tokenizer.decode([t]), per_word[0, i]) for i, t in enumerate(ids[0].tolist())
-             if mask[0, i] and t not in tokenizer.special_ids]
-    panels = [img.resize((size, size), Image.BICUBIC), heat_overlay(img, heat[0].cpu(), size)]
-    panels += [heat_overlay(img, m.cpu(), size) for _, m in words]
-    titles = [f"box: {text}", "Grad-CAM: all words"] + [w for w, _ in words]
+    words, panels, titles = [], [img.resize((size, size), Image.BICUBIC)], [f"box: {text}" if not lacks(model, "bbox_head") else text]
+    if not lacks(model, "itm_head"):
+        layer = max(0, min(2, len(model.fusion.layers) - 2))  # words have no map in the last layer (see gradcam)
+        heat, per_word = gradcam(model, x.to(device), ids.to(device), mask.to(device), layer)
+        words = [(tokenizer.decode([t]), per_word[0, i]) for i, t in enumerate(ids[0].tolist())
+                 if mask[0, i] and t not in tokenizer.special_ids]
+        panels += [heat_overlay(img, heat[0].cpu(), size)] + [heat_overlay(img, m.cpu(), size) for _, m in words]
+        titles += ["Grad-CAM: all words"] + [w for w, _ in words]
     sheet = Image.new("RGB", (size * len(panels), size + 24), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (panel, title) in enumerate(zip(panels, titles)):
         sheet.paste(panel, (i * size, 24))
         draw.text((i * size + 4, 6), title[:40], fill="black")
-    W, H = img.size
-    bx, by, bw, bh = box
-    draw.rectangle([bx / W * size, 24 + by / H * size, (bx + bw) / W * size, 24 + (by + bh) / H * size],
-                   outline=(255, 0, 0), width=3)
+    if not lacks(model, "bbox_head"):
+        W, H = img.size
+        bx, by, bw, bh = ground(model, image, text, tokenizer)
+        draw.rectangle([bx / W * size, 24 + by / H * size, (bx + bw) / W * size, 24 + (by + bh) / H * size],
+                       outline=(255, 0, 0), width=3)
     return sheet
 
 
 # -----------------------------------------------------------------------------
-# The paper's Table 3 on the synthetic world: `python tasks.py ablation`
+# The tasks `train.py --task NAME` runs: one row each, holding everything the task is
 #
-# Each variant is pre-trained with the default recipe (train.ABLATIONS: its switches), evaluated
-# zero-shot, then fine-tuned on retrieval, VQA, NLVR2 and both groundings for fewer steps than the
-# tiny defaults (ABLATION_STEPS), so that 6 variants x 2 seeds fit in about two hours on 2 cores.
-# Every finished cell is a small JSON file under docs/ablation/: a rerun, even on a fresh machine,
-# skips those and finishes the table; an unfinished train run resumes from its checkpoint.
-
-ABLATION_VARIANTS = {"X-VLM": "none", "w/o object": "no_object", "w/o region": "no_region",
-                     "w/o bbox loss": "no_bbox_loss", "w/o mixed attn": "no_mixed_attn", "w/o all": "no_all"}
-ABLATION_STEPS = {"pretrain": 1200, "retrieval": 200, "vqa": 400, "nlvr2": 200, "grounding_pretrain": 300, "grounding": 400,
-                  "grounding_weak": 400}  # pretrain: the default recipe's 1200 x 16 images
-# (column, task, metric key, in Meta-Sum, in Meta-Sum*): R@1 for retrieval, as the paper's Table 3;
-# Meta-Sum sums the fine-tuned scores, Meta-Sum* leaves out supervised grounding, as the paper's *.
-ABLATION_COLUMNS = [
-    ("zero-shot r_mean", "pretrain", "retrieval.r_mean", False, False),
-    ("zero-shot region grounding", "pretrain", "grounding_regions.acc", False, False),
-    ("TR R@1", "retrieval", "txt_r1", True, True),
-    ("IR R@1", "retrieval", "img_r1", True, True),
-    ("VQA", "vqa", "vqa_acc", True, True),
-    ("NLVR2", "nlvr2", "acc", True, True),
-    ("grounding", "grounding", "acc", True, False),
-    ("weak grounding", "grounding_weak", "acc", True, True),
-]
-CHANCE_KEYS = {"retrieval.r_mean": "retrieval.chance", "grounding_regions.acc": "grounding_regions.chance",
-               "txt_r1": "chance_txt_r1", "img_r1": "chance_img_r1", "vqa_acc": "chance", "acc": "chance"}
+# A row's train_loader(settings, tokenizer, cfg, shard) gives the training batches, its
+# evaluation(settings, tokenizer, cfg, log) reads and checks every evaluation input at once (before
+# any training) and returns evaluate(model) -> metrics, or None without evaluation data. `settings`
+# is train.Settings (read here by attribute: data, eval_data, image_root, batch_size, ...).
 
 
-def lookup(metrics, key):
-    for part in key.split("."):
-        metrics = metrics[part]
-    return metrics
+def log_skipped(batch, log):
+    """Log and drop the unreadable images a batch lists under "skipped"; returns how many there were."""
+    skipped = batch.pop("skipped")
+    for u in skipped:
+        log(f"skipping unreadable image {u.path}: {u.reason}")
+    return len(skipped)
 
 
-def ablation_cell(variant, seed, workdir, say, steps=ABLATION_STEPS):
-    """Pre-train one variant with one seed, then every fine-tune, each for steps[task]; each train run
-    resumes or is skipped when it already finished. Returns {task: the run's evaluation}."""
-    import train  # train imports this module: a late import keeps the order of the files' reading
+class Batches:
+    """A dataset's evaluation batches, read afresh each time; unreadable images logged and counted."""
 
-    root = Path(workdir) / f"{ABLATION_VARIANTS[variant]}-seed{seed}"
-    name = lambda task: f"{task}-{steps[task]}"
-    out = {}
-    for task in steps:
-        # supervised grounding starts from its pre-step (L_bbox alone), as the paper's; the rest from pre-training
-        flags = ["--ablation", ABLATION_VARIANTS[variant]] if task == "pretrain" else \
-            ["--init", str(root / name("grounding_pretrain" if task == "grounding" else "pretrain") / "checkpoint.pt")]
-        run = root / name(task)
-        if not (run / "metrics.json").exists():
-            say(f"  {task} ({variant}, seed {seed})")
-            resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
-            train.main(["--task", task, "--out", str(run), "--seed", str(seed), "--steps", str(steps[task]),
-                        "--log-every", "100", *flags, *resume])
-        out[task] = json.loads((run / "metrics.json").read_text())["eval"]
-    return out
+    def __init__(self, dataset, log):
+        self.dataset, self.log, self.skipped = dataset, log, 0
+
+    def __iter__(self):
+        self.skipped = 0
+        for batch in data.eval_loader(self.dataset):
+            self.skipped += log_skipped(batch, self.log)
+            yield batch
+
+    def counted(self, metrics):
+        return {**metrics, "skipped_images": self.skipped} if self.skipped else metrics
 
 
-def ablation_table(cells):
-    """The markdown table: each column's mean and half-range over seeds, Meta-Sums, chance."""
-    header = ["variant", "seeds"] + [c[0] for c in ABLATION_COLUMNS] + ["Meta-Sum", "Meta-Sum*"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for variant in ABLATION_VARIANTS:
-        runs = [c for c in cells if c["variant"] == variant]
-        if not runs:
-            continue
-        values = [[c["scores"][name] for c in runs] for name in [col[0] for col in ABLATION_COLUMNS] + ["Meta-Sum", "Meta-Sum*"]]
-        fmt = lambda v: f"{np.mean(v):.1f}" + (f" ± {(max(v) - min(v)) / 2:.1f}" if len(v) > 1 else "")
-        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(fmt(v) for v in values) + " |")
-    chance = cells[0]["chance"]
-    lines.append("| chance | | " + " | ".join(f"{chance[c[0]]:.1f}" for c in ABLATION_COLUMNS)
-                 + f" | {sum(chance[c[0]] for c in ABLATION_COLUMNS if c[3]):.1f} | {sum(chance[c[0]] for c in ABLATION_COLUMNS if c[4]):.1f} |")
-    return "\n".join(lines) + "\n"
+def retrieval_metrics(model, split, tokenizer, k, log):
+    """TR / IR recall of a data.RetrievalEvalDataset, leaving out the texts of images that turn out unreadable."""
+    batches = Batches(split, log)
+    images, kept = [], []
+    for b in batches:
+        images.append(b["images"])
+        kept += b["index"].tolist()
+    row = {image: r for r, image in enumerate(kept)}
+    texts = [t for t in range(len(split.texts)) if split.txt2img[t] in row]
+    text_batches = [tokenizer.encode_batch([split.texts[t] for t in texts[i:i + 256]], split.max_tokens)
+                    for i in range(0, len(texts), 256)]
+    text_image = torch.tensor([row[split.txt2img[t]] for t in texts])
+    return batches.counted(evaluate_retrieval(model, images, text_batches, text_image, k=k))
 
 
-def ablation_plot(cells, path):
-    """One bar per variant (its seeds' mean Meta-Sum), a dot per seed, drawn with PIL."""
-    variants = [v for v in ABLATION_VARIANTS if any(c["variant"] == v for c in cells)]
-    sums = {v: [c["scores"]["Meta-Sum"] for c in cells if c["variant"] == v] for v in variants}
-    lo = min(min(s) for s in sums.values()) - 10
-    hi = max(max(s) for s in sums.values()) + 5
-    W, H, left, bottom = 120 * len(variants) + 80, 360, 60, 50
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((left, 8), "Meta-Sum on the synthetic world (bar: mean, dots: seeds)", fill="black")
-    y = lambda v: H - bottom - (v - lo) / (hi - lo) * (H - bottom - 40)
-    for tick in np.linspace(lo, hi, 5):
-        draw.line([(left - 4, y(tick)), (W - 10, y(tick))], fill=(230, 230, 230))
-        draw.text((4, y(tick) - 6), f"{tick:.0f}", fill="gray")
-    for i, v in enumerate(variants):
-        x0 = left + 20 + 120 * i
-        draw.rectangle([x0, y(np.mean(sums[v])), x0 + 70, y(lo)], fill=(31, 119, 180) if v == "X-VLM" else (150, 170, 190))
-        for s in sums[v]:
-            draw.ellipse([x0 + 31, y(s) - 4, x0 + 39, y(s) + 4], fill="black")
-        draw.text((x0, H - bottom + 8), v, fill="black")
-    img.save(path)
+def eval_args(s, tokenizer, cfg):
+    return s.eval_data, s.image_root, tokenizer, cfg.max_tokens, cfg.image_res
 
 
-def ablation(seeds=(0, 1), out="docs/ablation", workdir="runs/ablation", variants=tuple(ABLATION_VARIANTS), pretrain_steps=None):
-    """Run (or finish) the table: every (variant, seed) cell not yet in `out`, then write
-    out/table.md and out/metasum.png. Returns the cells. pretrain_steps: other than the recipe's."""
-    out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    steps = {**ABLATION_STEPS, "pretrain": pretrain_steps or ABLATION_STEPS["pretrain"]}
-    for path in (out / "cells").glob("*.json"):
-        if json.loads(path.read_text())["steps"] != steps:
-            raise ValueError(f"{path} was run with other steps than {steps}: give the table its own --out and --workdir")
-    todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{ABLATION_VARIANTS[v]}-seed{s}.json").exists()]
-    start = time.time()
-    say = lambda message: print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
-    say(f"{len(todo)} of {len(seeds) * len(variants)} cells to run")
-    for n, (variant, seed) in enumerate(todo):
-        say(f"cell {n + 1}/{len(todo)}: {variant}, seed {seed}" + (
-            f" (eta {(time.time() - start) / n * (len(todo) - n) / 60:.0f} min)" if n else ""))
-        began = time.time()
-        evals = ablation_cell(variant, seed, workdir, say, steps)
-        scores = {c[0]: lookup(evals[c[1]], c[2]) for c in ABLATION_COLUMNS}
-        scores["Meta-Sum"] = sum(scores[c[0]] for c in ABLATION_COLUMNS if c[3])
-        scores["Meta-Sum*"] = sum(scores[c[0]] for c in ABLATION_COLUMNS if c[4])
-        chance = {c[0]: lookup(evals[c[1]], CHANCE_KEYS[c[2]]) for c in ABLATION_COLUMNS}
-        cell = {"variant": variant, "seed": seed, "scores": scores, "chance": chance, "steps": steps,
-                "minutes": round((time.time() - began) / 60, 1)}
-        path = out / "cells" / f"{ABLATION_VARIANTS[variant]}-seed{seed}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(cell, indent=1) + "\n")
-        path.with_suffix(".tmp").replace(path)  # atomically: a cell file is whole or absent
-        say(f"cell done in {cell['minutes']} min: Meta-Sum {scores['Meta-Sum']:.1f}")
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    (out / "table.md").write_text(ablation_table(cells))
-    ablation_plot(cells, out / "metasum.png")
-    say(f"wrote {out / 'table.md'} and {out / 'metasum.png'} ({len(cells)} cells; this pass {(time.time() - start) / 60:.0f} min)")
-    return cells
+def pretrain_evaluation(s, tokenizer, cfg, log):
+    """Zero-shot, straight after pre-training: retrieval, and grounding by the bbox head and by
+    ranking proposal boxes as visual concepts (the images read once for both)."""
+    if not s.eval_data and not s.grounding_data:
+        return None
+    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg)) if s.eval_data else None
+    grounding = (Batches(data.GroundingDataset(s.grounding_data, *eval_args(s, tokenizer, cfg)[1:], proposals=s.proposals), log)
+                 if s.grounding_data else None)
+
+    def evaluate(model):
+        out = {"retrieval": retrieval_metrics(model, split, tokenizer, s.rerank_k, log)} if split else {}
+        if grounding:
+            batches = list(grounding)
+            out["grounding"] = grounding.counted(evaluate_grounding(model, batches))
+            if s.proposals:
+                out["grounding_regions"] = grounding.counted(evaluate_grounding_regions(model, batches))
+        return out
+    return evaluate
+
+
+def retrieval_evaluation(s, tokenizer, cfg, log):
+    if not s.eval_data:
+        return None
+    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg))
+    return lambda model: retrieval_metrics(model, split, tokenizer, s.rerank_k, log)
+
+
+def text_assignment_evaluation(s, tokenizer, cfg, log):
+    """The NLVR2 pre-step on the retrieval split: each image with its first caption."""
+    if not s.eval_data:
+        return None
+    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg))
+    batches = Batches(split, log)
+
+    def pairs():
+        for b in batches:
+            ids, mask = tokenizer.encode_batch([split.texts[split.img2txt[i][0]] for i in b["index"].tolist()], cfg.max_tokens)
+            yield {"images": b["images"], "text_ids": ids, "text_mask": mask}
+    return lambda model: batches.counted(evaluate_text_assignment(model, pairs()))
+
+
+def vqa_evaluation(s, tokenizer, cfg, log):
+    if not s.eval_data:
+        return None
+    if not s.answer_list:
+        raise data.UsageError("--task vqa evaluates by ranking candidate answers: give --answer-list (a JSON list of strings)")
+    answers = data.read_answer_list(s.answer_list)
+    answer_ids, answer_mask = tokenizer.encode_batch(answers, cfg.max_tokens)
+    batches = Batches(data.VQADataset(*eval_args(s, tokenizer, cfg)), log)
+    return lambda model: batches.counted(evaluate_vqa(model, batches, answer_ids, answer_mask, answers, k=s.rerank_k))
+
+
+def dataset_evaluation(dataset, evaluate):
+    """An evaluation that runs `evaluate(model, batches)` over one data.*Dataset of the eval files."""
+    def build(s, tokenizer, cfg, log):
+        if not s.eval_data:
+            return None
+        batches = Batches(dataset(*eval_args(s, tokenizer, cfg)), log)
+        return lambda model: batches.counted(evaluate(model, batches))
+    return build
+
+
+def weak_grounding_evaluation(s, tokenizer, cfg, log):
+    if not s.eval_data:
+        return None
+    if not s.proposals:
+        raise data.UsageError("--task grounding_weak ranks proposal boxes: give --proposals ({image: [[x, y, w, h], ...]})")
+    batches = Batches(data.GroundingDataset(*eval_args(s, tokenizer, cfg), proposals=s.proposals), log)
+    return lambda model: batches.counted(evaluate_grounding_weak(model, batches))
+
+
+def pretraining_data(image_text, mlm):
+    """The loader of the pre-training records: image-text pairs and box-annotated images, half and
+    half (pre-training), or the box-annotated images alone (the grounding pre-step); --no-objects and
+    --no-regions (Table 3's switches) leave out those texts."""
+    def build(s, tokenizer, cfg, shard):
+        elements = tuple(k for k, on in (("object", s.objects), ("region", s.regions)) if on)
+        dataset = data.PretrainDataset(s.data, s.image_root, tokenizer, cfg, s.max_regions, s.crop_scale, elements, mlm)
+        return data.pretrain_loader(dataset, s.batch_size, shard, image_text=image_text)
+    return build
+
+
+def task_data(dataset, train=True):
+    """The loader of a downstream training set, data.*Dataset `dataset` (train: augmented)."""
+    def build(s, tokenizer, cfg, shard):
+        options = dict(train=True, seed=s.seed, crop_scale=s.crop_scale) if train else {}
+        return data.task_train_loader(dataset(s.data, s.image_root, tokenizer, cfg.max_tokens, cfg.image_res, **options),
+                                      s.batch_size, shard)
+    return build
+
+
+@dataclass(frozen=True)
+class Task:
+    model: type  # XVLM or a task model; load_pretrained puts an X-VLM checkpoint into it
+    loss: Callable  # loss(model, batch) -> {"loss": total, name: term, ...}, 0-dim tensors
+    train_loader: Callable  # (settings, tokenizer, cfg, data.Shard) -> data.EpochLoader
+    evaluation: Callable  # (settings, tokenizer, cfg, log) -> evaluate(model) -> metrics, or None
+    synth: dict  # the synthetic world's files (data.SYNTH_FILES keys): "train", "val", maybe more
+    frozen: tuple = ()  # parameter prefixes the loss never reaches: frozen (DDP needs every gradient)
+    frozen_without_bbox_loss: tuple = ()  # and those it does not reach when cfg.use_bbox_loss is off
+    new_heads: tuple = ()  # always at lr * lr_mult (the authors' init_params of the task)
+    min_images: int = 2  # a batch left with fewer readable images is skipped
+    ablations: tuple = ("none",)  # the Table 3 variants (train.ABLATIONS) that apply: it trains on pre-training data
+
+
+ITC_ITM = ("vision_proj", "text_proj", "temp", "itm_head")  # the contrastive and matching heads
+RETRIEVAL_FILES = {"train": ["retrieval_train"], "val": ["retrieval_val"]}
+GROUNDING_FILES = {"train": ["grounding_train"], "val": ["grounding_val"]}
+
+TASKS = {
+    "pretrain": Task(XVLM, lambda model, batch: model(batch), pretraining_data(True, True), pretrain_evaluation,
+                     {"train": ["pretrain_captions", "pretrain_regions"], "val": ["retrieval_val"],
+                      "grounding_data": ["grounding_val"], "proposals": "grounding_proposals"},
+                     frozen_without_bbox_loss=("bbox_head",),
+                     ablations=("none", "no_object", "no_region", "no_bbox_loss", "no_mixed_attn", "no_all")),
+    "grounding_pretrain": Task(XVLM, grounding_pretrain_loss, pretraining_data(False, False),
+                               dataset_evaluation(data.GroundingDataset, evaluate_grounding),
+                               {"train": ["pretrain_regions"], "val": ["grounding_val"]}, ITC_ITM + ("mlm_head",),
+                               min_images=1, ablations=("none", "no_object", "no_region", "no_mixed_attn")),
+    "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, task_data(data.RetrievalTrainDataset), text_assignment_evaluation,
+                           RETRIEVAL_FILES, ITC_ITM + ("bbox_head", "mlm_head", "cls_head"), new_heads=("assign_head",), min_images=3),
+    "retrieval": Task(XVLM, retrieval_loss, task_data(data.RetrievalTrainDataset), retrieval_evaluation, RETRIEVAL_FILES,
+                      ("bbox_head", "mlm_head")),
+    "vqa": Task(VQAModel, vqa_loss, task_data(data.VQADataset), vqa_evaluation,
+                {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"},
+                ITC_ITM + ("bbox_head", "mlm_head"), min_images=1),
+    "nlvr2": Task(NLVR2Model, nlvr2_loss, task_data(data.NLVR2Dataset), dataset_evaluation(data.NLVR2Dataset, evaluate_nlvr2),
+                  {"train": ["nlvr2_train"], "val": ["nlvr2_val"]}, ITC_ITM + ("bbox_head", "mlm_head", "assign_head"),
+                  new_heads=("cls_head",), min_images=1),
+    "grounding": Task(XVLM, grounding_loss, task_data(data.GroundingDataset, train=False),
+                      dataset_evaluation(data.GroundingDataset, evaluate_grounding), GROUNDING_FILES, ITC_ITM + ("mlm_head",),
+                      min_images=1),
+    "grounding_weak": Task(XVLM, retrieval_loss, task_data(data.GroundingDataset, train=False), weak_grounding_evaluation,
+                           {**GROUNDING_FILES, "proposals": "grounding_proposals"}, ("bbox_head", "mlm_head")),
+}
 
 
 def main(argv=None):
@@ -1076,36 +1193,25 @@ def main(argv=None):
     q = sub.add_parser("predict", help="draw the predicted box and per-word Grad-CAM maps for a text",
                        description="Draws, side by side: the image with the box the bbox head predicts for the "
                        "text, the Grad-CAM map of the whole text and one map per word (paper Figures 3-5).")
-    q.add_argument("--checkpoint", required=True, help="one of our checkpoints (e.g. runs/grounding/checkpoint.pt)")
+    q.add_argument("--checkpoint", required=True, help="one of our checkpoints (e.g. runs/grounding/checkpoint.pt), "
+                   "or one of the authors' released ones (README: Use the authors' released models)")
     q.add_argument("--image", required=True, help="image file")
     q.add_argument("--text", required=True, help="a referring expression, e.g. 'the red circle'")
     q.add_argument("--out", required=True, help="PNG to write")
-    q.add_argument("--vocab", help="vocab.txt (default: the one the checkpoint was trained with)")
+    q.add_argument("--vocab", help="vocab.txt (default: the one the checkpoint was trained with; the authors' "
+                   "checkpoints name none: bert-base-uncased's vocab.txt)")
     q.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
-    a = sub.add_parser("ablation", help="the paper's Table 3 on the synthetic world (about two hours on 2 cores)",
-                       description="Pre-train X-VLM and its five ablations (Table 3) with the default recipe, for each "
-                       "seed, evaluate zero-shot, fine-tune on every task, and write OUT/table.md and OUT/metasum.png. "
-                       "Finished cells are kept as OUT/cells/*.json: a rerun skips them. Run it in the background "
-                       "(nohup ... &); it logs progress, and a stopped run continues where it stopped.")
-    a.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every variant (default: 0 1)")
-    a.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS),
-                   metavar="VARIANT", help=f"a subset of the rows: {', '.join(ABLATION_VARIANTS)}")
-    a.add_argument("--out", default="docs/ablation", help="where the cells, the table and the plot go (default: docs/ablation)")
-    a.add_argument("--workdir", default="runs/ablation", help="the train runs' directories (default: runs/ablation)")
-    a.add_argument("--pretrain-steps", type=int, help="pre-training steps of every cell (default: the recipe's 1200); "
-                   "with its own --out and --workdir")
     args = p.parse_args(argv)
-    if args.command == "ablation":
-        ablation(args.seeds, args.out, args.workdir, args.variants, args.pretrain_steps)
-        return 0
-    model = XVLM.from_checkpoint(args.checkpoint)
-    vocab = args.vocab or xvlm.read_file(args.checkpoint)[0].get("extra", {}).get("settings", {}).get("vocab")
+    checkpoint, name = xvlm.read_file(args.checkpoint)  # read once: the weights, and the vocabulary it names
+    model = XVLM.from_checkpoint(checkpoint, name=name)
+    vocab = args.vocab or checkpoint.get("extra", {}).get("settings", {}).get("vocab")
     if vocab is None:
-        p.error(f"{args.checkpoint} names no vocabulary: pass --vocab")
-    sheet = draw_prediction(model, args.image, args.text, data.Tokenizer(vocab), args.size)
-    sheet.save(args.out)
-    print(f"wrote {args.out}: box {tuple(round(v, 1) for v in ground(model, args.image, args.text, data.Tokenizer(vocab)))}"
-          " (x, y, w, h in pixels)")
+        raise ValueError(f"{args.checkpoint} names no vocabulary: pass --vocab")  # one line, status 1, as every mistake
+    tokenizer = data.Tokenizer(vocab)
+    draw_prediction(model, args.image, args.text, tokenizer, args.size).save(args.out)
+    box = "no bbox head" if lacks(model, "bbox_head") else \
+        f"box {tuple(round(v, 1) for v in ground(model, args.image, args.text, tokenizer))} (x, y, w, h in pixels)"
+    print(f"wrote {args.out}: {box}")
     return 0
 
 

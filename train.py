@@ -6,18 +6,19 @@ Train X-VLM: pre-training and every downstream task, in one CPU process or on ma
     torchrun --nproc-per-node 8 train.py --task pretrain --config base \\
         --data coco.json vg.jsonl cc3m.json --image-root /data/images --vocab bert-base-uncased/vocab.txt \\
         --vit-init deit_base_patch16_224-b5f2ef4d.pth --bert-init bert-base-uncased --precision bf16
+    python train.py ablation --seeds 0 1 2       # the paper's Table 3 on the synthetic world, cell by cell
 
 With no --data, a task trains on the synthetic world (written to --synth-dir on first use) and
 evaluates on its validation split. Every run writes OUT/log.txt, OUT/metrics.json (the last
-step's losses and the final evaluation next to its chance level), OUT/losses.png and
+step's losses, the final evaluation next to its chance level, the settings), OUT/losses.png and
 OUT/checkpoint.pt. `--resume` continues a stopped run exactly where it stopped, with the settings
 it was started with; a run's directory is never overwritten without `--overwrite`.
 
-main() is a fixed sequence: flags; the run's settings (RECIPES for the preset and task, the flags
-over them, or on --resume the stored run's); distributed setup; data and the evaluation inputs
-(all checked before any compute); model and weights; optimizer and schedule; compile then DDP; the
-loop (autocast, skip what cannot train, step, log, evaluate, save); the final evaluation,
-metrics.json and the loss plot.
+main() is a fixed sequence: the flags; the run's Settings (the recipe row of --config and --task,
+an ablation's switches, then the flags the user gave, validated once; on --resume the stored run's);
+distributed setup; data and every evaluation input (checked before any compute); model and weights;
+optimizer and schedule; compile then DDP; the loop; the final evaluation, metrics.json and the loss
+plot. What a task is (model, loss, data, evaluation) is its row of tasks.TASKS.
 """
 
 import argparse
@@ -28,6 +29,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +38,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,16 +49,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import tasks
 import xvlm
+from data import UsageError
 from xvlm import XVLMConfig
 
 
 # A skipped step (non-finite loss, too few images) still advances the schedule, so that the run's
 # length and its learning rates stay those of its settings; torch warns of a step before any update.
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-
-
-class UsageError(ValueError):
-    """A flag or an output directory that cannot work; the message says what to do instead."""
 
 
 # -----------------------------------------------------------------------------
@@ -70,23 +69,23 @@ class UsageError(ValueError):
 # scripts only, twice the learning rate for newly initialised parameters).
 # tiny: the same shape on the synthetic world, sized for 2 CPU cores: steps instead of epochs,
 # a higher learning rate for a narrow model trained from scratch, gentle crops (its captions name
-# every shape), and 64px throughout.
+# every shape), and 64px throughout. image_res is the model's (XVLMConfig), the rest Settings'.
 
-PRETRAIN = dict(schedule="cosine", warmup=0.2, lr_ends=0.1, weight_decay=0.02, grad_clip=1.0, lr_mult=2.0, image_res=None)
-PRESTEP = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=1.0, lr_mult=2.0, image_res=None)
+PRETRAIN = dict(schedule="cosine", warmup=0.2, lr_ends=0.1, weight_decay=0.02, grad_clip=1.0, lr_mult=2.0)
+PRESTEP = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=1.0, lr_mult=2.0)
 FINETUNE = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=0.0, lr_mult=2.0, image_res=384)
-TINY = dict(image_res=None, crop_scale=(0.8, 1.0), rerank_k=16, epochs=None)
+BASE_CROP, BASE_FINETUNE_CROP, TINY = (0.2, 1.0), (0.5, 1.0), dict(crop_scale=(0.8, 1.0), rerank_k=16, image_res=None)
 
 RECIPES = {
     "base": {
-        "pretrain": dict(PRETRAIN, epochs=50, batch_size=96, lr=1e-4, crop_scale=(0.2, 1.0), rerank_k=128),
-        "grounding_pretrain": dict(PRESTEP, epochs=1, batch_size=9, lr=3e-5, crop_scale=(0.2, 1.0), rerank_k=128),
-        "nlvr2_pretrain": dict(PRESTEP, epochs=1, batch_size=128, lr=3e-5, crop_scale=(0.2, 1.0), rerank_k=128),
-        "retrieval": dict(FINETUNE, epochs=10, batch_size=20, lr=3e-5, crop_scale=(0.5, 1.0), rerank_k=128),
-        "vqa": dict(FINETUNE, epochs=8, batch_size=24, lr=5e-5, crop_scale=(0.5, 1.0), rerank_k=128),
-        "nlvr2": dict(FINETUNE, epochs=10, batch_size=10, lr=3e-5, crop_scale=(0.5, 1.0), rerank_k=128),
-        "grounding": dict(FINETUNE, epochs=10, batch_size=20, lr=3e-5, crop_scale=(0.5, 1.0), rerank_k=128),
-        "grounding_weak": dict(FINETUNE, epochs=5, batch_size=20, lr=2e-5, crop_scale=(0.5, 1.0), rerank_k=128),
+        "pretrain": dict(PRETRAIN, epochs=50, batch_size=96, lr=1e-4, crop_scale=BASE_CROP, rerank_k=128),
+        "grounding_pretrain": dict(PRESTEP, epochs=1, batch_size=9, lr=3e-5, crop_scale=BASE_CROP, rerank_k=128),
+        "nlvr2_pretrain": dict(PRESTEP, epochs=1, batch_size=128, lr=3e-5, crop_scale=BASE_CROP, rerank_k=128),
+        "retrieval": dict(FINETUNE, epochs=10, batch_size=20, lr=3e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
+        "vqa": dict(FINETUNE, epochs=8, batch_size=24, lr=5e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
+        "nlvr2": dict(FINETUNE, epochs=10, batch_size=10, lr=3e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
+        "grounding": dict(FINETUNE, epochs=10, batch_size=20, lr=3e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
+        "grounding_weak": dict(FINETUNE, epochs=5, batch_size=20, lr=2e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
     },
     "tiny": {
         "pretrain": dict(PRETRAIN, **TINY, steps=1200, batch_size=16, lr=5e-4),
@@ -99,10 +98,8 @@ RECIPES = {
         "grounding_weak": dict(FINETUNE, **TINY, steps=600, batch_size=32, lr=5e-4),
     },
 }
-for recipe in RECIPES["base"].values():
-    recipe.setdefault("steps", None)
 
-# Table 3's ablations, as the paper defines them: flags they set.
+# Table 3's ablations, as the paper defines them: the settings and model fields they set.
 ABLATIONS = {
     "none": {},
     "no_object": dict(objects=False),  # w/o object: no object texts
@@ -114,158 +111,7 @@ ABLATIONS = {
 
 
 # -----------------------------------------------------------------------------
-# Tasks: what `--task NAME` trains and evaluates. tasks.py holds the losses and evaluations.
-
-
-@dataclass(frozen=True)
-class Task:
-    model: type  # XVLM or a task model; tasks.load_pretrained puts an X-VLM checkpoint into it
-    loss: Callable  # loss(model, batch) -> {"loss": total, name: term, ...}, 0-dim tensors
-    frozen: tuple  # parameter prefixes the loss never reaches: frozen (DDP needs every gradient)
-    synth: dict  # the synthetic world's files (data.SYNTH_FILES keys): "train", "val", maybe more
-    new_heads: tuple = ()  # always at lr * lr_mult (the authors' init_params of the task)
-    min_images: int = 2  # a batch left with fewer readable images is skipped
-
-
-ITC_ITM = ("vision_proj", "text_proj", "temp", "itm_head")  # the contrastive and matching heads
-
-TASKS = {
-    "pretrain": Task(xvlm.XVLM, lambda model, batch: model(batch), (),
-                     {"train": ["pretrain_captions", "pretrain_regions"], "val": ["retrieval_val"],
-                      "grounding_data": ["grounding_val"], "proposals": "grounding_proposals"}),
-    "grounding_pretrain": Task(xvlm.XVLM, tasks.grounding_pretrain_loss, ITC_ITM + ("mlm_head",),
-                               {"train": ["pretrain_regions"], "val": ["grounding_val"]}, min_images=1),
-    "nlvr2_pretrain": Task(tasks.NLVR2Model, tasks.text_assignment_loss, ITC_ITM + ("bbox_head", "mlm_head", "cls_head"),
-                           {"train": ["retrieval_train"], "val": ["retrieval_val"]}, ("assign_head",), min_images=3),
-    "retrieval": Task(xvlm.XVLM, tasks.retrieval_loss, ("bbox_head", "mlm_head"),
-                      {"train": ["retrieval_train"], "val": ["retrieval_val"]}),
-    "vqa": Task(tasks.VQAModel, tasks.vqa_loss, ITC_ITM + ("bbox_head", "mlm_head"),
-                {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"}, min_images=1),
-    "nlvr2": Task(tasks.NLVR2Model, tasks.nlvr2_loss, ITC_ITM + ("bbox_head", "mlm_head", "assign_head"),
-                  {"train": ["nlvr2_train"], "val": ["nlvr2_val"]}, ("cls_head",), min_images=1),
-    "grounding": Task(xvlm.XVLM, tasks.grounding_loss, ITC_ITM + ("mlm_head",),
-                      {"train": ["grounding_train"], "val": ["grounding_val"]}, min_images=1),
-    "grounding_weak": Task(xvlm.XVLM, tasks.retrieval_loss, ("bbox_head", "mlm_head"),
-                           {"train": ["grounding_train"], "val": ["grounding_val"], "proposals": "grounding_proposals"}),
-}
-
-
-def data_files(settings):
-    """The settings with every data path filled: the user's files, else the synthetic world's."""
-    if settings.data is not None:
-        return settings
-    root, keys = Path(settings.synth_dir), TASKS[settings.task].synth
-    path = lambda key: str(root / data.SYNTH_FILES[key])
-    return dataclasses.replace(
-        settings, data=[path(k) for k in keys["train"]], eval_data=[path(k) for k in keys["val"]],
-        image_root=path("images"), vocab=path("vocab"),
-        answer_list=settings.answer_list or (path(keys["answer_list"]) if "answer_list" in keys else None),
-        proposals=settings.proposals or (path(keys["proposals"]) if "proposals" in keys else None),
-        grounding_data=settings.grounding_data or [path(k) for k in keys.get("grounding_data", [])] or None)
-
-
-def train_loader(settings, tokenizer, cfg, rank, world_size):
-    """The task's training batches, epoch after epoch, resumable (state_dict / load_state_dict)."""
-    s, task = settings, settings.task
-    common = dict(workers=s.workers, seed=s.seed, rank=rank, world_size=world_size)
-    if task in ("pretrain", "grounding_pretrain"):
-        elements = tuple(k for k, on in (("object", s.objects), ("region", s.regions)) if on)
-        return data.pretrain_loader(s.data, s.image_root, tokenizer, cfg, s.batch_size, s.max_regions, s.crop_scale,
-                                    elements, image_text=task == "pretrain", mlm=task == "pretrain", **common)
-    args = (s.data, s.image_root, tokenizer, cfg.max_tokens, cfg.image_res)
-    if task in ("grounding", "grounding_weak"):
-        dataset = data.GroundingDataset(*args)
-    else:
-        kind = {"retrieval": data.RetrievalTrainDataset, "nlvr2_pretrain": data.RetrievalTrainDataset,
-                "vqa": data.VQADataset, "nlvr2": data.NLVR2Dataset}[task]
-        dataset = kind(*args, train=True, seed=s.seed, crop_scale=s.crop_scale)
-    return data.task_train_loader(dataset, s.batch_size, **common)
-
-
-class Batches:
-    """A dataset's evaluation batches, read afresh each time; unreadable images logged and counted."""
-
-    def __init__(self, dataset, log):
-        self.dataset, self.log, self.skipped = dataset, log, 0
-
-    def __iter__(self):
-        self.skipped = 0
-        for batch in data.eval_loader(self.dataset):
-            for u in batch.pop("skipped"):
-                self.log(f"skipping unreadable image {u.path}: {u.reason}")
-                self.skipped += 1
-            yield batch
-
-    def counted(self, metrics):
-        return {**metrics, "skipped_images": self.skipped} if self.skipped else metrics
-
-
-def evaluation(settings, tokenizer, cfg, log):
-    """The task's evaluation as a function of the model, with its inputs (records, answer list,
-    proposals) read and checked now, before any training; None without evaluation data."""
-    s, task = settings, settings.task
-    if not s.eval_data and not (task == "pretrain" and s.grounding_data):
-        return None
-    args = (tokenizer, cfg.max_tokens, cfg.image_res)
-    if task in ("pretrain", "retrieval", "nlvr2_pretrain"):
-        split = data.RetrievalEvalDataset(s.eval_data, s.image_root, *args) if s.eval_data else None
-    if task == "pretrain":
-        grounding = (Batches(data.GroundingDataset(s.grounding_data, s.image_root, *args, proposals=s.proposals), log)
-                     if s.grounding_data else None)
-
-        def run(model):  # zero-shot, straight after pre-training
-            out = {"retrieval": retrieval_metrics(model, split, tokenizer, cfg, s.rerank_k, log)} if split else {}
-            if grounding:
-                batches = list(grounding)  # the images are read once for both
-                out["grounding"] = grounding.counted(tasks.evaluate_grounding(model, batches))
-                if s.proposals:
-                    out["grounding_regions"] = grounding.counted(tasks.evaluate_grounding_regions(model, batches))
-            return out
-        return run
-    if task == "retrieval":
-        return lambda model: retrieval_metrics(model, split, tokenizer, cfg, s.rerank_k, log)
-    if task == "nlvr2_pretrain":
-        batches = Batches(split, log)
-
-        def pairs():  # each image with its first caption
-            for b in batches:
-                ids, mask = tokenizer.encode_batch([split.texts[split.img2txt[i][0]] for i in b["index"].tolist()], cfg.max_tokens)
-                yield {"images": b["images"], "text_ids": ids, "text_mask": mask}
-        return lambda model: batches.counted(tasks.evaluate_text_assignment(model, pairs()))
-    if task == "vqa":
-        if not s.answer_list:
-            raise UsageError("--task vqa evaluates by ranking candidate answers: give --answer-list (a JSON list of strings)")
-        answers = data.read_answer_list(s.answer_list)
-        answer_ids, answer_mask = tokenizer.encode_batch(answers, cfg.max_tokens)
-        batches = Batches(data.VQADataset(s.eval_data, s.image_root, *args), log)
-        return lambda model: batches.counted(tasks.evaluate_vqa(model, batches, answer_ids, answer_mask, answers, k=s.rerank_k))
-    if task == "nlvr2":
-        batches = Batches(data.NLVR2Dataset(s.eval_data, s.image_root, *args), log)
-        return lambda model: batches.counted(tasks.evaluate_nlvr2(model, batches))
-    if task == "grounding_weak" and not s.proposals:
-        raise UsageError("--task grounding_weak ranks proposal boxes: give --proposals ({image: [[x, y, w, h], ...]})")
-    batches = Batches(data.GroundingDataset(s.eval_data, s.image_root, *args, proposals=s.proposals if task == "grounding_weak" else None), log)
-    evaluate = tasks.evaluate_grounding_weak if task == "grounding_weak" else tasks.evaluate_grounding
-    return lambda model: batches.counted(evaluate(model, batches))
-
-
-def retrieval_metrics(model, split, tokenizer, cfg, k, log):
-    """TR / IR recall of the retrieval split, leaving out the texts of images that turn out unreadable."""
-    batches = Batches(split, log)
-    images, kept = [], []
-    for b in batches:
-        images.append(b["images"])
-        kept += b["index"].tolist()
-    row = {image: r for r, image in enumerate(kept)}
-    texts = [t for t in range(len(split.texts)) if split.txt2img[t] in row]
-    text_batches = [tokenizer.encode_batch([split.texts[t] for t in texts[i:i + 256]], cfg.max_tokens)
-                    for i in range(0, len(texts), 256)]
-    text_image = torch.tensor([row[split.txt2img[t]] for t in texts])
-    return batches.counted(tasks.evaluate_retrieval(model, images, text_batches, text_image, k=k))
-
-
-# -----------------------------------------------------------------------------
-# Flags: one dataclass, one argparse flag per field (and one per XVLMConfig field)
+# Settings: what a run computes, resolved once into one frozen, validated object
 
 
 def flag(default, help, **kwargs):
@@ -275,17 +121,19 @@ def flag(default, help, **kwargs):
 RECIPE = "(default: RECIPES[--config][--task])"
 
 
-@dataclass
-class TrainConfig:
-    task: str = flag("pretrain", "what to train (default: pretrain)", choices=list(TASKS))
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings, one field a flag (the model's fields are flags too, collected in `model`).
+    Built by resolve() from the recipe row, the ablation and the flags; checks itself."""
+    task: str = flag("pretrain", "what to train (default: pretrain)", choices=list(tasks.TASKS))
     config: str = flag("tiny", "model preset and recipe: 'base' is the paper's X-VLM-base, 'tiny' (the default) a CPU-sized one", choices=["tiny", "base"])
-    data: list = flag(None, "training files (JSON list or JSON lines) (default: the synthetic world's split for --task)", nargs="+")
-    eval_data: list = flag(None, "evaluation files (pretrain: retrieval val/test records) (default: the synthetic world's validation split; with --data, none: no evaluation)", nargs="+")
+    data: tuple = flag(None, "training files (JSON list or JSON lines) (default: the synthetic world's split for --task)", nargs="+")
+    eval_data: tuple = flag(None, "evaluation files (pretrain: retrieval val/test records) (default: the synthetic world's validation split; with --data, none: no evaluation)", nargs="+")
     image_root: str = flag(None, "directory the records' image paths are relative to (default: the synthetic world's)")
     vocab: str = flag(None, "BERT vocab.txt (default: the synthetic world's)")
     answer_list: str = flag(None, "vqa: the candidate answers, a JSON list (default: the synthetic world's)")
     proposals: str = flag(None, "grounding_weak (and pretrain's zero-shot grounding): proposal boxes per image, {image: [[x, y, w, h], ...]} (default: the synthetic world's)")
-    grounding_data: list = flag(None, "pretrain: grounding records for the zero-shot grounding evaluation (default: the synthetic world's validation split)", nargs="+")
+    grounding_data: tuple = flag(None, "pretrain: grounding records for the zero-shot grounding evaluation (default: the synthetic world's validation split)", nargs="+")
     synth_dir: str = flag("synth", "where the synthetic world lives; written on first use (default: synth)")
     steps: int = flag(None, f"optimizer steps {RECIPE}; with --epochs, epochs of the training data")
     epochs: float = flag(None, f"epochs of the training data, instead of --steps {RECIPE}")
@@ -297,6 +145,8 @@ class TrainConfig:
     lr_ends: float = flag(None, f"cosine: start and end learning rate as a fraction of the peak (paper: 1e-5 / 1e-4) {RECIPE}")
     weight_decay: float = flag(None, f"AdamW weight decay, not on biases, norms and other 1-d parameters {RECIPE}")
     grad_clip: float = flag(None, f"clip the gradient norm to this value, 0: off {RECIPE}")
+    crop_scale: tuple = flag(None, f"random resized crop's area range LO HI {RECIPE}", nargs=2, type=float)
+    rerank_k: int = flag(None, f"re-rank the top k by ITM in retrieval, by full likelihood in VQA (paper: 256 COCO, 128 Flickr) {RECIPE}")
     precision: str = flag("fp32", "autocast precision; fp16 (with a GradScaler) needs CUDA (default: fp32)", choices=["fp32", "bf16", "fp16"])
     vit_init: str = flag(None, "DeiT/timm ViT weights (file or directory) for the image encoder")
     bert_init: str = flag(None, "Hugging Face BERT weights (file or directory) for the text and cross-modal encoders")
@@ -304,9 +154,9 @@ class TrainConfig:
     out: str = flag(None, "output directory (default: runs/TASK)")
     resume: bool = flag(False, "continue the run in OUT from its checkpoint, with the settings it was started with")
     overwrite: bool = flag(False, "start over in OUT, deleting the run there")
-    ablation: str = flag("none", "pretrain: one of the paper's Table 3 ablations (default: none)", choices=list(ABLATIONS))
-    objects: bool = flag(True, "pretrain: use object texts (--no-objects: Table 3's w/o object)")
-    regions: bool = flag(True, "pretrain: use region texts (--no-regions: Table 3's w/o region)")
+    ablation: str = flag("none", "one of the paper's Table 3 ablations, for the tasks that train on pre-training data: pretrain, grounding_pretrain (default: none)", choices=list(ABLATIONS))
+    objects: bool = flag(True, "pretrain, grounding_pretrain: use object texts (--no-objects: Table 3's w/o object)")
+    regions: bool = flag(True, "pretrain, grounding_pretrain: use region texts (--no-regions: Table 3's w/o region)")
     seed: int = flag(0, "seed of the model's init, the data order and every random draw (default: 0)")
     log_every: int = flag(25, "steps between progress lines (default: 25)")
     eval_every: int = flag(0, "steps between evaluations, 0: only at the end (default: 0)")
@@ -314,127 +164,154 @@ class TrainConfig:
     workers: int = flag(1, "data-loading processes per training process (default: 1)")
     compile: bool = flag(False, "torch.compile the model")
     max_regions: int = flag(5, "pretrain: most texts per box-annotated image, its caption included, as the authors' (default: 5)")
-    crop_scale: list = flag(None, f"random resized crop's area range LO HI {RECIPE}", nargs=2, type=float)
-    rerank_k: int = flag(None, f"re-rank the top k by ITM in retrieval, by full likelihood in VQA (paper: 256 COCO, 128 Flickr) {RECIPE}")
     device: str = flag(None, "cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    model: dict = field(default_factory=dict)  # XVLMConfig fields set by the flags, the recipe or the ablation
+
+    def __post_init__(self):
+        for f in fields(self):  # lists from the command line or a stored run: tuples, as a frozen object holds them
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        finite = lambda v: v is None or (isinstance(v, (int, float)) and math.isfinite(v))
+        positive = lambda v: finite(v) and v is not None and v > 0
+        problems = [
+            (self.steps is not None and self.epochs is not None, "give --steps or --epochs, not both"),
+            (self.steps is None and self.epochs is None, "give --steps or --epochs"),
+            (self.steps is not None and self.steps < 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.epochs is not None and not positive(self.epochs), f"--epochs must be a number > 0, got {self.epochs}"),
+            (self.batch_size is None or self.batch_size < 2, f"--batch-size must be >= 2, got {self.batch_size}"),
+            (not positive(self.lr), f"--lr must be a number > 0, got {self.lr}"),
+            (not positive(self.lr_mult), f"--lr-mult must be a number > 0, got {self.lr_mult}"),
+            (not finite(self.weight_decay) or not self.weight_decay >= 0, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (not finite(self.grad_clip) or not self.grad_clip >= 0, f"--grad-clip must be a number >= 0, got {self.grad_clip}"),
+            (not (finite(self.warmup) and 0 <= self.warmup < 1), f"--warmup must lie in [0, 1), got {self.warmup}"),
+            (not (finite(self.lr_ends) and 0 <= self.lr_ends <= 1), f"--lr-ends must lie in [0, 1], got {self.lr_ends}"),
+            (min(self.log_every, self.save_every, self.eval_every, self.workers) < 0, "--log-every, --save-every, --eval-every and --workers must be >= 0"),
+            (self.max_regions < 1, f"--max-regions must be >= 1, got {self.max_regions}"),
+            (self.data is not None and self.image_root is None, "--data needs --image-root"),
+            (self.data is not None and self.vocab is None, "--data needs --vocab"),
+            (not (self.crop_scale and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1), f"--crop-scale needs 0 < LO <= HI <= 1, got {self.crop_scale}"),
+            (self.rerank_k is None or self.rerank_k < 1, f"--rerank-k must be >= 1, got {self.rerank_k}"),
+            (self.resume and self.overwrite, "give --resume or --overwrite, not both"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise UsageError(message)
+
+    def total_steps(self, batches_per_epoch):
+        return self.steps or max(1, round(self.epochs * batches_per_epoch))
 
 
+SETTINGS = [f.name for f in fields(Settings) if f.name != "model"]
+MODEL_FIELDS = [f.name for f in fields(XVLMConfig)]
 # Flags that may differ on --resume: they change how a run is watched, not what it computes.
 RESUME_FREE = {"resume", "out", "overwrite", "log_every", "eval_every", "save_every", "workers", "device", "compile"}
-MODEL_FLAGS = [f.name for f in fields(XVLMConfig)]
+
+
+class FlagParser(argparse.ArgumentParser):
+    """A mistake on the command line ends in one line naming it, as every other mistake does."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (python train.py --help lists the flags)")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Pre-train X-VLM or fine-tune it on a downstream task.")
-    for f in fields(TrainConfig):
-        meta = dict(f.metadata)
-        add_flag(p, f.name, meta.pop("type", f.type), f.default, **meta)
+    """Every Settings field and every XVLMConfig field as a flag, defaulting to absent: the parsed
+    namespace holds exactly the flags the command line gave."""
+    p = FlagParser(description="Pre-train X-VLM or fine-tune it on a downstream task; `python train.py ablation --help`: Table 3.",
+                   argument_default=argparse.SUPPRESS)
+    for f in fields(Settings):
+        if f.name != "model":
+            meta = dict(f.metadata)
+            add_flag(p, f.name, meta.pop("type", f.type), **meta)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (or set XVLM_DEBUG=1)")
     model = p.add_argument_group("model", "override any field of the --config preset (XVLMConfig)")
     tiny, base = XVLMConfig.tiny(), XVLMConfig()
     for f in fields(XVLMConfig):
-        add_flag(model, f.name, type(f.default), None,
-                 help=f"XVLMConfig.{f.name} (tiny: {getattr(tiny, f.name)!r}, base: {getattr(base, f.name)!r})")
+        several = dict(nargs="+", type=type(f.default[0])) if isinstance(f.default, tuple) else {}
+        add_flag(model, f.name, type(f.default), help=f"XVLMConfig.{f.name} (tiny: {getattr(tiny, f.name)!r}, base: {getattr(base, f.name)!r})",
+                 **several)
     return p
 
 
-def add_flag(parser, name, kind, default, help, **kwargs):
+def add_flag(parser, name, kind, help, **kwargs):
     option = "--" + name.replace("_", "-")
     if kind is bool:
-        parser.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=help)
+        parser.add_argument(option, action=argparse.BooleanOptionalAction, help=help)
     else:
-        parser.add_argument(option, type=str if kind is list else kind, default=default, help=help, **kwargs)
+        parser.add_argument(option, **{"type": str if kind in (list, tuple) else kind, **kwargs}, help=help)
 
 
 def parse_args(argv=None):
-    """(the flags as a namespace, the names of those given on the command line)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given = build_parser()  # the same flags, defaulting to absent: what the command line gave
-    for action in given._actions:
-        action.default = argparse.SUPPRESS
-    explicit = set(vars(given.parse_args(argv))) - {"debug"}
-    finite = lambda v: v is None or math.isfinite(v)
-    problems = [
-        (args.steps is not None and args.steps < 1, f"--steps must be >= 1, got {args.steps}"),
-        (not finite(args.epochs) or (args.epochs is not None and args.epochs <= 0), f"--epochs must be a number > 0, got {args.epochs}"),
-        (args.steps is not None and args.epochs is not None, "give --steps or --epochs, not both"),
-        (args.batch_size is not None and args.batch_size < 2, f"--batch-size must be >= 2, got {args.batch_size}"),
-        (not finite(args.lr) or (args.lr is not None and args.lr <= 0), f"--lr must be a number > 0, got {args.lr}"),
-        (not finite(args.lr_mult) or (args.lr_mult is not None and args.lr_mult <= 0), f"--lr-mult must be a number > 0, got {args.lr_mult}"),
-        (not finite(args.weight_decay) or (args.weight_decay is not None and args.weight_decay < 0), f"--weight-decay must be a number >= 0, got {args.weight_decay}"),
-        (not finite(args.grad_clip) or (args.grad_clip is not None and args.grad_clip < 0), f"--grad-clip must be a number >= 0, got {args.grad_clip}"),
-        (args.warmup is not None and not 0 <= args.warmup < 1, f"--warmup must lie in [0, 1), got {args.warmup}"),
-        (args.lr_ends is not None and not 0 <= args.lr_ends <= 1, f"--lr-ends must lie in [0, 1], got {args.lr_ends}"),
-        (min(args.log_every, args.save_every, args.eval_every, args.workers) < 0, "--log-every, --save-every, --eval-every and --workers must be >= 0"),
-        (args.max_regions < 1, f"--max-regions must be >= 1, got {args.max_regions}"),
-        (args.data is not None and args.image_root is None, "--data needs --image-root"),
-        (args.data is not None and args.vocab is None, "--data needs --vocab"),
-        (args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, f"--crop-scale needs 0 < LO <= HI <= 1, got {args.crop_scale}"),
-        (args.rerank_k is not None and args.rerank_k < 1, f"--rerank-k must be >= 1, got {args.rerank_k}"),
-        (args.resume and args.overwrite, "give --resume or --overwrite, not both"),
-        (args.ablation != "none" and args.task != "pretrain", f"--ablation {args.ablation} is a pre-training switch (--task pretrain)"),
-    ]
-    for bad, message in problems:
-        if bad:
-            parser.error(message)
-    return args, explicit
+    """The flags the command line gave, {field: value} (Settings' and XVLMConfig's)."""
+    given = vars(build_parser().parse_args(argv))
+    given.pop("debug", None)
+    return given
 
 
-# -----------------------------------------------------------------------------
-# Settings: what a run computes, resolved once
-
-
-def resolve(args, explicit):
-    """The run's TrainConfig: the recipe of (--config, --task), the ablation's flags, then the flags
-    the user gave. Returns (settings, model overrides {XVLMConfig field: value})."""
-    recipe = dict(RECIPES[args.config][args.task])
-    image_res = recipe.pop("image_res")  # a model setting: fine-tuning at 384 (base)
-    if args.steps is not None or args.epochs is not None:
-        recipe["steps"], recipe["epochs"] = args.steps, args.epochs
-    ablation = ABLATIONS[args.ablation]
-    given = {k: getattr(args, k) for k in explicit if k in {f.name for f in fields(TrainConfig)}}
-    clash = [k for k, v in ablation.items() if k in explicit and getattr(args, k) != v]
+def resolve(given):
+    """The run's Settings: the recipe row of (--config, --task), the --ablation's switches, then the
+    flags the user gave; with no --data, the synthetic world's files for the task's row."""
+    default = {f: Settings.__dataclass_fields__[f].default for f in SETTINGS}
+    task, preset, ablation = (given.get(k, default[k]) for k in ("task", "config", "ablation"))
+    if ablation not in tasks.TASKS[task].ablations:
+        raise UsageError(f"--ablation {ablation} does not apply to --task {task}; it applies to the tasks that train on "
+                         f"pre-training data: " + ", ".join(f"{t} ({', '.join(r.ablations)})" for t, r in tasks.TASKS.items() if len(r.ablations) > 1))
+    switches = ABLATIONS[ablation]
+    clash = [k for k, v in switches.items() if k in given and given[k] != v]
     if clash:
-        raise UsageError(f"--ablation {args.ablation} sets --{clash[0].replace('_', '-')} {ablation[clash[0]]}; drop one of the two")
-    settings = {**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}, **recipe,
-                **{k: v for k, v in ablation.items() if k in ("objects", "regions")}, **given}
-    if settings["crop_scale"] is not None:
-        settings["crop_scale"] = list(settings["crop_scale"])
-    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    if image_res and "image_res" not in overrides:
-        overrides["image_res"] = image_res
-    overrides.update({k: v for k, v in ablation.items() if k in MODEL_FLAGS and k not in overrides})
-    return TrainConfig(**settings), overrides
+        raise UsageError(f"--ablation {ablation} sets --{clash[0].replace('_', '-')} {switches[clash[0]]}; drop one of the two")
+    recipe = dict(RECIPES[preset][task])
+    if "steps" in given or "epochs" in given:  # the user's length replaces the recipe's, whichever unit
+        recipe.update(steps=None, epochs=None)
+    chosen = {**default, **recipe, **switches, **given}
+    model = {k: v for k, v in chosen.items() if k in MODEL_FIELDS and v is not None}
+    settings = {k: v for k, v in chosen.items() if k in SETTINGS}
+    settings["out"] = settings["out"] or f"runs/{task}"
+    return Settings(**data_paths(settings, tasks.TASKS[task].synth), model=model)
 
 
-def model_config(settings, overrides, tokenizer):
-    """The preset (or, with --init, the config stored in that checkpoint: fine-tuning keeps the
-    pre-trained architecture), the vocabulary's size and special ids, then the overrides: the
-    user's flags and the recipe's image_res ("all" local layers: every layer, Table 3's w/o mixed attn)."""
-    cfg = (XVLMConfig() if settings.config == "base" else XVLMConfig.tiny()).to_dict()
-    stored = xvlm.stored_config(*xvlm.read_file(settings.init)) if settings.init else None
-    vocab = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
-                 sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id)
-    if overrides.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
-        raise UsageError(f"--vocab-size {overrides['vocab_size']} is smaller than the vocabulary ({tokenizer.vocab_size} tokens in {tokenizer.vocab_file})")
-    merged = {**cfg, **(stored or {}), **vocab, **overrides}
-    if merged.get("local_layers") == "all":
-        merged["local_layers"] = merged["vision_layers"]
-    return XVLMConfig(**merged)
+def data_paths(settings, synth):
+    """The settings with every data path filled: the user's files, else the synthetic world's."""
+    if settings["data"] is not None:
+        return {**settings, "synth_dir": None}  # the user's data: no synthetic world to write
+    root = Path(settings["synth_dir"])
+    path = lambda key: str(root / data.SYNTH_FILES[key])
+    return {**settings, "data": [path(k) for k in synth["train"]], "image_root": path("images"), "vocab": path("vocab"),
+            "eval_data": settings["eval_data"] or [path(k) for k in synth["val"]],
+            "answer_list": settings["answer_list"] or (path(synth["answer_list"]) if "answer_list" in synth else None),
+            "proposals": settings["proposals"] or (path(synth["proposals"]) if "proposals" in synth else None),
+            "grounding_data": settings["grounding_data"] or [path(k) for k in synth.get("grounding_data", [])] or None}
 
 
-def check_resume(stored, stored_cfg, args, explicit, overrides):
-    """Refuse a --resume whose flags would change what the run computes; name every such flag."""
-    flag_name = lambda k: "--" + k.replace("_", "-")
-    changed = [f"{flag_name(k)} {getattr(args, k)!r} (the run: {stored.get(k)!r})" for k in sorted(explicit)
-               if k in stored and k not in RESUME_FREE and getattr(args, k) != stored.get(k)
-               and not (k == "crop_scale" and list(getattr(args, k)) == stored.get(k))]
-    changed += [f"{flag_name(k)} {v!r} (the run: {stored_cfg.get(k)!r})" for k, v in overrides.items()
-                if k in explicit and stored_cfg.get(k) != v]
+def resumed(previous, given):
+    """The stored run's Settings, with the flags that only change how it is watched; a flag that would
+    change what it computes is refused, by name."""
+    stored, new = Settings(**previous["extra"]["settings"]), resolve(given)
+    changed = [f"--{k.replace('_', '-')} {given[k]!r} (the run: {getattr(stored, k)!r})" for k in sorted(given)
+               if k in SETTINGS and k not in RESUME_FREE and getattr(new, k) != getattr(stored, k)]
+    changed += [f"--{k.replace('_', '-')} {v!r} (the run: {previous['config'].get(k)!r})" for k, v in sorted(given.items())
+                if k in MODEL_FIELDS and previous["config"].get(k) != v]
     if changed:
         raise UsageError(f"--resume continues the run with its own settings, and these flags differ: {', '.join(changed)}; "
                          f"drop them to continue it, or start a new run with --out DIR")
+    return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUME_FREE})
+
+
+def model_config(settings, tokenizer, init=None):
+    """The preset (or, with --init, the config stored in that checkpoint, `init` as xvlm.read_file read
+    it: fine-tuning keeps the pre-trained architecture), the vocabulary's size and special ids, then
+    settings.model ("all" local layers: every layer, Table 3's w/o mixed attn)."""
+    cfg = (XVLMConfig() if settings.config == "base" else XVLMConfig.tiny()).to_dict()
+    stored = xvlm.stored_config(init, settings.init) if init is not None else None
+    vocab = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
+                 sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id)
+    if settings.model.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
+        raise UsageError(f"--vocab-size {settings.model['vocab_size']} is smaller than the vocabulary "
+                         f"({tokenizer.vocab_size} tokens in {tokenizer.vocab_file})")
+    merged = {**cfg, **(stored or {}), **vocab, **settings.model}
+    if merged.get("local_layers") == "all":
+        merged["local_layers"] = merged["vision_layers"]
+    return XVLMConfig(**merged)
 
 
 # -----------------------------------------------------------------------------
@@ -464,8 +341,52 @@ def param_groups(model, weight_decay, lr, fresh=(), lr_mult=1.0):
     return [g for g in groups if g["params"]]
 
 
+def optimizer_step(loss, optimizer, scaler, model, clip):
+    """Backward and step; False (nothing updated) when the gradient is not finite. With fp16 the
+    GradScaler skips such steps itself and lowers its scale: that is its normal working, not a skip."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if not scaler.is_enabled() and not torch.isfinite(norm):
+        return False
+    scaler.step(optimizer)
+    scaler.update()
+    return True
+
+
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic, resumable step-exactly
+# Files: checkpoints, JSON and plots, each written atomically; checkpoints resume step-exactly
+
+
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, then rename it over `path`: readers see the old
+    file or the new one, never half of one (a killed process leaves the temporary file behind, which
+    remove_partial_saves deletes at the next start)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path, value):
+    write_atomically(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
+
+
+def remove_partial_saves(out):
+    """Temporary files of writes that a killed process left behind; returns their names."""
+    stale = glob.glob(str(Path(out) / ".*.tmp"))
+    for path in stale:
+        os.unlink(path)
+    return stale
 
 
 def rng_state():
@@ -491,54 +412,27 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, model, optimizer=None, scheduler=None, step=0, extra=None, rng=None):
-    """Write {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"} to `path`: plain
-    data (it loads with torch.load(weights_only=True)), `model` the unwrapped module with a `cfg`.
-    Atomic: written to a temporary file beside `path`, then renamed over it, so a crash mid-write
-    leaves the previous file whole (a killed process leaves the temporary file: remove_partial_saves).
+    """Write {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"} to `path`, atomically:
+    plain data (it loads with torch.load(weights_only=True)), `model` the unwrapped module with a `cfg`.
 
     To resume: rebuild the model, build the optimizer and the scheduler as at the start, then load
     their states and set_rng_state(checkpoint["rng"]). Footgun: a scheduler built after the
     optimizer's state is loaded resets the learning rate to its step-0 value. Bit-exact resumption
     also needs torch.use_deterministic_algorithms(True): index backward may accumulate in any order."""
-    path = Path(path)
     checkpoint = {"model": model.state_dict(),
                   "optimizer": None if optimizer is None else optimizer.state_dict(),
                   "scheduler": None if scheduler is None else scheduler.state_dict(),
                   "step": step, "config": model.cfg.to_dict(), "rng": rng or rng_state(), "extra": extra or {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
-def remove_partial_saves(out):
-    """Temporary files of checkpoint writes that a killed process left behind; returns their names."""
-    stale = glob.glob(str(Path(out) / ".*.tmp"))
-    for path in stale:
-        os.unlink(path)
-    return stale
-
-
-def write_json(path, value):
-    """Atomically: a crash never leaves half a metrics file."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def claim_out(out, settings):
+def claim_out(settings):
     """Make OUT ready for this run and return the checkpoint to resume from (or None). A directory
     holding a run is refused unless --resume (continue it) or --overwrite (delete it) says what to do."""
-    checkpoint, metrics, log = out / "checkpoint.pt", out / "metrics.json", out / "log.txt"
+    out = Path(settings.out)
+    checkpoint, metrics = out / "checkpoint.pt", out / "metrics.json"
     if settings.overwrite:
-        for path in (checkpoint, metrics, log, out / "losses.png"):
+        for path in (checkpoint, metrics, out / "log.txt", out / "losses.png"):
             path.unlink(missing_ok=True)
     held = [p.name for p in (checkpoint, metrics) if p.exists()]  # a log alone: a start that failed, appended to
     if settings.resume:
@@ -554,7 +448,7 @@ def claim_out(out, settings):
 
 
 # -----------------------------------------------------------------------------
-# Logging and the loss plot
+# Logging and plots (drawn with PIL: no plotting library)
 
 
 class Log:
@@ -574,36 +468,41 @@ class Log:
             self.file.close()
 
 
+def axes(draw, box, x_range, y_range, title):
+    """A framed panel at box (x0, y0, x1, y1) with its title and both ranges' ends written beside it;
+    returns the map from data (x, y) to pixels."""
+    (x0, y0, x1, y1), (xlo, xhi), (ylo, yhi) = box, x_range, y_range
+    xhi, yhi = max(xhi, xlo + 1e-6), max(yhi, ylo + 1e-6)
+    draw.rectangle(box, outline="gray")
+    draw.text((x0, y0 - 16), title, fill="black")
+    draw.text((x0 - 38, y0), f"{yhi:.4g}", fill="gray")
+    draw.text((x0 - 38, y1 - 10), f"{ylo:.4g}", fill="gray")
+    return lambda x, y: (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+
+
+def save_png(img, path):
+    write_atomically(path, lambda f: img.save(f, format="PNG"))
+
+
 def plot_losses(history, path, title):
-    """One small panel per loss term, drawn with PIL: step on x, the term on y (its own scale)."""
+    """One small panel per loss term: step on x, the term on y (its own scale)."""
     names = [k for k in history[0] if k != "step"] if history else []
-    cols, w, h, pad = 3, 300, 200, 40
-    rows = max(1, math.ceil(len(names) / cols))
-    img = Image.new("RGB", (cols * w, rows * h + 30), "white")
+    cols, w, h = 3, 300, 200
+    img = Image.new("RGB", (cols * w, max(1, math.ceil(len(names) / cols)) * h + 30), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 8), title, fill="black")
     steps = [r["step"] for r in history]
     for n, name in enumerate(names):
-        x0, y0 = (n % cols) * w + pad, (n // cols) * h + 30 + 20
-        x1, y1 = x0 + w - pad - 15, y0 + h - 20 - pad
         values = [r[name] for r in history]
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1e-6
-        draw.rectangle([x0, y0, x1, y1], outline="gray")
-        draw.text((x0, y0 - 16), f"{name}  (last {values[-1]:.3f})", fill="black")
-        draw.text((x0 - pad + 2, y0), f"{hi:.2f}", fill="gray")
-        draw.text((x0 - pad + 2, y1 - 10), f"{lo:.2f}", fill="gray")
-        draw.text((x0, y1 + 4), f"{steps[0]}", fill="gray")
-        draw.text((x1 - 30, y1 + 4), f"{steps[-1]}", fill="gray")
-        span = max(1, steps[-1] - steps[0])
-        points = [(x0 + (s - steps[0]) / span * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0)) for s, v in zip(steps, values)]
+        x0, y0 = (n % cols) * w + 40, (n // cols) * h + 50
+        at = axes(draw, (x0, y0, x0 + w - 55, y0 + h - 60), (steps[0], steps[-1]), (min(values), max(values)),
+                  f"{name}  (last {values[-1]:.3f}; steps {steps[0]}-{steps[-1]})")
+        points = [at(s, v) for s, v in zip(steps, values)]
         if len(points) > 1:
             draw.line(points, fill=(31, 119, 180), width=2)
         else:
             draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=(31, 119, 180))
-    tmp = Path(str(path) + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    save_png(img, path)
 
 
 def flat(metrics, prefix=""):
@@ -626,8 +525,18 @@ def fmt_time(seconds):
 # Distributed, devices, interruption
 
 
+class Place(NamedTuple):
+    """Where this process runs: rank of world_size processes, on device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def shard(self, settings):
+        return data.Shard(self.rank, self.world_size, settings.workers, settings.seed)
+
+
 def setup_distributed(device_name=None):
-    """Rank, world size and device from torchrun's environment; NCCL on CUDA, gloo on CPU."""
+    """The Place from torchrun's environment; NCCL on CUDA, gloo on CPU."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     name = device_name or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -647,14 +556,14 @@ def setup_distributed(device_name=None):
         device = torch.device("cpu")
     if world_size > 1:
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-    return rank, world_size, device
+    return Place(rank, world_size, device)
 
 
-def everywhere(ok, world_size, device):
+def everywhere(ok, place):
     """Whether `ok` holds on every rank: all ranks must skip a step together, or DDP hangs."""
-    if world_size == 1:
+    if place.world_size == 1:
         return bool(ok)
-    flag = torch.tensor(float(ok), device=device)
+    flag = torch.tensor(float(ok), device=place.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -696,105 +605,138 @@ class StopRequest:
 
 
 def main(argv=None):
-    # 1. Flags; the directory the run writes to (refused if it holds another run); the settings:
-    #    the recipe and the flags, or on --resume the stored run's own.
-    args, explicit = parse_args(argv)
-    rank, world_size, device = setup_distributed(args.device)
-    out = Path(args.out or f"runs/{args.task}")
-    previous = claim_out(out, args) if rank == 0 else None
-    if world_size > 1:
-        dist.barrier()
-        if rank != 0 and args.resume:
-            previous = xvlm.read_file(out / "checkpoint.pt")[0]
-    settings, overrides = run_settings(args, explicit, previous, device)
-    log = Log(out / "log.txt", rank)
-    log("$ train.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    for path in (remove_partial_saves(out) if rank == 0 else []):
-        log(f"removed {path}: a checkpoint write that a killed run left half done")
+    """Train one task (the steps of the module docstring); returns the final evaluation's metrics."""
+    settings, previous, place, log = start(argv)
+    task = tasks.TASKS[settings.task]
 
     # 2. Data, and every input the evaluation will need, checked before any compute.
-    settings, tokenizer = prepare_data(settings, rank, world_size, log)
-    task = TASKS[settings.task]
-    cfg = XVLMConfig(**previous["config"]) if previous is not None else model_config(settings, overrides, tokenizer)
+    tokenizer = prepare_data(settings, place, log)
+    init = xvlm.read_file(settings.init)[0] if settings.init and previous is None else None  # read once
+    cfg = XVLMConfig(**previous["config"]) if previous is not None else model_config(settings, tokenizer, init)
     if settings.batch_size < task.min_images:
         raise UsageError(f"--task {settings.task} needs --batch-size >= {task.min_images}, got {settings.batch_size}")
-    loader = train_loader(settings, tokenizer, cfg, rank, world_size)
-    if settings.steps is None:
-        settings = dataclasses.replace(settings, steps=max(1, round(settings.epochs * len(loader))))
-    evaluate_task = evaluation(settings, tokenizer, cfg, log)
-    if evaluate_task is None:
+    loader = task.train_loader(settings, tokenizer, cfg, place.shard(settings))
+    evaluate = task.evaluation(settings, tokenizer, cfg, log)
+    if evaluate is None:
         log("no evaluation data (--eval-data): training only, no evaluation at the end")
 
-    # 3. Model: the same init on every rank (DDP broadcasts rank 0's anyway), then public weights;
-    #    what the task's loss never reaches is frozen, so that DDP waits for no gradient.
+    # 3. Model, weights, and what the task's loss never reaches frozen (DDP waits for no gradient).
+    model, fresh = build_model(task, cfg, settings, init, previous, log)
+
+    # 4. Optimizer, schedule, and where the run stands; then train, evaluate, write the results.
+    run = Run(settings, task, model.to(place.device), fresh, loader, evaluate, place, log)
+    if previous is not None:
+        run.restore(previous)
+        if run.step >= run.total:
+            log(f"the run finished at step {run.step}; its metrics are in {run.out / 'metrics.json'}")
+            return json.loads((run.out / "metrics.json").read_text()).get("eval", {}) if (run.out / "metrics.json").exists() else {}
+    else:
+        torch.manual_seed(settings.seed + place.rank)  # ranks draw different negatives and dropout
+    run.train()
+    metrics = run.finish()
+    log.close()
+    if place.world_size > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def start(argv):
+    """1. The flags, the Place, the run's Settings (on --resume the stored run's) and the directory it
+    writes to (refused if it holds another run), the log. Returns (settings, checkpoint to resume or
+    None, place, log)."""
+    given = parse_args(argv)
+    place = setup_distributed(given.get("device"))
+    settings = resolve(given)
+    previous = claim_out(settings) if place.rank == 0 else None
+    if place.world_size > 1:
+        dist.barrier()
+        if place.rank != 0 and settings.resume:
+            previous = xvlm.read_file(Path(settings.out) / "checkpoint.pt")[0]
+    if previous is not None:
+        settings = resumed(previous, given)
+    if settings.precision == "fp16" and place.device.type != "cuda":
+        raise UsageError("--precision fp16 needs CUDA (use bf16 on CPU)")
+    log = Log(Path(settings.out) / "log.txt", place.rank)
+    log("$ train.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    for path in (remove_partial_saves(settings.out) if place.rank == 0 else []):
+        log(f"removed {path}: a write that a killed run left half done")
+    return settings, previous, place, log
+
+
+def prepare_data(settings, place, log):
+    """The synthetic world written if the run reads it and it is not there yet; the tokenizer."""
+    if settings.synth_dir is not None and place.rank == 0 and not data.synth_ready(settings.synth_dir):
+        log(f"writing the synthetic world to {settings.synth_dir}/ (once)")
+        data.synthesize(settings.synth_dir, seed=0)
+    if place.world_size > 1:
+        dist.barrier()
+    return data.Tokenizer(settings.vocab)
+
+
+def build_model(task, cfg, settings, init, previous, log):
+    """The task's model: the same random init on every rank (DDP broadcasts rank 0's anyway), then
+    --vit-init, --bert-init and --init (a resumed run's weights come later, with its optimizer).
+    Returns (model, the parameter names that train at lr * lr_mult)."""
     torch.manual_seed(settings.seed)
     model = task.model(cfg)
     counts = model.param_counts()
     log(f"XVLM: {counts['vision'] / 1e6:.1f}M vision, {counts['text+fusion'] / 1e6:.1f}M text+fusion, "
         f"{counts['total'] / 1e6:.1f}M parameters in all")
-    fresh = load_weights(model, settings, task, log) if previous is None else set(previous["extra"]["fresh"])
-    frozen = task.frozen + (("bbox_head",) if settings.task == "pretrain" and not cfg.use_bbox_loss else ())
+    fresh = load_weights(model, settings, task, init, log) if previous is None else set(previous["extra"]["fresh"])
+    frozen = task.frozen + (() if cfg.use_bbox_loss else task.frozen_without_bbox_loss)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(frozen))
-
-    # 4. Optimizer, schedule, and where the run stands; then train, evaluate, write the results.
-    run = Run(settings, task, model.to(device), fresh, loader, evaluate_task, out, log, rank, world_size, device)
-    if previous is not None:
-        run.restore(previous)
-        if run.step >= run.total:
-            log(f"the run finished at step {run.step}; its metrics are in {out / 'metrics.json'}")
-            return json.loads((out / "metrics.json").read_text()).get("eval", {}) if (out / "metrics.json").exists() else {}
-    else:
-        torch.manual_seed(settings.seed + rank)  # ranks draw different negatives and dropout
-    run.train()
-    metrics = run.finish()
-    log.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return metrics
+    return model, fresh
 
 
-def run_settings(args, explicit, previous, device):
-    """(settings, model overrides): resolve()'s, or the resumed run's own, refusing flags that differ."""
-    settings, overrides = resolve(args, explicit)
-    if previous is not None:
-        stored = previous["extra"]["settings"]
-        check_resume(stored, previous["config"], args, explicit, overrides)
-        settings = TrainConfig(**{**stored, **{k: getattr(args, k) for k in RESUME_FREE}})
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs CUDA (use bf16 on CPU)")
-    return settings, overrides
+def load_weights(model, settings, task, init, log):
+    """--vit-init, --bert-init and --init (`init`, read once) into the model; returns the parameter
+    names that get lr * lr_mult: those no checkpoint filled (when one was loaded), and the task's new heads."""
+    loaded = set()
+    for name, load, source in (("--vit-init", xvlm.load_vit, settings.vit_init), ("--bert-init", xvlm.load_bert, settings.bert_init)):
+        if source:
+            report = load(model, source)
+            log(f"{name}: {report}")
+            loaded |= set(report.loaded)
+    names = [n for n, _ in model.named_parameters()]
+    if init is not None:
+        copied, left = tasks.load_pretrained(model, init, name=settings.init)
+        log(f"--init: loaded {settings.init}" + (f"; initialised {', '.join(copied)} from it" if copied else ""))
+        loaded |= set(names) - set(left)
+    fresh = {n for n in names if n not in loaded} if loaded else set()
+    return fresh | {n for n in names if n.startswith(task.new_heads)}
 
 
-def prepare_data(settings, rank, world_size, log):
-    """The synthetic world written if the run needs it; the settings with every data path; the tokenizer."""
-    if settings.data is None and rank == 0 and not data.synth_ready(settings.synth_dir):
-        log(f"writing the synthetic world to {settings.synth_dir}/ (once, ~30 s)")
-        data.synthesize(settings.synth_dir, seed=0)
-    if world_size > 1:
-        dist.barrier()
-    settings = data_files(settings)
-    return settings, data.Tokenizer(settings.vocab)
+class TaskLoss(torch.nn.Module):
+    """A task model and its loss as one module: TaskLoss(model, task.loss)(batch). DDP syncs
+    gradients correctly only for work done inside its forward, and the losses call the model's
+    methods, so train.py wraps this in DDP (and saves the unwrapped task model)."""
+
+    def __init__(self, model, loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch):
+        return self.loss(self.model, batch)
 
 
 class Run:
     """A training run's state: the model, AdamW (the authors' betas) with the recipe's schedule, the
     data position, the logged history and the skip counters; train() runs it to its last step."""
 
-    def __init__(self, settings, task, model, fresh, loader, evaluate_task, out, log, rank, world_size, device):
+    def __init__(self, settings, task, model, fresh, loader, evaluate, place, log):
         self.settings, self.task, self.model, self.fresh, self.loader = settings, task, model, fresh, loader
-        self.evaluate_task, self.out, self.log = evaluate_task, out, log
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.evaluate_task, self.place, self.log, self.out = evaluate, place, log, Path(settings.out)
         s = settings
         self.optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay, s.lr, fresh, s.lr_mult),
                                            lr=s.lr, betas=(0.9, 0.98), eps=1e-8)
-        self.total = s.steps
+        self.total = s.total_steps(len(loader))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total, s.schedule, s.warmup, s.lr_ends))
         self.scaler = torch.amp.GradScaler("cuda", enabled=s.precision == "fp16")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-        self.step, self.history, self.skipped_steps, self.skipped_images = 0, [], 0, 0
+        self.autocast = torch.autocast(place.device.type, dtype=dtype) if dtype else nullcontext()
+        self.step, self.history, self.skipped_steps, self.skipped_images, self.saved = 0, [], 0, 0, None
 
     def restore(self, previous):
         """Continue a checkpoint: weights, optimizer, schedule, scaler, data position, history, RNG."""
@@ -802,46 +744,46 @@ class Run:
         self.optimizer.load_state_dict(previous["optimizer"])
         self.schedule.load_state_dict(previous["scheduler"])
         extra = previous["extra"]
-        self.step, self.history = previous["step"], extra["history"]
-        self.skipped_steps, self.skipped_images = extra["skipped_steps"], extra["skipped_images"]
+        self.step = self.saved = previous["step"]
+        self.history, self.skipped_steps, self.skipped_images = extra["history"], extra["skipped_steps"], extra["skipped_images"]
         self.loader.load_state_dict(extra["data"])
         self.scaler.load_state_dict(extra["scaler"])
         rngs = extra["rng_all"]
-        set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
+        set_rng_state(rngs[self.place.rank] if len(rngs) == self.place.world_size else rngs[0])
         self.log(f"resumed {self.out / 'checkpoint.pt'} at step {self.step} of {self.total}, data position {extra['data']}")
 
     def save(self):
-        rngs = gather_rng_states(self.world_size)
-        if self.rank == 0:
+        rngs = gather_rng_states(self.place.world_size)
+        if self.place.rank == 0:
             save_checkpoint(self.out / "checkpoint.pt", self.model, self.optimizer, self.schedule, self.step, rng=rngs[0], extra={
                 "settings": dataclasses.asdict(self.settings), "fresh": sorted(self.fresh), "data": self.loader.state_dict(),
                 "scaler": self.scaler.state_dict(), "history": self.history, "skipped_steps": self.skipped_steps,
                 "skipped_images": self.skipped_images, "rng_all": rngs})
+        self.saved = self.step
 
     def evaluate(self):
         metrics = {}
-        if self.rank == 0 and self.evaluate_task is not None:
+        if self.place.rank == 0 and self.evaluate_task is not None:
             self.model.eval()
             metrics = self.evaluate_task(self.model)
             self.model.train()
             self.log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items()))
-        if self.world_size > 1:
+        if self.place.world_size > 1:
             dist.barrier()
         return metrics
 
     def train_step(self, module, batch):
         """One optimizer step on the batch; returns why it was skipped, or None. Every rank decides alike."""
-        s, ws, device = self.settings, self.world_size, self.device
         why = None
-        if not everywhere(len(batch["images"]) >= self.task.min_images, ws, device):
+        if not everywhere(len(batch["images"]) >= self.task.min_images, self.place):
             why = f"only {len(batch['images'])} readable image(s), fewer than the {self.task.min_images} the loss needs"
         else:
             with self.autocast:
-                losses = module(tasks.to_device(batch, device))
+                losses = module(tasks.to_device(batch, self.place.device))
             loss = losses["loss"].detach()
-            if not everywhere(torch.isfinite(loss).item(), ws, device):
+            if not everywhere(torch.isfinite(loss).item(), self.place):
                 why = f"loss is not finite ({loss.item()})"
-            elif not optimizer_step(losses["loss"], self.optimizer, self.scaler, self.model, s.grad_clip):
+            elif not optimizer_step(losses["loss"], self.optimizer, self.scaler, self.model, self.settings.grad_clip):
                 why = "the gradient is not finite"
             else:
                 for k, v in losses.items():
@@ -858,10 +800,10 @@ class Run:
     def log_progress(self):
         """One line of every loss term's mean since the last line (over ranks), lr, speed and eta."""
         means = {k: (v / max(self.count, 1)).item() for k, v in self.sums.items()}
-        if self.world_size > 1:
-            reduced = torch.tensor(list(means.values()), device=self.device)
+        if self.place.world_size > 1:
+            reduced = torch.tensor(list(means.values()), device=self.place.device)
             dist.all_reduce(reduced)
-            means = dict(zip(means, (reduced / self.world_size).tolist()))
+            means = dict(zip(means, (reduced / self.place.world_size).tolist()))
         rate = self.seen / max(time.time() - self.t0, 1e-9)
         eta = (time.time() - self.t_start) / (self.step - self.start_step) * (self.total - self.step)
         if means:
@@ -871,20 +813,23 @@ class Run:
                  + (f"  skipped images {self.skipped_images}" if self.skipped_images else ""))
         self.sums, self.count, self.seen, self.t0 = {}, 0, 0, time.time()
 
+    def module(self):
+        """What trains: the model and its loss as one module, compiled, then wrapped in DDP."""
+        module = TaskLoss(self.model, self.task.loss)
+        if self.settings.compile:
+            module = torch.compile(module)
+        if self.place.world_size > 1:
+            module = DDP(module, device_ids=[self.place.device.index] if self.place.device.type == "cuda" else None)
+        return module.train()
+
     def train(self):
         """Steps to the last one: skip what cannot train, log, evaluate and save at their intervals;
         Ctrl-C saves and stops; 20 non-finite steps in a row stop the run."""
-        s, out, log = self.settings, self.out, self.log
-        # What trains is the model and its loss as one module (DDP syncs what runs inside forward).
-        module = TaskLoss(self.model, self.task.loss)
-        if s.compile:
-            module = torch.compile(module)
-        if self.world_size > 1:
-            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        log(f"{s.task}: {self.total} steps of {s.batch_size} images x {self.world_size} process(es) on {self.device}, "
+        s, log = self.settings, self.log
+        module = self.module()
+        log(f"{s.task}: {self.total} steps of {s.batch_size} images x {self.place.world_size} process(es) on {self.place.device}, "
             f"lr {s.lr:g} ({s.schedule}), {s.precision}, model {s.config} ({xvlm.num_params(self.model) / 1e6:.1f}M parameters)"
             + (f", ablation {s.ablation}" if s.ablation != "none" else ""))
-        module.train()
         batches = forever(self.loader)
         self.sums, self.count, self.seen, self.t0, self.t_start, self.start_step = {}, 0, 0, time.time(), time.time(), self.step
         diverged = 0
@@ -892,96 +837,52 @@ class Run:
             try:
                 while self.step < self.total:
                     batch = next(batches)
-                    for u in batch.pop("skipped"):
-                        log(f"skipping unreadable image {u.path}: {u.reason}")
-                        self.skipped_images += 1
-                    self.seen += len(batch["images"]) * self.world_size
+                    self.skipped_images += tasks.log_skipped(batch, log)
+                    self.seen += len(batch["images"]) * self.place.world_size
                     why = self.train_step(module, batch)
                     diverged = diverged + 1 if why and "finite" in why else 0
                     if diverged >= 20:
                         raise UsageError(f"the loss or its gradient was not finite for {diverged} steps in a row (to step "
                                          f"{self.step}): the weights have diverged; lower --lr (was {s.lr:g}) or clip (--grad-clip)")
-                    if (s.log_every and self.step % s.log_every == 0) or self.step == self.total:
-                        self.log_progress()
-                    if s.eval_every and self.step % s.eval_every == 0 and self.step < self.total:
-                        self.evaluate()
-                    if s.save_every and self.step % s.save_every == 0 and self.step < self.total:
+                    self.at_intervals()
+                    if not everywhere(not stop.requested, self.place):
                         self.save()
-                    if not everywhere(not stop.requested, self.world_size, self.device):
-                        self.save()
-                        log(f"interrupted at step {self.step}: saved {out / 'checkpoint.pt'}; --resume continues the run")
+                        log(f"interrupted at step {self.step}: saved {self.out / 'checkpoint.pt'}; --resume continues the run")
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 if not stop.requested:
-                    saved = xvlm.read_file(out / "checkpoint.pt")[0]["step"] if (out / "checkpoint.pt").exists() else None
-                    log(f"interrupted at step {self.step}: " + (f"the last checkpoint, of step {saved}, is {out / 'checkpoint.pt'}; "
-                                                               f"--resume continues from it" if saved else "no checkpoint was saved yet"))
+                    log(f"interrupted at step {self.step}: " + (
+                        f"the last checkpoint, of step {self.saved}, is {self.out / 'checkpoint.pt'}; --resume continues from it"
+                        if self.saved else "no checkpoint was saved yet"))
                 raise
             except (ValueError, OSError) as e:
                 log(f"error at step {self.step}: {e}")
                 raise
 
+    def at_intervals(self):
+        """Log, evaluate and save when their intervals come round (the last step's are finish()'s)."""
+        s = self.settings
+        if (s.log_every and self.step % s.log_every == 0) or self.step == self.total:
+            self.log_progress()
+        if s.eval_every and self.step % s.eval_every == 0 and self.step < self.total:
+            self.evaluate()
+        if s.save_every and self.step % s.save_every == 0 and self.step < self.total:
+            self.save()
+
     def finish(self):
         """The last checkpoint, the final evaluation, metrics.json and the loss plot; returns the metrics."""
         self.save()
         metrics = self.evaluate()
-        if self.rank == 0:
+        if self.place.rank == 0:
             last = self.history[-1] if self.history else {}
             summary = {"task": self.settings.task, "step": self.step, **{k: v for k, v in last.items() if k != "step"},
                        "eval": metrics, "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images,
-                       "minutes": round((time.time() - self.t_start) / 60, 2)}
+                       "minutes": round((time.time() - self.t_start) / 60, 2), "settings": dataclasses.asdict(self.settings),
+                       "config": self.model.cfg.to_dict()}
             write_json(self.out / "metrics.json", summary)
             plot_losses(self.history, self.out / "losses.png", f"X-VLM {self.settings.task} ({self.settings.config})")
             self.log(f"wrote {self.out / 'metrics.json'}, {self.out / 'losses.png'} and {self.out / 'checkpoint.pt'}")
         return metrics
-
-
-def load_weights(model, settings, task, log):
-    """--vit-init, --bert-init and --init into the model; returns the parameter names that get
-    lr * lr_mult: those no checkpoint filled (when one was loaded), and the task's new heads."""
-    loaded = set()
-    if settings.vit_init:
-        report = xvlm.load_vit(model, settings.vit_init)
-        log(f"--vit-init: {report}")
-        loaded |= set(report.loaded)
-    if settings.bert_init:
-        report = xvlm.load_bert(model, settings.bert_init)
-        log(f"--bert-init: {report}")
-        loaded |= set(report.loaded)
-    names = [n for n, _ in model.named_parameters()]
-    if settings.init:
-        copied, left = tasks.load_pretrained(model, settings.init)
-        log(f"--init: loaded {settings.init}" + (f"; initialised {', '.join(copied)} from it" if copied else ""))
-        loaded |= set(names) - set(left)
-    fresh = {n for n in names if n not in loaded} if loaded else set()
-    return fresh | {n for n in names if n.startswith(task.new_heads)}
-
-
-def optimizer_step(loss, optimizer, scaler, model, clip):
-    """Backward and step; False (nothing updated) when the gradient is not finite. With fp16 the
-    GradScaler skips such steps itself and lowers its scale: that is its normal working, not a skip."""
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    if not scaler.is_enabled() and not torch.isfinite(norm):
-        return False
-    scaler.step(optimizer)
-    scaler.update()
-    return True
-
-
-class TaskLoss(torch.nn.Module):
-    """A task model and its loss as one module: TaskLoss(model, task.loss)(batch). DDP syncs
-    gradients correctly only for work done inside its forward, and the losses call the model's
-    methods, so train.py wraps this in DDP (and saves the unwrapped task model)."""
-
-    def __init__(self, model, loss):
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, batch):
-        return self.loss(self.model, batch)
 
 
 def forever(loader):
@@ -990,8 +891,271 @@ def forever(loader):
         yield from loader
 
 
+# -----------------------------------------------------------------------------
+# The paper's Table 3 on the synthetic world: `python train.py ablation`
+#
+# A cell is one variant (ABLATIONS) and one seed: the variant's pre-training, its zero-shot
+# evaluation, then the paper's fine-tunes (appendix B's order, ABLATION_RUNS), each initialised from
+# the run before it and kept in a directory under that run's: a run's path says what it started from.
+# The runs that train on pre-training data (pre-training, the grounding pre-step) carry the variant's
+# switches; a variant without the bbox loss has no grounding pre-step and no supervised grounding ("-",
+# as the paper). A finished cell is a JSON file under OUT/cells holding the commit, the world, every
+# run's settings, initialisation, final losses and minutes; a rerun skips it, an unfinished train run
+# resumes, and cells of other settings or another world are refused before any training.
+
+ABLATION_VARIANTS = {"X-VLM": "none", "w/o object": "no_object", "w/o region": "no_region",
+                     "w/o bbox loss": "no_bbox_loss", "w/o mixed attn": "no_mixed_attn", "w/o all": "no_all"}
+ABLATION_RUNS = [  # (task, the run it starts from, steps): fewer fine-tuning steps than the task defaults
+    ("pretrain", None, 1200),
+    ("retrieval", "pretrain", 200),
+    ("vqa", "pretrain", 400),
+    ("nlvr2_pretrain", "pretrain", 200),
+    ("nlvr2", "nlvr2_pretrain", 200),
+    ("grounding_pretrain", "pretrain", 300),
+    ("grounding", "grounding_pretrain", 400),
+    ("grounding_weak", "pretrain", 400),
+]
+
+
+class Column(NamedTuple):
+    name: str
+    task: str
+    metric: str  # a path into the run's evaluation, "retrieval.r_mean"
+    chance: str  # the same for its chance level
+    meta_sum: bool  # summed in Meta-Sum (the fine-tuned scores, as the paper's Table 3)
+    meta_sum_star: bool  # and in Meta-Sum* (without supervised grounding, the paper's *)
+
+
+ABLATION_COLUMNS = [
+    Column("zero-shot r_mean", "pretrain", "retrieval.r_mean", "retrieval.chance", False, False),
+    Column("zero-shot box grounding", "pretrain", "grounding.acc", "grounding.chance", False, False),
+    Column("zero-shot region grounding", "pretrain", "grounding_regions.acc", "grounding_regions.chance", False, False),
+    Column("TR R@1", "retrieval", "txt_r1", "chance_txt_r1", True, True),
+    Column("IR R@1", "retrieval", "img_r1", "chance_img_r1", True, True),
+    Column("VQA", "vqa", "vqa_acc", "chance", True, True),
+    Column("NLVR2", "nlvr2", "acc", "chance", True, True),
+    Column("grounding", "grounding", "acc", "chance", True, False),
+    Column("weak grounding", "grounding_weak", "acc", "chance", True, True),
+]
+# Fields of a run's settings that say where and how it ran, not what it computed, or that the
+# variant sets: left out when cells are compared.
+NOT_PROTOCOL = RESUME_FREE | {"init", "seed", "ablation", "objects", "regions", "synth_dir", "data", "eval_data",
+                              "image_root", "vocab", "answer_list", "proposals", "grounding_data"}
+
+
+def lookup(metrics, path):
+    for part in path.split("."):
+        if not isinstance(metrics, dict) or part not in metrics:
+            return None
+        metrics = metrics[part]
+    return metrics
+
+
+def ablation_plan(variant, seed, workdir, synth_dir, pretrain_steps):
+    """The train runs of one cell, in order: [(task, out directory, argv of train.main)]."""
+    key, root, made, plan = ABLATION_VARIANTS[variant], Path(workdir) / f"{ABLATION_VARIANTS[variant]}-seed{seed}", {}, []
+    for task, parent, steps in ABLATION_RUNS:
+        steps = pretrain_steps if task == "pretrain" else steps
+        row = tasks.TASKS[task]
+        if (parent and parent not in made) or (len(row.ablations) > 1 and key not in row.ablations):
+            continue  # trains on pre-training data without this variant's losses, or starts from such a run
+        out = (made[parent] if parent else root) / f"{task}-{steps}"
+        argv = ["--task", task, "--out", str(out), "--seed", str(seed), "--steps", str(steps), "--synth-dir", str(synth_dir),
+                "--log-every", "100"]
+        argv += ["--ablation", key] if key in row.ablations and key != "none" else []
+        argv += ["--init", str(made[parent] / "checkpoint.pt")] if parent else []
+        made[task] = out
+        plan.append((task, out, argv))
+    return plan
+
+
+def protocol(settings):
+    """What a run computed, from its settings (a dict): comparable between cells and variants."""
+    model = {k: v for k, v in settings["model"].items() if k not in {k for a in ABLATIONS.values() for k in a}}
+    kept = {**{k: v for k, v in settings.items() if k not in NOT_PROTOCOL and k != "model"}, "model": model}
+    return json.loads(json.dumps(kept))  # as a cell file holds it: tuples are lists there
+
+
+def commit():
+    """The code a cell ran: the git commit, marked +dirty when the working tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def texts_per_boxed_image(variant, synth_dir, samples=200):
+    """How many object and region texts a box-annotated pre-training image brings on average under the
+    variant's switches (max_regions caps them with the caption): {"object": x, "region": y}."""
+    key = ABLATION_VARIANTS[variant]
+    s = resolve({"synth_dir": str(synth_dir), **({"ablation": key} if key != "none" else {})})
+    elements = tuple(k for k, on in (("object", s.objects), ("region", s.regions)) if on)
+    tokenizer = data.Tokenizer(s.vocab)
+    dataset = data.PretrainDataset(s.data, s.image_root, tokenizer, XVLMConfig.tiny(vocab_size=tokenizer.vocab_size),
+                                   s.max_regions, s.crop_scale, elements, mlm=False)
+    n = min(samples, len(dataset.regions))
+    kinds = [k for i in range(n) for k in dataset[(1, i, (0, 1, i))]["kinds"]]
+    return {k: round(kinds.count(k) / max(n, 1), 2) for k in data.ELEMENT_KINDS}
+
+
+def ablation_cell(variant, seed, args, say):
+    """Run (or finish) one cell: every train run of its plan that has no metrics.json yet, resuming an
+    unfinished one. Returns the cell: provenance, scores and chance levels."""
+    began, runs, evals = time.time(), {}, {}
+    for task, out, argv in ablation_plan(variant, seed, args.workdir, args.synth_dir, args.pretrain_steps):
+        if not (out / "metrics.json").exists():
+            say(f"  {task} ({variant}, seed {seed}) -> {out}")
+            main(argv + (["--resume"] if (out / "checkpoint.pt").exists() else []))
+        metrics = json.loads((out / "metrics.json").read_text())
+        runs[task] = {"out": str(out), "init": metrics["settings"]["init"], "settings": metrics["settings"],
+                      "final": {k: v for k, v in metrics.items() if k not in ("task", "eval", "settings", "config")}}
+        evals[task] = metrics["eval"]
+    scores = {c.name: lookup(evals.get(c.task), c.metric) for c in ABLATION_COLUMNS}
+    fine = [c.name for c in ABLATION_COLUMNS if c.meta_sum]
+    scores["Meta-Sum"] = sum(scores[n] for n in fine) if all(scores[n] is not None for n in fine) else None
+    scores["Meta-Sum*"] = sum(scores[c.name] for c in ABLATION_COLUMNS if c.meta_sum_star)
+    by_kind = {c.name: lookup(evals.get(c.task), "by_kind") for c in ABLATION_COLUMNS if c.task.startswith("grounding")}
+    chance = {c.name: lookup(evals.get(c.task), c.chance) for c in ABLATION_COLUMNS}
+    return {"variant": variant, "seed": seed, "commit": commit(), "world": world_of(args.synth_dir), "scores": scores,
+            "by_kind": by_kind, "chance": chance, "texts_per_boxed_image": texts_per_boxed_image(variant, args.synth_dir),
+            "runs": runs, "minutes": round((time.time() - began) / 60, 1)}
+
+
+def world_of(synth_dir):
+    return json.loads((Path(synth_dir) / data.SYNTH_FILES["done"]).read_text())
+
+
+def planned_protocol(variant, args):
+    """The protocol each run of a cell will compute (its Settings, resolved without running anything)."""
+    return {task: protocol(dataclasses.asdict(resolve(parse_args(argv))))
+            for task, _, argv in ablation_plan(variant, 0, args.workdir, args.synth_dir, args.pretrain_steps)}
+
+
+def check_cells(cells, args):
+    """Refuse cells of another world, or whose runs computed something else than this plan would."""
+    world = world_of(args.synth_dir) if data.synth_ready(args.synth_dir) else None
+    for cell in cells:
+        want = planned_protocol(cell["variant"], args)
+        got = {task: protocol(run["settings"]) for task, run in cell["runs"].items()}
+        if got != want or (world is not None and cell["world"] != world):
+            differ = sorted(k for t in set(want) | set(got) for k in set(want.get(t, {})) | set(got.get(t, {}))
+                            if want.get(t, {}).get(k) != got.get(t, {}).get(k))
+            what = f"settings ({', '.join(differ[:5])})" if got != want else f"world ({cell['world']}, here {world})"
+            raise UsageError(f"{args.out}/cells/{cell_name(cell['variant'], cell['seed'])} was run with other {what} "
+                             f"than this table's: give the table its own --out and --workdir")
+
+
+def cell_name(variant, seed):
+    return f"{ABLATION_VARIANTS[variant]}-seed{seed}.json"
+
+
+def spread(values):
+    """'mean ± sd' over seeds (sample standard deviation), or '-' where a variant has no such score."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def ablation_table(cells):
+    """table.md: the scores (mean ± standard deviation over seeds), grounding by kind of expression,
+    and what each variant's pre-training saw and ended at."""
+    names = [c.name for c in ABLATION_COLUMNS] + ["Meta-Sum", "Meta-Sum*"]
+    rows = {v: [c for c in cells if c["variant"] == v] for v in ABLATION_VARIANTS if any(c["variant"] == v for c in cells)}
+    line = lambda items: "| " + " | ".join(map(str, items)) + " |"
+    out = [line(["variant", "seeds", *names]), "|" + " --- |" * (len(names) + 2)]
+    out += [line([v, len(r), *(spread([c["scores"][n] for c in r]) for n in names)]) for v, r in rows.items()]
+    chance = chance_levels(cells)
+    sums = [sum(chance[c.name] for c in ABLATION_COLUMNS if getattr(c, key)) for key in ("meta_sum", "meta_sum_star")]
+    out.append(line(["chance", "", *(f"{chance[c.name]:.1f}" for c in ABLATION_COLUMNS), *(f"{s:.1f}" for s in sums)]))
+    kinds = [(column, kind) for column in ("grounding", "weak grounding") for kind in data.REFERRING_KINDS]
+    out += ["", line(["variant", *(f"{c}: {k}" for c, k in kinds)]), "|" + " --- |" * (len(kinds) + 1)]
+    out += [line([v, *(spread([lookup(c["by_kind"], f"{col}.{k}") for c in r]) for col, k in kinds)]) for v, r in rows.items()]
+    finals = ["bbox", "itc", "itm", "mlm"]
+    out += ["", line(["variant", "object texts / boxed image", "region texts / boxed image", *(f"final {k} loss" for k in finals),
+                      "minutes / cell"]), "|" + " --- |" * (len(finals) + 4)]
+    out += [line([v, r[0]["texts_per_boxed_image"]["object"], r[0]["texts_per_boxed_image"]["region"],
+                  *(spread([c["runs"]["pretrain"]["final"].get(k) for c in r]) for k in finals), spread([c["minutes"] for c in r])])
+            for v, r in rows.items()]
+    return "\n".join(out) + "\n"
+
+
+def chance_levels(cells):
+    """Each column's chance level, from the cells that have the column (the same world: the same split)."""
+    return {c.name: next(cell["chance"][c.name] for cell in cells if cell["chance"][c.name] is not None) for c in ABLATION_COLUMNS}
+
+
+def ablation_plot(cells, path):
+    """Meta-Sum* of each variant: a bar at the seeds' mean, a dot per seed, the axis from chance."""
+    variants = [v for v in ABLATION_VARIANTS if any(c["variant"] == v for c in cells)]
+    sums = {v: [c["scores"]["Meta-Sum*"] for c in cells if c["variant"] == v] for v in variants}
+    floor = sum(chance_levels(cells)[c.name] for c in ABLATION_COLUMNS if c.meta_sum_star)
+    top = max(max(s) for s in sums.values()) + 5
+    img = Image.new("RGB", (120 * len(variants) + 100, 380), "white")
+    draw = ImageDraw.Draw(img)
+    at = axes(draw, (60, 40, 120 * len(variants) + 80, 320), (0, len(variants)), (floor, top),
+              "Meta-Sum* on the synthetic world, from chance (bar: mean over seeds, dots: seeds)")
+    for i, v in enumerate(variants):
+        x0, mean = at(i + 0.2, 0)[0], at(0, float(np.mean(sums[v])))[1]
+        draw.rectangle([x0, mean, x0 + 70, at(0, floor)[1]], fill=(31, 119, 180) if v == "X-VLM" else (150, 170, 190))
+        for k, s in enumerate(sums[v]):
+            y = at(0, s)[1]
+            draw.ellipse([x0 + 20 + 10 * k, y - 4, x0 + 28 + 10 * k, y + 4], fill="black")
+        draw.text((x0, 330), v, fill="black")
+    save_png(img, path)
+
+
+def ablation_args(argv):
+    p = FlagParser(prog="train.py ablation", description=(
+        "The paper's Table 3 on the synthetic world: pre-train X-VLM and its five ablations for each seed, evaluate "
+        "zero-shot, run the paper's fine-tunes, and write OUT/table.md and OUT/metasum.png. Each finished cell is kept as "
+        "OUT/cells/*.json (a rerun skips it; an unfinished train run resumes). Run it in the background (nohup ... &)."))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every variant (default: 0 1 2)")
+    p.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS), metavar="VARIANT",
+                   help=f"a subset of the rows: {', '.join(ABLATION_VARIANTS)}")
+    p.add_argument("--out", default="docs/ablation", help="where the cells, the table and the plot go (default: docs/ablation)")
+    p.add_argument("--workdir", default="runs/ablation", help="the train runs' directories (default: runs/ablation)")
+    p.add_argument("--synth-dir", default="synth", help="the synthetic world (default: synth; written on first use)")
+    p.add_argument("--pretrain-steps", type=int, default=ABLATION_RUNS[0][2],
+                   help=f"pre-training steps of every cell (default: {ABLATION_RUNS[0][2]}, the recipe's)")
+    p.add_argument("--table-only", action="store_true", help="write the table and the plot from the cells there are; train nothing")
+    args = p.parse_args(argv)
+    if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
+        raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    if args.pretrain_steps < 1:
+        raise UsageError(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
+    return args
+
+
+def ablation(argv=None):
+    """`python train.py ablation`: run (or finish) every cell not yet in OUT/cells, then the table and the plot."""
+    args = ablation_args(argv)
+    cells_dir = Path(args.out) / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    check_cells([json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))], args)
+    todo = [] if args.table_only else [(v, s) for s in args.seeds for v in args.variants if not (cells_dir / cell_name(v, s)).exists()]
+    say = lambda message: print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    say(f"{len(todo)} cells to run")
+    for n, (variant, seed) in enumerate(todo):
+        say(f"cell {n + 1}/{len(todo)}: {variant}, seed {seed}")
+        cell = ablation_cell(variant, seed, args, say)
+        write_json(cells_dir / cell_name(variant, seed), cell)
+        say(f"cell done in {cell['minutes']} min: Meta-Sum* {cell['scores']['Meta-Sum*']:.1f}")
+    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    if cells:
+        write_atomically(Path(args.out) / "table.md", lambda f: f.write(ablation_table(cells).encode()))
+        ablation_plot(cells, Path(args.out) / "metasum.png")
+        say(f"wrote {args.out}/table.md and {args.out}/metasum.png from {len(cells)} cells")
+
+
 def cli(argv):
-    main(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ablation"]:
+        ablation(argv[1:])
+    else:
+        main(argv)
     return 0
 
 

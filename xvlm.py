@@ -5,14 +5,14 @@ Read top to bottom, it is the paper's section 3: the config; one attention modul
 encoder whose last layers use mixed attention (3.2, eq. 1); the BERT text and cross-modal encoders;
 the heads; the four pre-training losses as small functions (3.3, eqs. 2-9); and `XVLM.forward`,
 which ties them together. Loading public weights (DeiT / timm ViT, Hugging Face BERT, position
-embedding resampling) and our own checkpoints sits at the bottom.
+embedding resampling) and our own checkpoints sits at the bottom; below it, beyond the paper, the
+authors' released checkpoints: their Swin-B image encoder and the key tables that load their files.
 
     import data, xvlm
     tok = data.Tokenizer("synth/vocab.txt")       # python data.py synth --out synth
     cfg = xvlm.XVLMConfig.tiny(vocab_size=tok.vocab_size)
-    loader = data.pretrain_loader(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"],
-                                  "synth/images", tok, cfg, batch_size=8)
-    losses = xvlm.XVLM(cfg)(next(iter(loader)))    # {"loss", "itc", "itm", "mlm", "bbox"}
+    dataset = data.PretrainDataset(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"], "synth/images", tok, cfg)
+    losses = xvlm.XVLM(cfg)(next(iter(data.pretrain_loader(dataset, batch_size=8))))  # {"loss", "itc", "itm", "mlm", "bbox"}
     losses["loss"].backward()
 
 `python xvlm.py` builds X-VLM-base and prints its size.
@@ -88,8 +88,18 @@ class XVLMConfig:
     cls_token_id: int = 101
     sep_token_id: int = 102
     mask_token_id: int = 103
+    # The authors' released checkpoints (beyond the paper; the last section of this file): a Swin image
+    # encoder whose regions are pooled (no mixed attention), texts without [SEP], and their VQA ranking.
+    image_encoder: str = "vit"  # "vit": the paper's; "swin": theirs, and patch_size is then Swin's final cell (32)
+    swin_embed_dim: int = 128  # Swin-B; the last stage's width, 128 * 2**3, is vision_width
+    swin_depths: tuple = (2, 2, 18, 2)
+    swin_heads: tuple = (4, 8, 16, 32)
+    swin_window: int = 7  # their configs: 7 at 224 px, 12 at 384
+    text_sep: bool = True  # texts end in [SEP]; theirs are [CLS] + pieces (VQA answers keep their [SEP])
+    rank_first_twice: bool = False  # rank_answers as their rank_answer: log p(first answer piece) counted twice
 
     def __post_init__(self):
+        self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)  # lists, from a stored config
         checks = [
             (self.image_res % self.patch_size == 0, f"image_res={self.image_res} is not a multiple of patch_size={self.patch_size}"),
             (0 <= self.local_layers <= self.vision_layers, f"local_layers={self.local_layers} must lie in [0, vision_layers={self.vision_layers}]"),
@@ -101,7 +111,9 @@ class XVLMConfig:
             (0.0 < self.temp <= 0.5, f"temp={self.temp} must lie in (0, 0.5]"),
             (max(self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id) < self.vocab_size,
              f"vocab_size={self.vocab_size} must exceed every special token id"),
+            (self.image_encoder in ("vit", "swin"), f"image_encoder={self.image_encoder!r} must be 'vit' or 'swin'"),
         ]
+        checks += [(False, message) for message in swin_config_problems(self)] if self.image_encoder == "swin" else []
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"XVLMConfig: {message}")
@@ -134,7 +146,9 @@ class Attention(nn.Module):
     Cross-attention projects queries from x and keys/values (fused) from `context`, whose width may
     differ. With `context_index` (B,), row b attends to context[context_index[b]]: keys and values
     are projected once per context row, not once per query row, which makes pairing many texts with
-    few visual concepts cheap. `mask` is boolean, True = may attend, broadcastable to (B, heads, Lq, Lk).
+    few visual concepts cheap. `mask` is boolean, True = may attend, broadcastable to (B, heads, Lq, Lk);
+    or a float bias added to the scores (Swin's relative positions). x may have more leading dimensions
+    (Swin's windows: (B, windows, L, D)); the mask then broadcasts to (B, windows, heads, Lq, Lk).
     """
 
     def __init__(self, dim, heads, kv_dim=None, dropout=0.0):
@@ -154,8 +168,8 @@ class Attention(nn.Module):
         else:
             kv = self.kv(context)
             q, (k, v) = self.q(x), (kv if context_index is None else kv[context_index]).split(D, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, hd)
-        return self.proj(self.attend(q, k, v, mask).transpose(1, 2).flatten(2))  # (B, Lq, D)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(-3, -2) for t in (q, k, v))  # (B, heads, L, hd)
+        return self.proj(self.attend(q, k, v, mask).transpose(-3, -2).flatten(-2))  # (B, Lq, D)
 
     def attend(self, q, k, v, mask):
         """softmax(QK^T / sqrt(d) + M) V, fused. The one place attention probabilities exist:
@@ -444,11 +458,17 @@ def giou(a, b, eps=1e-7):
     return iou - (hull - union) / hull.clamp(min=eps)
 
 
+def bbox_terms(pred, target):
+    """Eq. (3)'s two terms, each averaged over the boxes (n, 4) cxcywh: {"giou": 1 - GIoU, "l1": the
+    L1 distance summed over the 4 coordinates}."""
+    return {"giou": (1.0 - giou(pred, target)).mean(), "l1": (pred - target).abs().sum(-1).mean()}
+
+
 def bbox_loss(pred, target):
-    """Eq. (3): (1 - GIoU) + L1 summed over the 4 coordinates, averaged over boxes. (n, 4) cxcywh."""
+    """Eq. (3): (1 - GIoU) + L1, averaged over boxes. (n, 4) cxcywh."""
     if pred.shape[0] == 0:
         return pred.sum() * 0.0  # no region texts: zero, but still in the graph (DDP needs it)
-    return ((1.0 - giou(pred, target)) + (pred - target).abs().sum(-1)).mean()
+    return sum(bbox_terms(pred, target).values())
 
 
 def world():
@@ -578,11 +598,20 @@ def concept_bank(image_embeds, region_embeds, region_mask):
     return torch.cat([image_embeds, regions]), torch.cat([image_mask, F.pad(region_mask, (0, pad), value=False)])
 
 
+def box_targets(boxes, text_box):
+    """The box each located text predicts (n, 4): its region's (cx, cy, w, h) for text_box >= 0, the
+    whole image (0.5, 0.5, 1, 1) for an image text (the paper's footnote 2), from boxes (R, 4)."""
+    whole = boxes.new_tensor([0.5, 0.5, 1.0, 1.0])
+    own = boxes[text_box.clamp(min=0)] if len(boxes) else whole.expand(len(text_box), 4)
+    return torch.where((text_box >= 0)[:, None], own, whole).float()
+
+
 class XVLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTransformer(cfg)
+        # the authors' released models encode images with Swin (the last section of this file)
+        self.vision = SwinTransformer(cfg) if cfg.image_encoder == "swin" else VisionTransformer(cfg)
         self.text = TextEncoder(cfg)
         self.fusion = FusionEncoder(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
@@ -592,6 +621,8 @@ class XVLM(nn.Module):
         self.bbox_head = mlp_head(cfg.text_width, 4)
         self.mlm_head = MLMHead(cfg)
         self.apply(self.init_weights)
+        if cfg.image_encoder == "swin":
+            return  # Swin keeps timm's init, as theirs; it exists to run their released weights
         # From scratch, the image encoder starts as MAE's: position embeddings learned (as DeiT's,
         # whose weights replace all this) but started from 2-D sin-cos, and the patch projection
         # initialised as a linear layer. The model then knows where each patch is from the first
@@ -609,11 +640,15 @@ class XVLM(nn.Module):
             nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_checkpoint(cls, source, **overrides):
-        """Rebuild a model from one of our checkpoints alone: its stored config, with `overrides`
-        (image_res=384 to fine-tune at a higher resolution: position embeddings are resampled),
-        and its weights, loaded strictly (see load_checkpoint)."""
+    def from_checkpoint(cls, source, name=None, **overrides):
+        """Rebuild a model from one of our checkpoints alone (a file, or what read_file read from one,
+        `name` naming it in messages): its stored config, with `overrides` (image_res=384 to fine-tune
+        at a higher resolution: position embeddings are resampled), and its weights, loaded strictly.
+        The authors' released checkpoints load too (released_model: the config from the tensors' shapes)."""
         checkpoint, source = read_file(source)
+        source = name or source
+        if is_released(checkpoint):
+            return released_model(cls, checkpoint, source, **overrides)
         stored = stored_config(checkpoint, source)
         if stored is None:
             raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
@@ -634,10 +669,13 @@ class XVLM(nn.Module):
     def encode_concepts(self, images, boxes, box_index):
         """Every visual concept of the images (3.2): the images with full attention (B, 1+N, D),
         and one region per box through mixed attention, region_embeds (R, 1+M, D) with region_mask
-        (R, 1+M). boxes (R, 4) normalised cxcywh, box_index (R,) the image of each box."""
+        (R, 1+M). boxes (R, 4) normalised cxcywh, box_index (R,) the image of each box. (A Swin model,
+        as the authors' released ones: one pass, each region's [CLS] the mean of its in-box tokens.)"""
         if boxes.shape[0] == 0:
             image_embeds = self.vision(images)
             return image_embeds, image_embeds[:0, :1], torch.ones(0, 1, dtype=torch.bool, device=images.device)
+        if self.cfg.image_encoder == "swin":
+            return self.vision.forward_pooled(images, patch_mask(boxes, self.vision.grid), box_index)
         return self.vision.forward_mixed(images, patch_mask(boxes, self.vision.grid), box_index)
 
     def encode_text(self, input_ids, attention_mask):
@@ -660,72 +698,77 @@ class XVLM(nn.Module):
         return self.temp.clamp(0.001, 0.5)  # tau, learned (eqs. 4-5)
 
     def predict_boxes(self, image_embeds, text_embeds, text_mask, image_index=None):
-        """Eq. (2): b_hat = sigmoid(MLP(x_cls)) from the full-attention image fused with the text, (T, 4) cxcywh."""
-        fused = self.fuse(text_embeds, text_mask, image_embeds, image_index=image_index)
+        """Eq. (2) for texts (T, L, D) and the full-attention images they refer to: (T, 4) cxcywh."""
+        return self.box_head(self.fuse(text_embeds, text_mask, image_embeds, image_index=image_index))
+
+    def box_head(self, fused):
+        """Eq. (2): b_hat = sigmoid(MLP(x_cls)) on the fused texts (T, L, D) -> (T, 4) normalised cxcywh."""
         return self.bbox_head(fused[:, 0]).float().sigmoid()
+
+    def contrastive_and_pairs(self, concept_feat, text_feat, ids=None):
+        """L_cl (eqs. 4-6) of n (visual concept, text) pairs, and the pairs that matching (eq. 7) fuses:
+        each pair, a hard negative text for each concept, a hard negative concept for each text.
+        Returns (itc, texts (3n,), concepts (3n,)), indices into the n pairs, positives first."""
+        itc = itc_loss(concept_feat, text_feat, self.temperature, ids)
+        with torch.no_grad():
+            neg_text, neg_concept = sample_hard_negatives(concept_feat @ text_feat.T / self.temperature, ids)
+        every = torch.arange(len(text_feat), device=text_feat.device)
+        return itc, torch.cat([every, neg_text, every]), torch.cat([every, every, neg_concept])
+
+    def matching_loss(self, fused):
+        """Eq. (7) on the fused pairs of contrastive_and_pairs (3n, L, D): n matched, then 2n not."""
+        logits = self.itm_head(fused[:, 0])
+        n = len(logits) // 3
+        return itm_loss(logits[:n], logits[n:])
+
+    def fuse_segments(self, bank, bank_mask, **segments):
+        """One cross-modal pass over named segments, each (text_embeds (n, L, D), text_mask (n, L),
+        rows (n,) of the concept bank each text attends to). Returns {name: fused (n, L, D)}."""
+        embeds, masks, rows = zip(*segments.values())
+        fused = self.fuse(torch.cat(embeds), torch.cat(masks), bank, bank_mask, torch.cat(rows))
+        return dict(zip(segments, fused.split([len(r) for r in rows])))
 
     # -- pre-training -------------------------------------------------------------
 
     def forward(self, batch):
-        """The pre-training loss, eq. (9): L = L_bbox + L_cl + L_match + L_mlm.
+        """The pre-training loss, eq. (9): L = L_bbox + L_cl + L_match + L_mlm, on a batch of
+        data.pretrain_loader (its docstring lists the tensors; here on the model's device).
 
-        batch (tensors on the model's device; data.pretrain_loader makes them):
-          images      (B, 3, H, W)  normalised images
-          text_ids    (T, L) int64  token ids, [CLS] ... [SEP] [PAD]...
-          text_mask   (T, L) bool   True for real tokens
-          text_image  (T,) int64    image of each text
-          text_box    (T,) int64    box of each region text (object or region), -1 for whole-image texts
-          boxes       (R, 4)        normalised (cx, cy, w, h) of the region texts' boxes
-          box_image   (R,) int64    image of each box
-          mlm_ids     (T, L) int64  text_ids with the MLM corruption (data.mask_text)
-          mlm_labels  (T, L) int64  the original token where corrupted, -100 elsewhere
-          concept_ids, text_keys (T,) int64, with cfg.equal_texts_positive: ids of each text's visual
-                      concept and of its words; texts sharing either are positives of each other
-        A region text is paired with its region's copy of the image (mixed attention) for itc,
-        itm and mlm, and with the full image for bbox, which locates its box (paper 3.3).
-        Returns {"loss", "itc", "itm", "mlm", "bbox"}, 0-dim tensors; loss is the sum.
+        A region text (object or region) is paired with its region's copy of the image (mixed
+        attention) for itc, itm and mlm, and with the full image for bbox, which locates its box
+        (paper 3.3). Returns {"loss", "itc", "itm", "mlm", "bbox"}, 0-dim tensors; loss is the sum.
         """
         cfg = self.cfg
         text_ids, text_mask = batch["text_ids"], batch["text_mask"].bool()
         text_image, text_box, boxes = batch["text_image"], batch["text_box"], batch["boxes"]
-        B, T = batch["images"].shape[0], text_ids.shape[0]
 
         # Visual concepts (3.2): the images and a region copy per box, in one bank (B+R, 1+N, D).
         image_embeds, region_embeds, region_mask = self.encode_concepts(batch["images"], boxes, batch["box_image"])
         bank, bank_mask = concept_bank(image_embeds, region_embeds, region_mask)
-        concept = torch.where(text_box >= 0, B + text_box, text_image)  # (T,) each text's row in the bank
+        concept = torch.where(text_box >= 0, len(image_embeds) + text_box, text_image)  # (T,) each text's row in the bank
         ids = torch.stack([batch["concept_ids"], batch["text_keys"]], 1) if cfg.equal_texts_positive else None
 
-        # Contrastive learning, eqs. (4)-(6): s(V, T) between [CLS] features.
+        # Contrastive learning, eqs. (4)-(6), on [CLS] features; it also draws matching's hard negatives.
         text_embeds = self.encode_text(text_ids, text_mask)
-        image_feat, text_feat = self.image_features(bank)[concept], self.text_features(text_embeds)
-        itc = itc_loss(image_feat, text_feat, self.temperature, ids)
+        itc, pair_text, pair_concept = self.contrastive_and_pairs(self.image_features(bank)[concept],
+                                                                  self.text_features(text_embeds), ids)
 
-        # The cross-modal encoder, in one pass for the three losses that need it. Matching (eq. 7):
-        # each pair, a hard negative text per concept and a hard negative concept per text.
-        # MLM (eq. 8): the corrupted text with its concept. Bbox (eqs. 2-3): each region text with its
-        # full-attention image (whole-image texts too, with cfg.bbox_whole_image).
-        with torch.no_grad():
-            neg_text, neg_concept = sample_hard_negatives(image_feat @ text_feat.T / self.temperature, ids)
-        located = (text_box >= 0) | cfg.bbox_whole_image if cfg.use_bbox_loss else torch.zeros_like(text_box, dtype=torch.bool)
+        # The cross-modal encoder, in one pass over three segments: the matching pairs (eq. 7), each
+        # corrupted text with its concept (eq. 8), each region text with its full image (eqs. 2-3).
+        located = ((text_box >= 0) | cfg.bbox_whole_image) & cfg.use_bbox_loss
         boxed = located.nonzero().squeeze(1)  # one host sync: how many texts have a box is data
-        every = torch.arange(T, device=text_ids.device)
-        texts = torch.cat([every, neg_text, every])
-        fused = self.fuse(
-            torch.cat([text_embeds[texts], self.encode_text(batch["mlm_ids"], text_mask), text_embeds[boxed]]),
-            torch.cat([text_mask[texts], text_mask, text_mask[boxed]]),
-            bank, bank_mask, torch.cat([concept, concept, concept[neg_concept], concept, text_image[boxed]]))
-        matched, mlm_out, box_out = fused.split([3 * T, T, len(boxed)])
+        fused = self.fuse_segments(
+            bank, bank_mask,
+            matching=(text_embeds[pair_text], text_mask[pair_text], concept[pair_concept]),
+            masked=(self.encode_text(batch["mlm_ids"], text_mask), text_mask, concept),
+            located=(text_embeds[boxed], text_mask[boxed], text_image[boxed]))
 
-        itm_logits = self.itm_head(matched[:, 0])
-        itm = itm_loss(itm_logits[:T], itm_logits[T:])
+        itm = self.matching_loss(fused["matching"])
         labels = batch["mlm_labels"]
         chosen = labels != -100  # only masked positions reach the vocab-sized output (a host sync)
-        mlm = mlm_loss(self.mlm_head(mlm_out[chosen], self.text.embeddings.word.weight), labels[chosen])
-        whole = torch.tensor([0.5, 0.5, 1.0, 1.0], device=boxes.device)  # footnote 2: the image as a concept
-        target = boxes[text_box[boxed].clamp(min=0)].float() if len(boxes) else whole.expand(len(boxed), 4)
-        target = torch.where((text_box[boxed] >= 0)[:, None], target, whole)
-        bbox = bbox_loss(self.bbox_head(box_out[:, 0]).float().sigmoid(), target) if cfg.use_bbox_loss else itc.new_zeros(())
+        mlm = mlm_loss(self.mlm_head(fused["masked"][chosen], self.text.embeddings.word.weight), labels[chosen])
+        bbox = (bbox_loss(self.box_head(fused["located"]), box_targets(boxes, text_box[boxed]))
+                if cfg.use_bbox_loss else itc.new_zeros(()))
         return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
 
 
@@ -935,11 +978,11 @@ def hf_bert_name(key):
 
 def expand_table(table, layers):
     """Concrete (ours, (theirs, ...)) pairs from a key table: {p} stands for weight and bias; rows
-    with {i} repeat once per entry of `layers`, a dict of format values for each layer."""
+    with other fields ({i}) repeat once per entry of `layers`, a dict of format values for each layer."""
     pairs = []
     for ours, theirs in table:
         theirs = theirs if isinstance(theirs, tuple) else (theirs,)
-        for values in (layers if "{i}" in theirs[0] else [{}]):
+        for values in (layers if "{" in theirs[0].replace("{p}", "") else [{}]):
             for p in (("weight", "bias") if "{p}" in theirs[0] else ("",)):
                 fill = lambda s: s.format(p=p, **values)
                 pairs.append((None if ours is None else fill(ours), tuple(fill(n) for n in theirs)))
@@ -981,7 +1024,7 @@ def map_state_dict(state, pairs, rename=lambda k: k):
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
         if ours not in tensors:
             tensors[ours], origin[ours] = tensor, shown
-        elif not torch.equal(tensors[ours], tensor):
+        elif not (tensor.is_meta or torch.equal(tensors[ours], tensor)):  # a meta tensor has no values to compare
             problems.append(f"{shown[0]} differs from {origin[ours][0]}, to which it is tied ({ours})")
     return tensors, origin, problems
 
@@ -1075,6 +1118,418 @@ def load_checkpoint(model, source, prefix="", allow_missing=(), name=None):
     own = model.state_dict()
     assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
     return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
+
+
+# -----------------------------------------------------------------------------
+# The authors' released models (beyond the paper): Swin-B X-VLM checkpoints
+#
+# The checkpoints the authors released (github.com/zengyan-97/X-VLM: X-VLM 4M and 16M, and fine-tuned on
+# retrieval, VQA, NLVR2 and RefCOCO+) encode images with Swin-B (Liu et al. 2021), not the paper's ViT, and
+# their visual concepts are pooled, not mixed attention: Swin runs once over the image, a region's [CLS] is
+# the mean of the final-grid tokens inside its box (patch_mask on Swin's 32 px cells), and the cross-modal
+# encoder attends to that [CLS] and those tokens. This section is that Swin, written from the paper and
+# their configs, and the key tables that load their files, {"model": state dict, "config": their YAML dict},
+# strictly into XVLM, tasks.VQAModel and tasks.NLVR2Model. XVLM.from_checkpoint reads them as it reads ours.
+
+
+def swin_stages(cfg):
+    """(grid side, width, heads, window) of each Swin stage: the grid halves and the width doubles from one
+    stage to the next; a stage no larger than a window attends over its whole grid (and never shifts)."""
+    patch = cfg.patch_size // 2 ** (len(cfg.swin_depths) - 1)  # 4: 32 px cells after three merges
+    sides = [cfg.image_res // patch // 2 ** s for s in range(len(cfg.swin_depths))]
+    return [(side, cfg.swin_embed_dim * 2 ** s, heads, min(cfg.swin_window, side))
+            for s, (side, heads) in enumerate(zip(sides, cfg.swin_heads))]
+
+
+def swin_config_problems(cfg):
+    """Why a Swin XVLMConfig cannot be built, as messages (XVLMConfig raises the first)."""
+    n = len(cfg.swin_depths)
+    if n == 0 or len(cfg.swin_heads) != n:
+        return [f"swin_depths={cfg.swin_depths} and swin_heads={cfg.swin_heads} must give each stage a depth and heads"]
+    if cfg.patch_size % 2 ** (n - 1) or cfg.swin_window < 1:
+        return [f"patch_size={cfg.patch_size} (Swin's final cell) must be a multiple of 2**(stages - 1) = {2 ** (n - 1)}, "
+                f"and swin_window={cfg.swin_window} positive"]
+    problems = [] if cfg.vision_width == cfg.swin_embed_dim * 2 ** (n - 1) else [
+        f"vision_width={cfg.vision_width} must be Swin's last width, swin_embed_dim * 2**(stages - 1) = {cfg.swin_embed_dim * 2 ** (n - 1)}"]
+    for s, (side, width, heads, window) in enumerate(swin_stages(cfg)):
+        if width % heads:
+            problems.append(f"Swin stage {s}: width {width} is not divisible by {heads} heads")
+        if side % window:
+            problems.append(f"Swin stage {s}: its {side}x{side} grid does not split into {window}x{window} windows")
+    return problems
+
+
+def relative_position_index(window):
+    """Which row of a relative-position-bias table ((2w-1)^2 rows, one per offset) each pair of tokens in a
+    w x w window reads: (w*w, w*w) long, row (dy + w - 1) * (2w - 1) + dx + w - 1 for query minus key = (dy, dx)."""
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    y, x = rows.flatten(), cols.flatten()
+    return (y[:, None] - y[None, :] + window - 1) * (2 * window - 1) + (x[:, None] - x[None, :] + window - 1)
+
+
+def window_partition(x, window):
+    """(B, side, side, C) -> (B, windows, w*w, C): w x w windows in raster order, their tokens in raster order."""
+    B, H, W, C = x.shape
+    return x.view(B, H // window, window, W // window, window, C).transpose(2, 3).reshape(B, -1, window * window, C)
+
+
+def window_merge(windows, side):
+    """window_partition's inverse: (B, windows, w*w, C) -> (B, side, side, C)."""
+    B, _, N, C = windows.shape
+    w = math.isqrt(N)
+    return windows.view(B, side // w, side // w, w, w, C).transpose(2, 3).reshape(B, side, side, C)
+
+
+def shifted_window_mask(side, window, shift):
+    """Who may attend to whom in each window once the grid is rolled up and left by `shift`: (windows, w*w,
+    w*w) bool. The roll wraps the last rows and columns round to the first; the windows on those borders then
+    hold tokens from opposite edges of the image, which attend only to tokens from their own edge."""
+    at = torch.arange(side)
+    band = (at >= side - window).long() + (at >= side - shift).long()  # 0, 1, 2 along each axis
+    area = window_partition((band[:, None] * 3 + band[None, :])[None, :, :, None], window)[0, :, :, 0]  # (windows, w*w)
+    return area[:, :, None] == area[:, None, :]
+
+
+class SwinBlock(nn.Module):
+    """A Swin block: attention within w x w windows of the token grid, plus a learned bias per head and
+    relative position; with `shift`, the grid is first rolled by half a window, so that windows straddle
+    the previous block's borders. Pre-LayerNorm (eps 1e-5, torch's default, as theirs), MLP, residuals."""
+
+    def __init__(self, width, heads, side, window, shift, drop_path):
+        super().__init__()
+        self.side, self.window, self.shift, self.drop_path = side, window, shift, drop_path
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))  # one row per (dy, dx)
+        nn.init.trunc_normal_(self.bias_table, std=0.02)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, 4 * width)
+        # Recomputed, never loaded: the authors' files carry both (relative_position_index, attn_mask).
+        self.register_buffer("bias_index", relative_position_index(window), persistent=False)
+        self.register_buffer("shift_mask", shifted_window_mask(side, window, shift) if shift else None, persistent=False)
+
+    def forward(self, x):
+        """x (B, side*side, C) -> (B, side*side, C)."""
+        B, L, C = x.shape
+        h = self.norm1(x).view(B, self.side, self.side, C)
+        if self.shift:
+            h = torch.roll(h, (-self.shift, -self.shift), dims=(1, 2))
+        bias = self.bias_table[self.bias_index].permute(2, 0, 1)  # (heads, w*w, w*w)
+        if self.shift:
+            bias = bias.masked_fill(~self.shift_mask[:, None], float("-inf"))  # (windows, heads, w*w, w*w)
+        h = window_merge(self.attn(window_partition(h, self.window), bias), self.side)  # windows: (B, windows, w*w, C)
+        if self.shift:
+            h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
+        x = x + drop_path(h.reshape(B, L, C), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class PatchMerging(nn.Module):
+    """Between stages: each 2x2 group of tokens concatenated (4C channels, in the order of theirs: (row, col)
+    = (0, 0), (1, 0), (0, 1), (1, 1)), normalised and projected to 2C: half the grid, twice the width."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * width)
+        self.proj = nn.Linear(4 * width, 2 * width, bias=False)
+
+    def forward(self, x, side):
+        B, _, C = x.shape
+        x = x.view(B, side // 2, 2, side // 2, 2, C).permute(0, 1, 3, 4, 2, 5)  # (B, rows, cols, dcol, drow, C)
+        return self.proj(self.norm(x.reshape(B, (side // 2) ** 2, 4 * C)))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, cfg, side, width, heads, window, rates, last):
+        super().__init__()
+        self.side, self.checkpointing = side, cfg.grad_checkpointing
+        # every second block shifts, unless the grid is a single window
+        self.blocks = nn.ModuleList(SwinBlock(width, heads, side, window, window // 2 if b % 2 and side > window else 0, r)
+                                    for b, r in enumerate(rates))
+        self.merge = None if last else PatchMerging(width)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = run_layer(block, self.checkpointing, x)
+        return x if self.merge is None else self.merge(x, self.side)
+
+
+class SwinTransformer(nn.Module):
+    """The released models' image encoder: 4x4 patches, stages of window-attention blocks with patch merging
+    between them, a final LayerNorm; outputs (B, 1+N, D) on the last stage's grid (N = grid^2), the mean of
+    the tokens first as [CLS], as the authors' Swin. Stochastic depth grows linearly over all blocks."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        stages, patch = swin_stages(cfg), cfg.patch_size // 2 ** (len(cfg.swin_depths) - 1)
+        self.grid = cfg.grid
+        self.patch_embed = nn.Conv2d(3, cfg.swin_embed_dim, patch, stride=patch)
+        self.patch_norm = nn.LayerNorm(cfg.swin_embed_dim)
+        n = sum(cfg.swin_depths)
+        rates = [cfg.drop_path * i / max(n - 1, 1) for i in range(n)]
+        ends = [sum(cfg.swin_depths[:s + 1]) for s in range(len(stages))]
+        self.stages = nn.ModuleList(SwinStage(cfg, *stage, rates[end - depth:end], s == len(stages) - 1)
+                                    for s, (stage, depth, end) in enumerate(zip(stages, cfg.swin_depths, ends)))
+        self.norm = nn.LayerNorm(cfg.vision_width)
+
+    def forward(self, images):
+        """images (B, 3, H, W) -> image tokens (B, 1+N, D): [CLS] (the mean) and the final grid."""
+        x = self.patch_norm(self.patch_embed(images).flatten(2).transpose(1, 2))  # (B, (H/4)^2, C)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.norm(x)
+        return torch.cat([x.mean(1, keepdim=True), x], dim=1)
+
+    def forward_pooled(self, images, patch_mask, box_index):
+        """The released models' visual concepts: image tokens (B, 1+N, D), and for R boxes, patch_mask (R, N)
+        and box_index (R,), region tokens (R, 1+M, D), each region's [CLS] the mean of its M in-box tokens,
+        with their mask (R, 1+M): the layout of VisionTransformer.forward_mixed, from one pass of Swin."""
+        x = self(images)
+        regions, mask = gather_regions(x, patch_mask, box_index)
+        inside = mask[:, 1:, None].to(x.dtype)
+        pooled = (regions[:, 1:] * inside).sum(1) / inside.sum(1)  # (R, D)
+        return x, torch.cat([pooled[:, None], regions[:, 1:]], dim=1), mask
+
+
+def not_a_knot_spline(x, targets):
+    """The matrix (len(targets), len(x)) that evaluates at `targets` the cubic spline through values at the
+    increasing points x with not-a-knot ends (one cubic over the first two intervals, one over the last two):
+    the interpolating spline FITPACK fits with s=0 on a grid, as scipy's interp2d(kind="cubic") does.
+    Targets outside [x[0], x[-1]] are clamped to it, as FITPACK evaluates. float64 throughout."""
+    x, n = x.double(), len(x)
+    if n < 4:
+        raise ValueError(f"a not-a-knot cubic spline needs 4 points or more, got {n}")
+    h, eye = x[1:] - x[:-1], torch.eye(n, dtype=torch.float64)
+    # Unknowns: the second derivatives M at the points, one column per unit data vector (the matrix is linear in the data).
+    A, rhs = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for i in range(1, n - 1):  # the first derivative is continuous at x[i]
+        A[i, i - 1:i + 2] = torch.stack([h[i - 1], 2 * (h[i - 1] + h[i]), h[i]])
+        rhs[i] = 6 * ((eye[i + 1] - eye[i]) / h[i] - (eye[i] - eye[i - 1]) / h[i - 1])
+    A[0, :3] = torch.stack([h[1], -(h[0] + h[1]), h[0]])  # not-a-knot: the third derivative continuous at x[1]
+    A[-1, -3:] = torch.stack([h[-1], -(h[-2] + h[-1]), h[-2]])  # and at x[n-2]
+    M = torch.linalg.solve(A, rhs)  # (n points, n data)
+    t = targets.double().clamp(x[0], x[-1])
+    i = (torch.searchsorted(x, t, right=True) - 1).clamp(0, n - 2)  # each target's interval [x[i], x[i+1]]
+    a, b, hi = (x[i + 1] - t)[:, None], (t - x[i])[:, None], h[i][:, None]
+    return (M[i] * a ** 3 + M[i + 1] * b ** 3) / (6 * hi) + (eye[i] - M[i] * hi ** 2 / 6) * a / hi \
+        + (eye[i + 1] - M[i + 1] * hi ** 2 / 6) * b / hi
+
+
+def resize_bias_table(table, window):
+    """A relative-position-bias table ((2w-1)^2, heads) resized for windows of `window`, as the authors resize
+    Swin-B's window-7 tables to fine-tune at 384 px (window 12; BEiT's recipe): the source's offsets are put
+    on a geometric progression whose ends reach the target's farthest offset, and a bicubic interpolating
+    spline through them (not-a-knot, what their scipy interp2d(kind="cubic") fits; current SciPy has no
+    interp2d, and this needs no SciPy) is read at every integer offset. The same window: the table itself."""
+    src, dst = math.isqrt(table.shape[0]), 2 * window - 1
+    if src * src != table.shape[0] or src % 2 == 0 or src > dst:
+        raise ValueError(f"resize_bias_table: {tuple(table.shape)} is not a table of a window up to {window}")
+    if src == dst:
+        return table
+    lo, hi = 1.01, 1.5  # the progression 1, q, q^2, ...: its src // 2 steps sum to dst // 2, q by bisection as theirs
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        lo, hi = (lo, q) if (1 - q ** (src // 2)) / (1 - q) > dst // 2 else (q, hi)
+    steps = torch.tensor([q ** k for k in range(src // 2)], dtype=torch.float64).cumsum(0)  # 1, 1 + q, ...
+    A = not_a_knot_spline(torch.cat([-steps.flip(0), steps.new_zeros(1), steps]),
+                          torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float64))  # (dst, src)
+    grid = table.double().T.reshape(-1, src, src)  # (heads, dy, dx)
+    return (A @ grid @ A.T).reshape(table.shape[1], dst * dst).T.to(table.dtype)
+
+
+# What each kind of released file holds besides Swin and the text and cross-modal encoders, by our module
+# names; the kinds of a task model load into it (tasks.VQAModel, tasks.NLVR2Model).
+RELEASED_KINDS = {
+    "pretrain": ("vision_proj", "text_proj", "temp", "itm_head", "bbox_head", "mlm_head"),  # X-VLM 4M, 16M
+    "retrieval": ("vision_proj", "text_proj", "temp", "itm_head"),  # COCO, Flickr30K; weakly supervised RefCOCO+
+    "bbox": ("bbox_head",),  # RefCOCO+, the bbox head
+    "vqa": ("decoder",),
+    "nlvr2": ("fusion_second", "cls_head"),
+}
+TASK_MODELS = {"vqa": "tasks.VQAModel", "nlvr2": "tasks.NLVR2Model"}
+
+# (ours, theirs under "vision_encoder."); {s}: stage, {b}: block of the stage
+SWIN_KEYS = [
+    ("vision.patch_embed.{p}", "patch_embed.proj.{p}"),
+    ("vision.patch_norm.{p}", "patch_embed.norm.{p}"),
+    ("vision.norm.{p}", "norm.{p}"),
+]
+SWIN_BLOCK_KEYS = [
+    ("vision.stages.{s}.blocks.{b}.norm1.{p}", "layers.{s}.blocks.{b}.norm1.{p}"),
+    ("vision.stages.{s}.blocks.{b}.attn.qkv.{p}", "layers.{s}.blocks.{b}.attn.qkv.{p}"),  # fused q, k, v as ours
+    ("vision.stages.{s}.blocks.{b}.attn.proj.{p}", "layers.{s}.blocks.{b}.attn.proj.{p}"),
+    ("vision.stages.{s}.blocks.{b}.bias_table", "layers.{s}.blocks.{b}.attn.relative_position_bias_table"),
+    ("vision.stages.{s}.blocks.{b}.norm2.{p}", "layers.{s}.blocks.{b}.norm2.{p}"),
+    ("vision.stages.{s}.blocks.{b}.mlp.fc1.{p}", "layers.{s}.blocks.{b}.mlp.fc1.{p}"),
+    ("vision.stages.{s}.blocks.{b}.mlp.fc2.{p}", "layers.{s}.blocks.{b}.mlp.fc2.{p}"),
+    (None, "layers.{s}.blocks.{b}.attn.relative_position_index"),  # buffers: recomputed (SwinBlock)
+    (None, "layers.{s}.blocks.{b}.attn_mask"),  # (shifted blocks only)
+]
+SWIN_MERGE_KEYS = [  # every stage but the last
+    ("vision.stages.{s}.merge.norm.{p}", "layers.{s}.downsample.norm.{p}"),
+    ("vision.stages.{s}.merge.proj.weight", "layers.{s}.downsample.reduction.weight"),
+]
+# A cross-modal layer's cross-attention, in their BERT (names as BERT_KEYS, {layer} likewise).
+CROSS_KEYS = [
+    ("{layer}.cross_attn.q.{p}", "encoder.layer.{i}.crossattention.self.query.{p}"),
+    ("{layer}.cross_attn.kv.{p}", concat("encoder.layer.{i}.crossattention.self.key.{p}",
+                                         "encoder.layer.{i}.crossattention.self.value.{p}")),
+    ("{layer}.cross_attn.proj.{p}", "encoder.layer.{i}.crossattention.output.dense.{p}"),
+    ("{layer}.cross_norm.{p}", "encoder.layer.{i}.crossattention.output.LayerNorm.{p}"),
+]
+# Heads, named alike on both sides; {i}: an MLP head's Linear, LayerNorm and Linear (mlp_head, their build_mlp).
+RELEASED_HEAD_KEYS = [
+    ("vision_proj.{p}", "vision_proj.{p}"),
+    ("text_proj.{p}", "text_proj.{p}"),
+    ("temp", "temp"),
+    ("itm_head.{i}.{p}", "itm_head.{i}.{p}"),
+    ("bbox_head.{i}.{p}", "bbox_head.{i}.{p}"),
+    ("cls_head.{i}.{p}", "cls_head.{i}.{p}"),
+]
+MLP_HEAD_LAYERS = [dict(i=0), dict(i=1), dict(i=3)]
+DECODER_MODULES = {"text.embeddings.": "decoder.embeddings.", "mlm_head.": "decoder.head."}  # BERT_KEYS' names, in the decoder
+
+
+def released_name(key):
+    """A key of the authors' files as the tables spell it: their pre-trained text encoder and their VQA
+    decoder are BERT models with heads (text_encoder.bert.*, text_encoder.cls.*), the fine-tuned encoder not."""
+    return re.sub(r"^(text_encoder|text_decoder)\.bert\.", r"\1.", key)
+
+
+def prefixed(pairs, prefix):
+    return [(ours, tuple(prefix + n for n in theirs)) for ours, theirs in pairs]
+
+
+def bert_layers(cfg, kind):
+    """Their BERT's layers, {i: our layer}: text layers, then cross-modal ones; NLVR2 interleaves each
+    cross-modal layer's two blocks, T + 2n over image 1 (ours: fusion) and T + 2n + 1 over image 2."""
+    T, F = cfg.text_layers, cfg.fusion_layers
+    if kind == "nlvr2":
+        fusion = [f"{('fusion', 'fusion_second')[n % 2]}.layers.{n // 2}" for n in range(2 * F)]
+    else:
+        fusion = [f"fusion.layers.{n}" for n in range(F)]
+    return [dict(i=i, layer=f"text.layers.{i}") for i in range(T)] + [dict(i=T + n, layer=f) for n, f in enumerate(fusion)]
+
+
+def released_key_pairs(cfg, kind):
+    """(ours, (theirs, ...)) pairs of one kind of released file (RELEASED_KINDS), one per tensor."""
+    layers = bert_layers(cfg, kind)
+    T, depths = cfg.text_layers, cfg.swin_depths
+    text = expand_table(BERT_KEYS, layers) + expand_table(CROSS_KEYS, layers[T:])
+    swin = expand_table(SWIN_KEYS, []) + expand_table(SWIN_MERGE_KEYS, [dict(s=s) for s in range(len(depths) - 1)]) \
+        + expand_table(SWIN_BLOCK_KEYS, [dict(s=s, b=b) for s, d in enumerate(depths) for b in range(d)])
+    pairs = prefixed(swin, "vision_encoder.") + prefixed(text, "text_encoder.") + expand_table(RELEASED_HEAD_KEYS, MLP_HEAD_LAYERS)
+    if kind == "vqa":  # their text_decoder: a BERT whose every layer cross-attends (to the question)
+        dec = [dict(i=i, layer=f"decoder.layers.{i}") for i in range(cfg.fusion_layers)]
+        move = lambda ours: next((ours.replace(a, b, 1) for a, b in DECODER_MODULES.items() if ours.startswith(a)), ours)
+        pairs += [(None if ours is None else move(ours), theirs) for ours, theirs in
+                  prefixed(expand_table(BERT_KEYS, dec) + expand_table(CROSS_KEYS, dec), "text_decoder.")]
+    keep = ("vision", "text", "fusion") + RELEASED_KINDS[kind]
+    return [(ours, theirs) for ours, theirs in pairs if ours is None or ours.split(".")[0] in keep]
+
+
+def is_released(checkpoint):
+    """Whether a file's object is one of the authors' checkpoints: {"model": ..., "config": ...} with their
+    image encoder under "vision_encoder."."""
+    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    return isinstance(state, dict) and any(isinstance(k, str) and k.startswith("vision_encoder.") for k in state)
+
+
+def released_kind(state, source):
+    """Which RELEASED_KINDS a state dict of theirs is, from the modules it holds."""
+    has = lambda prefix: any(k.startswith(prefix) for k in state)
+    if not has("vision_encoder.layers."):
+        raise ValueError(f"{source}: one of the authors' checkpoints, but not with their Swin image encoder (the "
+                         f"models they released): its DeiT / CLIP ViT variants do not load here")
+    for kind, prefix in (("vqa", "text_decoder."), ("nlvr2", "cls_head."), ("pretrain", "text_encoder.bert."),
+                         ("retrieval", "itm_head."), ("bbox", "bbox_head.")):
+        if has(prefix):
+            return kind
+    raise ValueError(f"{source}: one of the authors' checkpoints without a head this loader knows "
+                     f"(text_decoder, cls_head, itm_head, bbox_head, or pre-training's text_encoder.bert)")
+
+
+def swin_fields(state, config, source):
+    """XVLMConfig's Swin fields from their vision_encoder's shapes: stages, depths, heads (the bias tables'
+    columns), window (their rows), image size (a shifted block's window mask, else their config's)."""
+    shape = lambda key: tuple(state[key].shape) if key in state else None
+    stages = depth(state, r"vision_encoder\.layers\.(\d+)\.")
+    depths = tuple(depth(state, rf"vision_encoder\.layers\.{s}\.blocks\.(\d+)\.") for s in range(stages))
+    tables = [shape(f"vision_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table") for s in range(stages)]
+    embed, _, patch, _ = shape("vision_encoder.patch_embed.proj.weight")
+    sides = [math.isqrt(m[0]) * math.isqrt(m[1]) * patch * 2 ** s for s in range(stages)  # windows * window * cell
+             for b in range(depths[s]) if (m := shape(f"vision_encoder.layers.{s}.blocks.{b}.attn_mask"))]
+    image_res = sides[0] if sides else config.get("image_res")
+    if image_res is None or (sides and config.get("image_res", image_res) != image_res):
+        raise ValueError(f"{source}: image size {sides[:1] or 'unknown'} from the window masks, {config.get('image_res')} in the config")
+    return dict(image_encoder="swin", image_res=image_res, patch_size=patch * 2 ** (stages - 1), swin_embed_dim=embed,
+                swin_depths=depths, swin_heads=tuple(t[1] for t in tables), swin_window=(math.isqrt(tables[0][0]) + 1) // 2,
+                vision_width=embed * 2 ** (stages - 1), vision_layers=sum(depths), vision_heads=tables[-1][1],
+                local_layers=0, drop_path=0.1)
+
+
+def bert_fields(state, kind):
+    """XVLMConfig's text fields from their text_encoder's shapes: width, vocabulary, positions, text layers
+    (those without cross-attention), cross-modal layers (NLVR2 doubles them), heads (BERT's 64 dims each)."""
+    shape = lambda key: tuple(state[f"text_encoder.{key}"].shape)
+    layers = depth(state, r"text_encoder\.encoder\.layer\.(\d+)\.")
+    text = min(int(m.group(1)) for k in state if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.", k)))
+    vocab, width = shape("embeddings.word_embeddings.weight")
+    return dict(vocab_size=vocab, text_width=width, text_heads=max(1, width // 64), text_layers=text,
+                fusion_layers=(layers - text) // (2 if kind == "nlvr2" else 1),
+                max_positions=shape("embeddings.position_embeddings.weight")[0],
+                type_vocab_size=shape("embeddings.token_type_embeddings.weight")[0],
+                text_mlp_dim=shape("encoder.layer.0.intermediate.dense.weight")[0])
+
+
+def released_config(state, config, kind, source):
+    """XVLMConfig fields for one of the authors' files (a state dict, their YAML dict), from the tensors'
+    shapes: their config names its encoders' config files by path (configs/config_swinB_384.json), not
+    their sizes. max_tokens: their config's, else 40 (their NLVR2 config names none, their others 40)."""
+    state = {released_name(k): v for k, v in state.items()}
+    stages = depth(state, r"vision_encoder\.layers\.(\d+)\.")
+    needed = ["vision_encoder.patch_embed.proj.weight", "text_encoder.embeddings.word_embeddings.weight",
+              "text_encoder.embeddings.position_embeddings.weight", "text_encoder.embeddings.token_type_embeddings.weight",
+              "text_encoder.encoder.layer.0.intermediate.dense.weight",
+              ] + [f"vision_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table" for s in range(stages)]
+    absent = [k for k in needed if k not in state]
+    if not any(".crossattention." in k for k in state):
+        absent.append("text_encoder.encoder.layer.*.crossattention.*")
+    if absent:
+        raise ValueError(f"{source}: missing keys: {_names(absent)}")
+    return {**swin_fields(state, config, source), **bert_fields(state, kind), "max_tokens": config.get("max_tokens", 40),
+            "embed_dim": state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
+            "text_sep": False, "rank_first_twice": kind == "vqa"}
+
+
+def load_released(model, state, source, kind):
+    """Load one of the authors' state dicts of this kind into `model`, strictly: every tensor of the kind's
+    table must be there, of the model's shape (bias tables of another window are resized, as theirs when
+    fine-tuning at 384 px), and nothing else may be; buffers (relative_position_index, attn_mask,
+    position_ids) are dropped. Returns a LoadReport whose `missing` are the model's modules this kind has
+    not (the heads of other tasks), left at their init."""
+    pairs = released_key_pairs(model.cfg, kind)
+    tensors, origin, problems = map_state_dict(state, pairs, released_name)
+    own = model.state_dict()
+    for k, v in tensors.items():
+        if k.endswith(".bias_table") and k in own and v.shape[0] != own[k].shape[0] and v.shape[1] == own[k].shape[1]:
+            tensors[k] = resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
+    assign(model, tensors, source, origin, problems, required=[ours for ours, _ in pairs if ours is not None])
+    return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
+
+
+def released_model(cls, checkpoint, source, **overrides):
+    """A `cls` (XVLM, or a task model) from one of the authors' files: the config from released_config, with
+    `overrides` (image_res=384, swin_window=12 to fine-tune a pre-trained file as theirs), the weights
+    through load_released; model.load_report says what the file did not fill."""
+    state = state_dict_of(checkpoint, source)
+    kind = released_kind(state, source)
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    model = cls(XVLMConfig(**{**released_config(state, config, kind, source), **overrides}))
+    if not all(hasattr(model, m) for m in RELEASED_KINDS[kind]):
+        raise ValueError(f"{source}: the authors' {kind} checkpoint: load it with {TASK_MODELS[kind]}.from_checkpoint")
+    model.load_report = load_released(model, state, source, kind)
+    return model
 
 
 if __name__ == "__main__":
