@@ -516,8 +516,15 @@ def random_resized_crop(width, height, rng, scale, ratio=(3 / 4, 4 / 3)):
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def region_crop(width, height, box, rng):
-    """The authors' region crop: a random window (x, y, w, h) of whole pixels that contains `box` whole."""
+def region_crop(width, height, box, rng, scale=None):
+    """A random window (x, y, w, h) of whole pixels that contains `box` whole: the authors' (each edge
+    uniform between the box and the border), or with `scale` (LO, HI), a random resized crop of that
+    share of the area widened to hold the box."""
+    if scale is not None:
+        x, y, w, h = random_resized_crop(width, height, rng, scale)
+        x0, y0 = min(x, math.floor(box[0])), min(y, math.floor(box[1]))
+        x1, y1 = max(x + w, min(math.ceil(box[0] + box[2]), width)), max(y + h, min(math.ceil(box[1] + box[3]), height))
+        return x0, y0, x1 - x0, y1 - y0
     x, y, w, h = box
     x0, y0 = int(rng.integers(0, math.floor(x) + 1)), int(rng.integers(0, math.floor(y) + 1))
     x1 = int(rng.integers(min(math.ceil(x + w), width), width + 1))
@@ -632,6 +639,14 @@ def split_records(records, elements):
     return texts, regions
 
 
+class Crops(NamedTuple):
+    """Pre-training crops. An image-text image: a random resized crop of `image` (LO, HI) of its area.
+    A box-annotated image: a window holding its chosen element whole, the authors' (region None) or a
+    random resized crop of `region` of the area widened to hold it (data.region_crop)."""
+    image: tuple = (0.2, 1.0)
+    region: tuple = None
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Pre-training records (several files, JSON list or lines), made into samples by key.
 
@@ -650,14 +665,14 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     max_words = 30  # texts are cut to this many words (clean_caption)
 
-    def __init__(self, files, image_root, tokenizer, cfg, max_regions=5, crop_scale=(0.2, 1.0), elements=ELEMENT_KINDS, mlm=True):
+    def __init__(self, files, image_root, tokenizer, cfg, max_regions=5, crops=Crops(), elements=ELEMENT_KINDS, mlm=True):
         records = load_records(files, "pretrain")
         try:
             self.texts, self.regions = split_records(records, elements)
         except DataError as e:
             raise DataError(f"{', '.join(map(str, [files] if isinstance(files, (str, Path)) else files))}: {e}") from None
         self.image_root, self.tokenizer, self.cfg = Path(image_root), tokenizer, cfg
-        self.max_regions, self.crop_scale, self.mlm = max_regions, tuple(crop_scale), mlm
+        self.max_regions, self.crops, self.mlm = max_regions, Crops(*crops), mlm
         image_ids = {}
         for r in records:
             image_ids.setdefault(r["image"], len(image_ids))
@@ -690,14 +705,14 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def image_text_sample(self, rec, index, img, rng):
         """Random resized crop and flip of the whole image; one of its captions."""
-        crop = random_resized_crop(*img.size, rng, self.crop_scale)
+        crop = random_resized_crop(*img.size, rng, self.crops.image)
         flip = bool(rng.random() < 0.5)
         image = to_tensor(crop_flip_resize(img, crop, flip, self.cfg.image_res))
         return {"image": image, "texts": [self.text(pick(rng, rec["caption"]), flip)], "boxes": [None],
                 "concepts": [self.text_concept[index]], "kinds": ["caption"]}
 
     def region_sample(self, rec, index, img, rng):
-        """The authors' region crop: pick one element, crop around it, flip, resize; its caption
+        """The authors' region sample: pick one element, crop around it, flip, resize; its caption
         (if any) and element texts whose boxes keep more than half their area, max_regions texts in all."""
         W, H = img.size
         elems = rec["elems"]
@@ -707,7 +722,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         if len(elem_ids) == 0:
             return Unreadable(str(self.image_root / rec["image"]), f"no element box of the record lies inside the {W}x{H} image")
         chosen = int(rng.integers(len(elem_ids)))
-        crop = region_crop(W, H, boxes[chosen], rng)
+        crop = region_crop(W, H, boxes[chosen], rng, self.crops.region)
         flip = bool(rng.random() < 0.5)
         res = self.cfg.image_res
         image = to_tensor(crop_flip_resize(img, crop, flip, res))
@@ -882,12 +897,12 @@ def pretrain_loader(dataset, batch_size, shard=Shard(), image_text=True):
       text_keys   int64 [T]                 text_key of each text; texts sharing either are positives of
                                             each other under cfg.equal_texts_positive
       skipped     [Unreadable]              images of this draw that could not be read, left out
-    An image-text image brings one of its captions (random resized crop with `crop_scale`, flip);
-    a region image brings its caption if it has one and element texts, max_regions in all, the
-    randomly chosen element first (region crop that keeps it whole, flip, resize; boxes keeping
-    half their area or less are dropped). A flip swaps "left" and "right" in the image's texts.
-    crop_scale (0.2, 1.0) is the authors'; the synthetic world's captions name every shape, and a
-    crop that cuts shapes out makes them partly false, so the tiny preset uses (0.8, 1.0).
+    An image-text image brings one of its captions (crops.image: random resized crop; flip); a region
+    image brings its caption if it has one and element texts, max_regions in all, the randomly chosen
+    element first (crops.region: a window that keeps it whole; flip, resize; boxes keeping half their
+    area or less are dropped). A flip swaps "left" and "right" in the image's texts. The authors' crops
+    are Crops((0.2, 1.0), None); the synthetic world's captions name every shape, and a crop that cuts
+    shapes out makes them partly false, so the tiny preset keeps 80% of the area or more: Crops((0.8, 1.0), (0.8, 1.0)).
     """
     sampler = PretrainSampler(len(dataset.texts) if image_text else 0, len(dataset.regions), batch_size,
                               shard.seed, shard.rank, shard.world_size)

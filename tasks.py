@@ -1127,7 +1127,8 @@ def pretraining_data(image_text, mlm):
     --no-regions (Table 3's switches) leave out those texts."""
     def build(s, tokenizer, cfg, shard):
         elements = tuple(k for k, on in (("object", s.objects), ("region", s.regions)) if on)
-        dataset = data.PretrainDataset(s.data, s.image_root, tokenizer, cfg, s.max_regions, s.crop_scale, elements, mlm)
+        crops = data.Crops(s.crop_scale, s.region_crop_scale)
+        dataset = data.PretrainDataset(s.data, s.image_root, tokenizer, cfg, s.max_regions, crops, elements, mlm)
         return data.pretrain_loader(dataset, s.batch_size, shard, image_text=image_text)
     return build
 

@@ -1176,11 +1176,14 @@ def test_region_crop_keeps_chosen_box_whole():
         W, H = int(rng.integers(20, 200)), int(rng.integers(20, 200))
         w, h = rng.uniform(1, W), rng.uniform(1, H)
         box = (rng.uniform(0, W - w), rng.uniform(0, H - h), w, h)
-        x0, y0, cw, ch = data.region_crop(W, H, box, rng)
-        assert 0 <= x0 <= box[0] and 0 <= y0 <= box[1]
-        assert box[0] + box[2] <= x0 + cw <= W and box[1] + box[3] <= y0 + ch <= H
-        _, keep = data.transform_boxes([box], (x0, y0, cw, ch), flip=bool(rng.integers(2)), out_size=(64, 64))
-        assert keep.all()
+        for scale in (None, (0.8, 1.0)):  # the authors' window; a gentle one of 80% of the area or more
+            x0, y0, cw, ch = data.region_crop(W, H, box, rng, scale)
+            assert 0 <= x0 <= box[0] and 0 <= y0 <= box[1]
+            assert box[0] + box[2] <= x0 + cw <= W and box[1] + box[3] <= y0 + ch <= H
+            if scale and 3 / 4 <= W / H <= 4 / 3:  # (elongated images: the largest window of an allowed aspect)
+                assert cw * ch >= 0.8 * W * H - W - H  # (whole pixels: a pixel row and column of rounding)
+            _, keep = data.transform_boxes([box], (x0, y0, cw, ch), flip=bool(rng.integers(2)), out_size=(64, 64))
+            assert keep.all()
 
 
 def test_random_resized_crop_stays_inside():

@@ -74,7 +74,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\
 PRETRAIN = dict(schedule="cosine", warmup=0.2, lr_ends=0.1, weight_decay=0.02, grad_clip=1.0, lr_mult=2.0)
 PRESTEP = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=1.0, lr_mult=2.0)
 FINETUNE = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=0.0, lr_mult=2.0, image_res=384)
-BASE_CROP, BASE_FINETUNE_CROP, TINY = (0.2, 1.0), (0.5, 1.0), dict(crop_scale=(0.8, 1.0), rerank_k=16, image_res=None)
+BASE_CROP, BASE_FINETUNE_CROP = (0.2, 1.0), (0.5, 1.0)
+TINY = dict(crop_scale=(0.8, 1.0), region_crop_scale=(0.8, 1.0), rerank_k=16, image_res=None)
 
 RECIPES = {
     "base": {
@@ -146,6 +147,9 @@ class Settings:
     weight_decay: float = flag(None, f"AdamW weight decay, not on biases, norms and other 1-d parameters {RECIPE}")
     grad_clip: float = flag(None, f"clip the gradient norm to this value, 0: off {RECIPE}")
     crop_scale: tuple = flag(None, f"random resized crop's area range LO HI {RECIPE}", nargs=2, type=float)
+    region_crop_scale: tuple = flag(None, "pre-training data's box-annotated images: a window of LO HI of the area widened to hold "
+                                    "the chosen box (tiny: 0.8 1; base: none, the authors' window from the box to random edges)",
+                                    nargs=2, type=float)
     rerank_k: int = flag(None, f"re-rank the top k by ITM in retrieval, by full likelihood in VQA (paper: 256 COCO, 128 Flickr) {RECIPE}")
     precision: str = flag("fp32", "autocast precision; fp16 (with a GradScaler) needs CUDA (default: fp32)", choices=["fp32", "bf16", "fp16"])
     vit_init: str = flag(None, "DeiT/timm ViT weights (file or directory) for the image encoder")
@@ -191,6 +195,8 @@ class Settings:
             (self.data is not None and self.vocab is None, "--data needs --vocab"),
             (not (self.crop_scale and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1), f"--crop-scale needs 0 < LO <= HI <= 1, got {self.crop_scale}"),
             (self.rerank_k is None or self.rerank_k < 1, f"--rerank-k must be >= 1, got {self.rerank_k}"),
+            (self.region_crop_scale is not None and not 0 < self.region_crop_scale[0] <= self.region_crop_scale[1] <= 1,
+             f"--region-crop-scale needs 0 < LO <= HI <= 1, got {self.region_crop_scale}"),
             (self.resume and self.overwrite, "give --resume or --overwrite, not both"),
         ]
         for bad, message in problems:
@@ -994,7 +1000,7 @@ def texts_per_boxed_image(variant, synth_dir, samples=200):
     elements = tuple(k for k, on in (("object", s.objects), ("region", s.regions)) if on)
     tokenizer = data.Tokenizer(s.vocab)
     dataset = data.PretrainDataset(s.data, s.image_root, tokenizer, XVLMConfig.tiny(vocab_size=tokenizer.vocab_size),
-                                   s.max_regions, s.crop_scale, elements, mlm=False)
+                                   s.max_regions, data.Crops(s.crop_scale, s.region_crop_scale), elements, mlm=False)
     n = min(samples, len(dataset.regions))
     kinds = [k for i in range(n) for k in dataset[(1, i, (0, 1, i))]["kinds"]]
     return {k: round(kinds.count(k) / max(n, 1), 2) for k in data.ELEMENT_KINDS}
