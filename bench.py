@@ -98,7 +98,8 @@ class Mode:
     matmul_n: int  # fp32 matmul size for the MFU denominator
     bf16_matmul_n: int  # matmul size for the bf16 / fp32 ratio (small: bf16 is slow without bf16 units)
     pipeline_steps: int  # steps of the main job per timed round, data loading included
-    pipeline_world: int  # pre-training images of the synthetic world it reads
+    pipeline_world: int  # pre-training images of the synthetic world it reads (an epoch: world / 16 steps; each
+    #                     starts the loader's worker afresh, as in train.py)
 
 
 MODES = {
@@ -107,10 +108,10 @@ MODES = {
                   pipeline_world=12),
     "quick": Mode("base", warmup=1, repeats=5, mixed_images=2, encoder_batch=1, step_images=4, tiny_step_images=16,
                   regions_per_image=2, rerank_images=4, rerank_k=4, matmul_n=4096, bf16_matmul_n=512, pipeline_steps=25,
-                  pipeline_world=400),
+                  pipeline_world=2000),
     "full": Mode("base", warmup=2, repeats=5, mixed_images=4, encoder_batch=4, step_images=16, tiny_step_images=64,
                  regions_per_image=4, rerank_images=16, rerank_k=16, matmul_n=8192, bf16_matmul_n=1024, pipeline_steps=50,
-                 pipeline_world=1000),
+                 pipeline_world=4000),
 }
 
 

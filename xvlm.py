@@ -471,51 +471,6 @@ def bbox_loss(pred, target):
     return sum(bbox_terms(pred, target).values())
 
 
-def world():
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sizes(n, device):
-    """The first-dimension size of every rank's tensor."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
-    dist.all_gather(sizes, torch.tensor([n], device=device))
-    return [int(s) for s in sizes]
-
-
-def all_gather(x, sizes):
-    """Concatenate every rank's x along dim 0; sizes may differ (padded for the collective)."""
-    longest = max(sizes)
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0])).contiguous()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-class GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        rank, _ = world()
-        sizes = all_sizes(x.shape[0], x.device)
-        ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
-        return all_gather(x, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's loss reads every rank's features: this rank's slice gets the sum of them.
-        # (The authors' AllGather returns only this rank's own part: 1/world_size of this gradient.)
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.start:ctx.start + ctx.n]
-
-
-def gather_with_grad(x):
-    """All-gather along dim 0 keeping gradients; the identity at world size 1."""
-    return x if world()[1] == 1 else GatherWithGrad.apply(x)
-
-
 def same_id(a, b):
     """(n, k), (m, k) ids -> (n, m) bool: rows that share an id in any of the k columns."""
     return (a[:, None, :] == b[None, :, :]).any(-1)
@@ -1118,6 +1073,56 @@ def load_checkpoint(model, source, prefix="", allow_missing=(), name=None):
     own = model.state_dict()
     assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
     return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
+
+
+# -----------------------------------------------------------------------------
+# Distributed plumbing for itc_loss: features gathered across ranks with their gradient
+
+
+def world():
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sizes(n, device):
+    """The first-dimension size of every rank's tensor."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s) for s in sizes]
+
+
+def all_gather(x, sizes):
+    """Concatenate every rank's x along dim 0; sizes may differ (padded for the collective)."""
+    longest = max(sizes)
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        rank, _ = world()
+        sizes = all_sizes(x.shape[0], x.device)
+        ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
+        return all_gather(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss reads every rank's features: this rank's slice gets the sum of them.
+        # (The authors' AllGather returns only this rank's own part: 1/world_size of this gradient.)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.n]
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0 keeping gradients; the identity at world size 1."""
+    return x if world()[1] == 1 else GatherWithGrad.apply(x)
+
 
 
 # -----------------------------------------------------------------------------
