@@ -1099,10 +1099,10 @@ def ablation_plot(cells, path):
     sums = {v: [c["scores"]["Meta-Sum*"] for c in cells if c["variant"] == v] for v in variants}
     floor = sum(chance_levels(cells)[c.name] for c in ABLATION_COLUMNS if c.meta_sum_star)
     top = max(max(s) for s in sums.values()) + 5
-    img = Image.new("RGB", (120 * len(variants) + 100, 380), "white")
+    img = Image.new("RGB", (max(120 * len(variants) + 100, 460), 380), "white")
     draw = ImageDraw.Draw(img)
     at = axes(draw, (60, 40, 120 * len(variants) + 80, 320), (0, len(variants)), (floor, top),
-              "Meta-Sum* on the synthetic world, from chance (bar: mean over seeds, dots: seeds)")
+              "Meta-Sum*, the axis from chance (bars: means; dots: seeds)")
     for i, v in enumerate(variants):
         x0, mean = at(i + 0.2, 0)[0], at(0, float(np.mean(sums[v])))[1]
         draw.rectangle([x0, mean, x0 + 70, at(0, floor)[1]], fill=(31, 119, 180) if v == "X-VLM" else (150, 170, 190))
