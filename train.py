@@ -1009,7 +1009,7 @@ def texts_per_boxed_image(variant, synth_dir, samples=200):
 def ablation_cell(variant, seed, args, say):
     """Run (or finish) one cell: every train run of its plan that has no metrics.json yet, resuming an
     unfinished one. Returns the cell: provenance, scores and chance levels."""
-    began, runs, evals = time.time(), {}, {}
+    began, runs, evals, code = time.time(), {}, {}, commit()  # the code the cell starts with
     for task, out, argv in ablation_plan(variant, seed, args.workdir, args.synth_dir, args.pretrain_steps):
         if not (out / "metrics.json").exists():
             say(f"  {task} ({variant}, seed {seed}) -> {out}")
@@ -1024,7 +1024,7 @@ def ablation_cell(variant, seed, args, say):
     scores["Meta-Sum*"] = sum(scores[c.name] for c in ABLATION_COLUMNS if c.meta_sum_star)
     by_kind = {c.name: lookup(evals.get(c.task), "by_kind") for c in ABLATION_COLUMNS if c.task.startswith("grounding")}
     chance = {c.name: lookup(evals.get(c.task), c.chance) for c in ABLATION_COLUMNS}
-    return {"variant": variant, "seed": seed, "commit": commit(), "world": world_of(args.synth_dir), "scores": scores,
+    return {"variant": variant, "seed": seed, "commit": code, "world": world_of(args.synth_dir), "scores": scores,
             "by_kind": by_kind, "chance": chance, "texts_per_boxed_image": texts_per_boxed_image(variant, args.synth_dir),
             "runs": runs, "minutes": round((time.time() - began) / 60, 1)}
 
