@@ -174,6 +174,25 @@ def test_fast_mixed_attention_equals_the_literal_mask(local_layers):
         assert_close(fast[r, :n], ref[r, positions], atol=1e-5, rtol=1e-5)
 
 
+def test_output_positions_add_each_tokens_position_embedding_again_in_the_image_and_region_copies():
+    # tiny's one deviation in the model (docs/bbox-plateau): the same weights with it and without it
+    # differ by exactly each token's position embedding, in the image copy and in every packed region
+    on = tiny_model()
+    assert on.cfg.output_positions and not XVLMConfig().output_positions  # base keeps the paper's ViT
+    off = XVLM(dataclasses.replace(on.cfg, output_positions=False)).eval()
+    off.load_state_dict(on.state_dict())
+    batch = make_batch(on.cfg)
+    pm, table = xvlm.patch_mask(batch["boxes"], on.cfg.grid), on.vision.pos_embed[0].detach()
+    image_on, regions_on, mask = on.vision.forward_mixed(batch["images"], pm, batch["box_image"])
+    image_off, regions_off, _ = off.vision.forward_mixed(batch["images"], pm, batch["box_image"])
+    assert_close(image_on - image_off, table.expand_as(image_on), atol=1e-5, rtol=1e-5)
+    for r in range(len(pm)):
+        positions = F.pad(pm[r], (1, 0), value=True).nonzero().squeeze(1)  # [CLS] + in-box patches
+        assert_close(regions_on[r, :len(positions)] - regions_off[r, :len(positions)], table[positions], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_positions"):
+        dataclasses.replace(XVLMConfig(), image_encoder="swin", output_positions=True)
+
+
 def test_full_image_copy_is_the_same_with_or_without_regions_and_whole_box_gives_full_cls():
     model = tiny_model()
     batch = make_batch(model.cfg)
@@ -634,7 +653,7 @@ def test_resample_pos_embed_keeps_cls_is_identity_on_the_same_grid_and_follows_t
 
 
 def test_load_vit_reproduces_a_timm_forward(tmp_path):
-    model = tiny_model()
+    model = tiny_model(output_positions=False)  # DeiT's ViT, as the paper's (tiny's positions: their own test)
     cfg = model.cfg
     state = timm_vit_state(cfg, cfg.grid)
     path = tmp_path / "deit.pth"
@@ -657,7 +676,7 @@ def test_load_vit_reproduces_a_timm_forward(tmp_path):
 
 @pytest.mark.parametrize("image_res", [256, 384])
 def test_vit_made_at_224_loads_at_higher_resolutions(image_res):
-    model = tiny_model(image_res=image_res)
+    model = tiny_model(image_res=image_res, output_positions=False)  # DeiT's ViT, as the paper's
     cfg = model.cfg
     state = timm_vit_state(cfg, grid=224 // cfg.patch_size)
     assert xvlm.load_vit(model, state).missing == []
@@ -1899,7 +1918,7 @@ def test_help_shows_each_default_once_and_both_presets_of_model_flags(capsys):
 
 def test_settings_are_the_recipes_whatever_the_data_and_ablations_set_their_flags():
     settings = settings_of("--data", "mine.json", "--image-root", "i", "--vocab", "v")
-    assert (settings.steps, settings.batch_size, settings.lr) == (1200, 16, 5e-4)  # tiny's, not the paper's 50 epochs
+    assert (settings.steps, settings.batch_size, settings.lr) == (1200, 16, 1e-3)  # tiny's, not the paper's 50 epochs
     assert (settings.data, settings.synth_dir, settings.eval_data) == (("mine.json",), None, None)
     settings = settings_of("--config", "base", "--task", "vqa")
     assert (settings.epochs, settings.steps, settings.lr, settings.model) == (8, None, 5e-5, {"image_res": 384})
@@ -2118,7 +2137,7 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_runs_settings
     with pytest.raises(ValueError, match="holds a finished run.*--resume continues it, --overwrite deletes it"):
         run_train(world, tmp_path, "--steps", "1")
     assert (out / "checkpoint.pt").read_bytes() == before
-    for flags, named in [(["--batch-size", "8"], "--batch-size 8 (the run: 4)"), (["--lr", "0.1"], "--lr 0.1 (the run: 0.0005)"),
+    for flags, named in [(["--batch-size", "8"], "--batch-size 8 (the run: 4)"), (["--lr", "0.1"], "--lr 0.1 (the run: 0.001)"),
                          (["--steps", "10"], "--steps 10 (the run: 3)"), (["--task", "vqa"], "--task 'vqa' (the run: 'pretrain')"),
                          (["--text-layers", "3"], "--text-layers 3 (the run: 2)")]:
         with pytest.raises(ValueError) as refused:

@@ -89,7 +89,7 @@ RECIPES = {
         "grounding_weak": dict(FINETUNE, epochs=5, batch_size=20, lr=2e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
     },
     "tiny": {
-        "pretrain": dict(PRETRAIN, **TINY, steps=1200, batch_size=16, lr=5e-4),
+        "pretrain": dict(PRETRAIN, **TINY, steps=1200, batch_size=16, lr=1e-3),  # with output_positions (docs/bbox-plateau)
         "grounding_pretrain": dict(PRESTEP, **TINY, steps=400, batch_size=16, lr=5e-4),
         "nlvr2_pretrain": dict(PRESTEP, **TINY, steps=300, batch_size=32, lr=5e-4),
         "retrieval": dict(FINETUNE, **TINY, steps=300, batch_size=32, lr=5e-4),

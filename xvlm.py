@@ -50,6 +50,11 @@ class XVLMConfig:
     #                        vision_layers (every layer local) is Table 3's "w/o mixed attn"
     vision_mlp_ratio: float = 4.0
     drop_path: float = 0.0  # stochastic depth; 0 in the authors' ViT builder (their Swin uses 0.1)
+    # The position embeddings added again to the ViT's output tokens (image and region copies), the
+    # memory the cross-modal encoder reads, as DETR adds them to its decoder's memory. Not the paper's:
+    # its ViT starts from DeiT, whose tokens keep where each patch lies. tiny turns it on: trained from
+    # scratch beside L_cl, its tokens keep too little of it for the box head (docs/bbox-plateau).
+    output_positions: bool = False
     # Text and cross-modal encoders: BERT-base layers 0-5 and 6-11 (paper 4.2).
     vocab_size: int = 30522  # bert-base-uncased
     text_width: int = 768
@@ -101,6 +106,7 @@ class XVLMConfig:
     def __post_init__(self):
         self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)  # lists, from a stored config
         checks = [
+            (self.image_encoder == "vit" or not self.output_positions, "output_positions is for the ViT; Swin has no position table"),
             (self.image_res % self.patch_size == 0, f"image_res={self.image_res} is not a multiple of patch_size={self.patch_size}"),
             (0 <= self.local_layers <= self.vision_layers, f"local_layers={self.local_layers} must lie in [0, vision_layers={self.vision_layers}]"),
             (self.vision_width % self.vision_heads == 0, f"vision_width={self.vision_width} is not divisible by vision_heads={self.vision_heads}"),
@@ -128,7 +134,8 @@ class XVLMConfig:
         small = dict(image_res=64, patch_size=8, vision_width=96, vision_layers=4, vision_heads=4,
                      local_layers=2, text_width=96, text_heads=4, text_layers=2, fusion_layers=2,
                      text_mlp_dim=384, max_positions=64, dropout=0.0, embed_dim=64, init_std=0.1,
-                     equal_texts_positive=True)  # the synthetic world repeats each object text in most batches
+                     equal_texts_positive=True,  # the synthetic world repeats each object text in most batches
+                     output_positions=True)  # the box loss leaves its plateau at ~400 steps, not ~2100
         return cls(**{**small, **overrides})
 
     def to_dict(self):
@@ -292,7 +299,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.grid = cfg.grid
         self.first_local = cfg.vision_layers - cfg.local_layers  # L1
-        self.checkpointing = cfg.grad_checkpointing
+        self.checkpointing, self.output_positions = cfg.grad_checkpointing, cfg.output_positions
         self.patch_embed = nn.Conv2d(3, cfg.vision_width, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vision_width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, cfg.vision_width))
@@ -305,12 +312,18 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1+N, D)
 
+    def finish(self, x, where=None):
+        """The final LayerNorm; with output_positions, the positions `where` (default: the whole
+        table, for (B, 1+N, D) tokens) added again."""
+        x = self.norm(x)
+        return x + (self.pos_embed if where is None else where) if self.output_positions else x
+
     def forward(self, images):
         """images (B, 3, H, W) -> image tokens (B, 1+N, D), full attention throughout."""
         x = self.embed(images)
         for block in self.blocks:
             x = run_layer(block, self.checkpointing, x)
-        return self.norm(x)
+        return self.finish(x)
 
     def forward_mixed(self, images, patch_mask, box_index):
         """The mixed layers' fast path for R regions: patch_mask (R, N), box_index (R,) their images.
@@ -322,7 +335,8 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[self.first_local:]:
             x = run_layer(block, self.checkpointing, x)  # the full-attention copy
             regions = run_layer(block, self.checkpointing, regions, key_mask(mask))  # local: [CLS] + the box
-        return self.norm(x), self.norm(regions), mask
+        where = gather_regions(self.pos_embed.expand(len(x), -1, -1), patch_mask, box_index)[0] if self.output_positions else None
+        return self.finish(x), self.finish(regions, where), mask
 
     def forward_literal(self, images, patch_mask, box_index):
         """Reference for forward_mixed, as eq. (1) is written (and as the authors' ViT runs it): a
@@ -336,7 +350,7 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[self.first_local:]:
             x = block(x)
             regions = block(regions, mask)
-        return self.norm(x), self.norm(regions), F.pad(patch_mask, (1, 0), value=True)
+        return self.finish(x), self.finish(regions), F.pad(patch_mask, (1, 0), value=True)
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 predictions: the spread of the predicted boxes against the targets', and their correlation;
 position: how well a linear probe reads each patch's (row, column) from the image tokens and from
-the last cross-modal layer's values; attention: where the fused [CLS] of each expression looks.
+the last cross-modal layer's values; attention: where the fused [CLS] and the words of each
+expression look; readout: whether the fused [CLS] holds the referred box's centre at all.
 """
 import math
 import os
@@ -46,27 +47,49 @@ def position(model, b):
 
 
 def attention(model, b):
+    """Per cross-modal layer and head: the share of attention in the referred box of the fused [CLS]
+    and of the expression's best word, and the fused [CLS]'s share on the image [CLS] token."""
     kept = []
     for layer in model.fusion.layers:
         def literal(q, k, v, mask):
             p = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
-            kept.append(p[:, :, 0, 1:])  # the [CLS] query over the patches, (B, heads, N)
+            kept.append(p)  # (B, heads, L, 1 + N): every text token over the image [CLS] and the patches
             return p @ v
         layer.cross_attn.attend = literal
     with torch.no_grad():
         tasks.predict_boxes(model, b["images"], b["text_ids"], b["text_mask"])
     inside = xvlm.patch_mask(b["boxes"], model.cfg.grid).float()  # (B, N)
+    words = b["text_mask"].float()
+    words[:, 0] = 0
+    print(f"attention, per head (the referred box holds {inside.mean().item():.2f} of the grid):")
     for i, p in enumerate(kept):
-        p = p / p.sum(-1, keepdim=True)
-        print(f"cross-modal layer {i}: [CLS] attention in the referred box {(p * inside[:, None]).sum(-1).mean().item():.2f} "
-              f"(its share of the grid {inside.mean().item():.2f})")
+        in_box = (p[..., 1:] * inside[:, None, None]).sum(-1)  # (B, heads, L)
+        best_word = (in_box * words[:, None] - (1 - words[:, None])).amax(-1)
+        print(f"  cross-modal layer {i}: [CLS] in the box {in_box[:, :, 0].mean(0).numpy().round(2)}, "
+              f"best word in the box {best_word.mean(0).numpy().round(2)}, [CLS] on the image [CLS] {p[:, :, 0, 0].mean(0).numpy().round(2)}")
+
+
+def readout(model, b):
+    """How much of the referred box's centre a ridge probe reads from the fused [CLS] the box head sees."""
+    got = {}
+    hook = model.bbox_head.register_forward_hook(lambda module, inputs, output: got.update(cls=inputs[0]))
+    with torch.no_grad():
+        tasks.predict_boxes(model, b["images"], b["text_ids"], b["text_mask"])
+    hook.remove()
+    X = torch.cat([got["cls"], torch.ones(len(got["cls"]), 1)], 1)
+    Y, n = b["boxes"][:, :2], len(X) // 2  # fit on half the expressions, score on the other half
+    W = torch.linalg.solve(X[:n].T @ X[:n] + torch.eye(X.shape[1]), X[:n].T @ Y[:n])
+    r2 = 1 - ((X[n:] @ W - Y[n:]) ** 2).sum(0) / ((Y[n:] - Y[n:].mean(0)) ** 2).sum(0)
+    print("fused [CLS]: R^2 of the box's (cx, cy) from a ridge probe", r2.numpy().round(2))
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     model = xvlm.XVLM.from_checkpoint(sys.argv[1]).eval()
     s = train.resolve({"synth_dir": os.environ.get("SYNTH", "synth"), "task": "grounding"})
     dataset = data.GroundingDataset(s.eval_data, s.image_root, data.Tokenizer(s.vocab), model.cfg.max_tokens, model.cfg.image_res)
     batch = next(iter(data.eval_loader(dataset, 200)))
     for probe in (predictions, position, attention):
         probe(model, batch)
+    train_split = data.GroundingDataset(s.data, s.image_root, data.Tokenizer(s.vocab), model.cfg.max_tokens, model.cfg.image_res)
+    readout(model, next(iter(data.eval_loader(train_split, 2000))))  # 97 features: the probe needs many expressions
