@@ -1992,7 +1992,7 @@ def test_a_minute_of_pretraining_beats_chance_on_zero_shot_retrieval(world400, t
 def test_the_box_loss_leaves_the_mean_box_plateau_in_the_grounding_pre_step_from_scratch(world400, tmp_path):
     # The box pathway's regression guard (docs/bbox-plateau): L_bbox alone with the pre-step's recipe
     # (400 steps of 16 images) takes the box loss from the mean box's plateau (~1.5) to 1.07-1.09
-    # (seeds 0, 1) with tiny's output_positions; without them it ends at 1.34-1.38.
+    # (seeds 0, 1) with tiny's output_positions; without them it ends at 1.34-1.39.
     metrics, _ = run_train(world400, tmp_path, "--task", "grounding_pretrain", "--batch-size", "16", "--log-every", "100")
     assert metrics["step"] == 400 and metrics["bbox"] < 1.2, metrics
 
