@@ -331,11 +331,13 @@ class VisionTransformer(nn.Module):
         x = self.embed(images)
         for block in self.blocks[:self.first_local]:
             x = run_layer(block, self.checkpointing, x)
-        regions, mask = gather_regions(x, patch_mask, box_index)
+        width = x.shape[-1]  # with output_positions, each token's position embedding rides in the same gather
+        packed, mask = gather_regions(torch.cat([x, self.pos_embed.expand_as(x)], -1) if self.output_positions else x,
+                                      patch_mask, box_index)
+        regions, where = packed[..., :width], packed[..., width:] if self.output_positions else None
         for block in self.blocks[self.first_local:]:
             x = run_layer(block, self.checkpointing, x)  # the full-attention copy
             regions = run_layer(block, self.checkpointing, regions, key_mask(mask))  # local: [CLS] + the box
-        where = gather_regions(self.pos_embed.expand(len(x), -1, -1), patch_mask, box_index)[0] if self.output_positions else None
         return self.finish(x), self.finish(regions, where), mask
 
     def forward_literal(self, images, patch_mask, box_index):
