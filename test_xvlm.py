@@ -3275,6 +3275,8 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
     assert row("X-VLM").endswith("| 360.0 ± 60.0 | 300.0 ± 50.0 |") and "| 3 |" in row("X-VLM")  # mean ± sd over seeds
     assert row("w/o all").endswith("| - | 40.0 ± 0.0 | - | 200.0 ± 0.0 |")  # no grounding, so no Meta-Sum
     assert row("chance").endswith("| 6.0 | 5.0 |")
+    finals = [l for l in table if l.startswith("| w/o all | 2.0 | 0.0 |") or l.startswith("| X-VLM | 2.0 | 0.0 |")]
+    assert finals[0].startswith("| X-VLM | 2.0 | 0.0 | 0.50 ± 0.00 |") and finals[1].startswith("| w/o all | 2.0 | 0.0 | - |")
     (tmp_path / "t" / "cells" / "no_all-seed1.json").unlink()
     (tmp_path / "runs" / "none-seed2" / "pretrain-1200" / "retrieval-200" / "metrics.json").unlink()
     (tmp_path / "t" / "cells" / "none-seed2.json").unlink()

@@ -1057,12 +1057,12 @@ def cell_name(variant, seed):
     return f"{ABLATION_VARIANTS[variant]}-seed{seed}.json"
 
 
-def spread(values):
+def spread(values, digits=1):
     """'mean ± sd' over seeds (sample standard deviation), or '-' where a variant has no such score."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+    return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
 
 
 def ablation_table(cells):
@@ -1082,8 +1082,10 @@ def ablation_table(cells):
     finals = ["bbox", "itc", "itm", "mlm"]
     out += ["", line(["variant", "object texts / boxed image", "region texts / boxed image", *(f"final {k} loss" for k in finals),
                       "minutes / cell"]), "|" + " --- |" * (len(finals) + 4)]
+    trains = lambda v, k: k != "bbox" or ABLATIONS[ABLATION_VARIANTS[v]].get("use_bbox_loss", True)  # else logged as 0
     out += [line([v, r[0]["texts_per_boxed_image"]["object"], r[0]["texts_per_boxed_image"]["region"],
-                  *(spread([c["runs"]["pretrain"]["final"].get(k) for c in r]) for k in finals), spread([c["minutes"] for c in r])])
+                  *(spread([c["runs"]["pretrain"]["final"].get(k) for c in r] if trains(v, k) else [], 2) for k in finals),
+                  spread([c["minutes"] for c in r])])
             for v, r in rows.items()]
     return "\n".join(out) + "\n"
 
