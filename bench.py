@@ -71,6 +71,7 @@ import torch
 import torch.nn as nn
 
 import data
+import synth
 import tasks
 import train
 import xvlm
@@ -464,11 +465,12 @@ def bench_pipeline(mode, device):
     settings and loader (its worker processes) over a small synthetic world written to a temporary
     directory; the same model steps on one batch held in memory."""
     with tempfile.TemporaryDirectory() as root:
-        data.synthesize(root, images=mode.pipeline_world, seed=0)
+        synth.synthesize(root, images=mode.pipeline_world, seed=0)
         settings = train.resolve({"synth_dir": root})
         tokenizer = data.Tokenizer(settings.vocab)
         cfg = train.model_config(settings, tokenizer)
-        loader = tasks.TASKS["pretrain"].train_loader(settings, tokenizer, cfg, data.Shard(workers=settings.workers))
+        loader = tasks.TASKS["pretrain"].train_loader(train.task_settings(settings), tokenizer, cfg,
+                                                      data.Shard(workers=settings.workers))
         batches = train.forever(loader)
         model = build(cfg, device).train()
         optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr), lr=settings.lr)

@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import checkpoints
 import data
 import xvlm
 from xvlm import (XVLM, Attention, BertLayer, FusionEncoder, MLMHead, TextEmbeddings, bbox_loss, bbox_terms, box_corners,
@@ -277,7 +278,7 @@ def require_modules(model, modules, use):
     lacking = [m for m in modules if lacks(model, m)]
     if lacking:
         raise ValueError(f"{model.load_report.source}: has no {', '.join(lacking)}, which {use} needs; the authors' "
-                         f"checkpoints that have it: xvlm.RELEASED_KINDS")
+                         f"files and the heads each holds: checkpoints.RELEASED_HEADS")
     return model
 
 
@@ -440,11 +441,15 @@ class AnswerDecoder(nn.Module):
         return self.head(hidden, self.embeddings.word.weight)
 
 
+DECODER_MODULES = {"text.embeddings.": "decoder.embeddings.", "mlm_head.": "decoder.head."}  # BERT_KEYS' names, in the answer decoder
+
+
 class VQAModel(XVLM):
     """X-VLM plus the answer decoder. An X-VLM state dict loads into it by name; the decoder's
     keys (`decoder.*`) are the new ones, copied from the cross-modal encoder (load_pretrained)."""
 
     new_modules = ("decoder",)
+    released_kinds = XVLM.released_kinds + ("vqa",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -472,6 +477,18 @@ class VQAModel(XVLM):
         """From one of our vqa runs' checkpoints, or the authors' released VQA file (their text_decoder is
         the decoder; its config ranks answers as their rank_answer: rank_first_twice)."""
         return require_modules(super().from_checkpoint(source, name, **overrides), ("decoder",), "VQA")
+
+    @classmethod
+    def released_layout(cls, cfg, kind):
+        """XVLM's, and in their VQA file the decoder: their text_decoder, a BERT whose every layer cross-attends
+        (to the question), with its embeddings and LM head (checkpoints' BERT rows, moved into the decoder)."""
+        fusion, extra = super().released_layout(cfg, kind)
+        if kind != "vqa":
+            return fusion, extra
+        layers = [dict(i=i, layer=f"decoder.layers.{i}") for i in range(cfg.fusion_layers)]
+        rows = checkpoints.expand_table(checkpoints.BERT_KEYS, layers) + checkpoints.expand_table(checkpoints.CROSS_KEYS, layers)
+        move = lambda ours: next((ours.replace(a, b, 1) for a, b in DECODER_MODULES.items() if ours.startswith(a)), ours)
+        return fusion, extra + [(ours and move(ours), theirs) for ours, theirs in checkpoints.prefixed(rows, "text_decoder.")]
 
 
 def answer_log_likelihood(decoder, answer_ids, answer_mask, question_states, question_mask):
@@ -564,6 +581,7 @@ class NLVR2Model(XVLM):
     """
 
     new_modules = ("fusion_second", "assign_head", "cls_head")
+    released_kinds = XVLM.released_kinds + ("nlvr2",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -587,6 +605,15 @@ class NLVR2Model(XVLM):
         cross-modal layers T + 2i and T + 2i + 1 are fusion.layers[i] and fusion_second.layers[i]; it has no
         assign_head, the pre-step's, which stays at init)."""
         return require_modules(super().from_checkpoint(source, name, **overrides), ("fusion_second", "cls_head"), "NLVR2")
+
+    @classmethod
+    def released_layout(cls, cfg, kind):
+        """XVLM's, and in their NLVR2 file: their BERT interleaves each cross-modal layer's two blocks, T + 2n over
+        image 1 (ours: fusion.layers[n]) and T + 2n + 1 over image 2 (fusion_second.layers[n]), and cls_head."""
+        if kind != "nlvr2":
+            return super().released_layout(cfg, kind)
+        fusion = [f"{('fusion', 'fusion_second')[n % 2]}.layers.{n // 2}" for n in range(2 * cfg.fusion_layers)]
+        return fusion, checkpoints.expand_table([("cls_head.{i}.{p}", "cls_head.{i}.{p}")], checkpoints.MLP_HEAD_LAYERS)
 
     def init_new_modules(self, names):
         """Initialise the new modules `names` from the loaded weights; return the parameters left at init."""
@@ -863,17 +890,16 @@ def evaluate_grounding_regions(model, batches):
 
 
 def load_pretrained(model, source, name=None):
-    """Load one of our checkpoints (pre-trained X-VLM, or the task's own; a file, or what xvlm.read_file
-    read from one, `name` naming it in messages) into a task model, strictly,
-    through xvlm.load_checkpoint (position embeddings resampled to the model's resolution, shapes
+    """Load one of our checkpoints (pre-trained X-VLM, or the task's own; a file, or the state dict read from
+    one, `name` naming it in messages) into a task model, strictly,
+    through xvlm.load_state (position embeddings resampled to the model's resolution, shapes
     and key sets checked). A model key may be absent only if it belongs to one of the model's
     `new_modules`, and then the whole module must be; those modules are then initialised by the
     model from its loaded weights (the VQA decoder and the NLVR2 twins from the cross-modal
     encoder). Returns (the modules initialised so, the parameter names left at their random init).
     """
-    obj, source = xvlm.read_file(source)
+    state, source = checkpoints.read_state_dict(source)
     source = name or source
-    state = xvlm.state_dict_of(obj, source)
     new = getattr(model, "new_modules", ())
     own = model.state_dict(keep_vars=True)
     # A tensor shared under two names (NLVR2's key/value) is loaded when either name is present,
@@ -889,7 +915,7 @@ def load_pretrained(model, source, name=None):
         part = [k for k in state if k.startswith(m + ".")]
         if part:
             raise ValueError(f"{source}: holds part of {type(model).__name__}.{m} ({part[:3]}), not all of it")
-    xvlm.load_checkpoint(model, state, allow_missing=covered + [m + "." for m in fresh], name=source)
+    xvlm.load_state(model, state, source, allow_missing=covered + [m + "." for m in fresh])
     left = model.init_new_modules(fresh) if fresh else []
     return fresh, left
 
@@ -1004,7 +1030,7 @@ def draw_prediction(model, image, text, tokenizer, size=256):
 # A row's train_loader(settings, tokenizer, cfg, shard) gives the training batches, its
 # evaluation(settings, tokenizer, cfg, log) reads and checks every evaluation input at once (before
 # any training) and returns evaluate(model) -> metrics, or None without evaluation data. `settings`
-# is train.Settings (read here by attribute: data, eval_data, image_root, batch_size, ...).
+# is a TaskSettings, the part of train.Settings the rows read (train.task_settings builds it).
 
 
 def log_skipped(batch, log):
@@ -1044,6 +1070,25 @@ def retrieval_metrics(model, split, tokenizer, k, log):
                     for i in range(0, len(texts), 256)]
     text_image = torch.tensor([row[split.txt2img[t]] for t in texts])
     return batches.counted(evaluate_retrieval(model, images, text_batches, text_image, k=k))
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What a task's row reads of a run's settings: train.Settings' fields of the same names, no more."""
+    data: tuple  # the training files
+    eval_data: tuple  # the evaluation files, or None: no evaluation
+    image_root: str  # the directory the records' image paths are relative to
+    answer_list: str  # vqa: the candidate answers (a JSON list), or None
+    proposals: str  # grounding_weak, pretrain: proposal boxes per image, or None
+    grounding_data: tuple  # pretrain: the zero-shot grounding records, or None
+    batch_size: int  # images per process and step
+    seed: int  # a downstream training set's augmentation draws
+    crop_scale: tuple  # the random resized crop's area range (lo, hi)
+    region_crop_scale: tuple  # pre-training's box-annotated images: the window around the box, or None
+    max_regions: int  # pre-training: most texts per box-annotated image, its caption included
+    objects: bool  # pre-training: object texts in (off: Table 3's w/o object)
+    regions: bool  # pre-training: region texts in (off: Table 3's w/o region)
+    rerank_k: int  # the top k re-ranked: by ITM in retrieval, by full likelihood in VQA
 
 
 def eval_args(s, tokenizer, cfg):
@@ -1146,9 +1191,9 @@ def task_data(dataset, train=True):
 class Task:
     model: type  # XVLM or a task model; load_pretrained puts an X-VLM checkpoint into it
     loss: Callable  # loss(model, batch) -> {"loss": total, name: term, ...}, 0-dim tensors
-    train_loader: Callable  # (settings, tokenizer, cfg, data.Shard) -> data.EpochLoader
-    evaluation: Callable  # (settings, tokenizer, cfg, log) -> evaluate(model) -> metrics, or None
-    synth: dict  # the synthetic world's files (data.SYNTH_FILES keys): "train", "val", maybe more
+    train_loader: Callable  # (TaskSettings, tokenizer, cfg, data.Shard) -> data.EpochLoader
+    evaluation: Callable  # (TaskSettings, tokenizer, cfg, log) -> evaluate(model) -> metrics, or None
+    synth: dict  # the synthetic world's files (synth.SYNTH_FILES keys): "train", "val", maybe more
     frozen: tuple = ()  # parameter prefixes the loss never reaches: frozen (DDP needs every gradient)
     frozen_without_bbox_loss: tuple = ()  # and those it does not reach when cfg.use_bbox_loss is off
     new_heads: tuple = ()  # always at lr * lr_mult (the authors' init_params of the task)
@@ -1203,7 +1248,7 @@ def main(argv=None):
                    "checkpoints name none: bert-base-uncased's vocab.txt)")
     q.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)
-    checkpoint, name = xvlm.read_file(args.checkpoint)  # read once: the weights, and the vocabulary it names
+    checkpoint, name = checkpoints.read_file(args.checkpoint)  # read once: the weights, and the vocabulary it names
     model = XVLM.from_checkpoint(checkpoint, name=name)
     vocab = args.vocab or checkpoint.get("extra", {}).get("settings", {}).get("vocab")
     if vocab is None:

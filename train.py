@@ -46,7 +46,9 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import data
+import synth
 import tasks
 import xvlm
 from data import UsageError
@@ -73,7 +75,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\
 
 PRETRAIN = dict(schedule="cosine", warmup=0.2, lr_ends=0.1, weight_decay=0.02, grad_clip=1.0, lr_mult=2.0)
 PRESTEP = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=1.0, lr_mult=2.0)
-FINETUNE = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=0.0, lr_mult=2.0, image_res=384)
+FINETUNE = dict(schedule="linear", warmup=0.1, lr_ends=0.0, weight_decay=0.01, grad_clip=0.0, lr_mult=2.0,
+                image_res=384)
 BASE_CROP, BASE_FINETUNE_CROP = (0.2, 1.0), (0.5, 1.0)
 TINY = dict(crop_scale=(0.8, 1.0), region_crop_scale=(0.8, 1.0), rerank_k=16, image_res=None)
 
@@ -89,7 +92,8 @@ RECIPES = {
         "grounding_weak": dict(FINETUNE, epochs=5, batch_size=20, lr=2e-5, crop_scale=BASE_FINETUNE_CROP, rerank_k=128),
     },
     "tiny": {
-        "pretrain": dict(PRETRAIN, **TINY, steps=1200, batch_size=16, lr=1e-3),  # with output_positions (docs/bbox-plateau)
+        # lr 1e-3 is tuned with XVLMConfig.tiny()'s output_positions=True (docs/bbox-plateau)
+        "pretrain": dict(PRETRAIN, **TINY, steps=1200, batch_size=16, lr=1e-3),
         "grounding_pretrain": dict(PRESTEP, **TINY, steps=400, batch_size=16, lr=5e-4),
         "nlvr2_pretrain": dict(PRESTEP, **TINY, steps=300, batch_size=32, lr=5e-4),
         "retrieval": dict(FINETUNE, **TINY, steps=300, batch_size=32, lr=5e-4),
@@ -106,8 +110,8 @@ ABLATIONS = {
     "no_object": dict(objects=False),  # w/o object: no object texts
     "no_region": dict(regions=False),  # w/o region: no region texts
     "no_bbox_loss": dict(use_bbox_loss=False),  # w/o bbox loss
-    "no_mixed_attn": dict(local_layers="all"),  # w/o mixed attn: concepts by local attention in every layer
-    "no_all": dict(objects=False, regions=False, use_bbox_loss=False, local_layers="all"),  # image-text pairs only
+    "no_mixed_attn": dict(mixed_attn=False),  # w/o mixed attn: concepts by local attention in every layer
+    "no_all": dict(objects=False, regions=False, use_bbox_loss=False, mixed_attn=False),  # image-text pairs only
 }
 
 
@@ -127,47 +131,63 @@ class Settings:
     """A run's settings, one field a flag (the model's fields are flags too, collected in `model`).
     Built by resolve() from the recipe row, the ablation and the flags; checks itself."""
     task: str = flag("pretrain", "what to train (default: pretrain)", choices=list(tasks.TASKS))
-    config: str = flag("tiny", "model preset and recipe: 'base' is the paper's X-VLM-base, 'tiny' (the default) a CPU-sized one", choices=["tiny", "base"])
-    data: tuple = flag(None, "training files (JSON list or JSON lines) (default: the synthetic world's split for --task)", nargs="+")
-    eval_data: tuple = flag(None, "evaluation files (pretrain: retrieval val/test records) (default: the synthetic world's validation split; with --data, none: no evaluation)", nargs="+")
+    config: str = flag("tiny", "model preset and recipe: 'base' is the paper's X-VLM-base, 'tiny' (the default) "
+                       "a CPU-sized one", choices=["tiny", "base"])
+    data: tuple = flag(None, "training files (JSON list or JSON lines) (default: the synthetic world's split for "
+                       "--task)", nargs="+")
+    eval_data: tuple = flag(None, "evaluation files (pretrain: retrieval val/test records) (default: the synthetic "
+                            "world's validation split; with --data, none: no evaluation)", nargs="+")
     image_root: str = flag(None, "directory the records' image paths are relative to (default: the synthetic world's)")
     vocab: str = flag(None, "BERT vocab.txt (default: the synthetic world's)")
     answer_list: str = flag(None, "vqa: the candidate answers, a JSON list (default: the synthetic world's)")
-    proposals: str = flag(None, "grounding_weak (and pretrain's zero-shot grounding): proposal boxes per image, {image: [[x, y, w, h], ...]} (default: the synthetic world's)")
-    grounding_data: tuple = flag(None, "pretrain: grounding records for the zero-shot grounding evaluation (default: the synthetic world's validation split)", nargs="+")
+    proposals: str = flag(None, "grounding_weak (and pretrain's zero-shot grounding): proposal boxes per image, "
+                          "{image: [[x, y, w, h], ...]} (default: the synthetic world's)")
+    grounding_data: tuple = flag(None, "pretrain: grounding records for the zero-shot grounding evaluation "
+                                 "(default: the synthetic world's validation split)", nargs="+")
     synth_dir: str = flag("synth", "where the synthetic world lives; written on first use (default: synth)")
     steps: int = flag(None, f"optimizer steps {RECIPE}; with --epochs, epochs of the training data")
     epochs: float = flag(None, f"epochs of the training data, instead of --steps {RECIPE}")
     batch_size: int = flag(None, f"images per process and step {RECIPE}")
     lr: float = flag(None, f"peak learning rate {RECIPE}")
-    lr_mult: float = flag(None, f"learning rate factor of parameters no checkpoint filled and of new heads (the authors' lr_mult) {RECIPE}")
-    schedule: str = flag(None, f"'cosine': warm up from lr * lr_ends, cosine back down (the paper's pre-training); 'linear': warm up from 0, linear to 0 (the authors' fine-tuning) {RECIPE}", choices=["cosine", "linear"])
+    lr_mult: float = flag(None, "learning rate factor of parameters no checkpoint filled and of new heads "
+                          f"(the authors' lr_mult) {RECIPE}")
+    schedule: str = flag(None, "'cosine': warm up from lr * lr_ends, cosine back down (the paper's pre-training); "
+                         f"'linear': warm up from 0, linear to 0 (the authors' fine-tuning) {RECIPE}",
+                         choices=["cosine", "linear"])
     warmup: float = flag(None, f"fraction of the steps spent warming up {RECIPE}")
-    lr_ends: float = flag(None, f"cosine: start and end learning rate as a fraction of the peak (paper: 1e-5 / 1e-4) {RECIPE}")
+    lr_ends: float = flag(None, "cosine: start and end learning rate as a fraction of the peak (paper: 1e-5 / 1e-4) "
+                          f"{RECIPE}")
     weight_decay: float = flag(None, f"AdamW weight decay, not on biases, norms and other 1-d parameters {RECIPE}")
     grad_clip: float = flag(None, f"clip the gradient norm to this value, 0: off {RECIPE}")
     crop_scale: tuple = flag(None, f"random resized crop's area range LO HI {RECIPE}", nargs=2, type=float)
-    region_crop_scale: tuple = flag(None, "pre-training data's box-annotated images: a window of LO HI of the area widened to hold "
-                                    "the chosen box (tiny: 0.8 1; base: none, the authors' window from the box to random edges)",
-                                    nargs=2, type=float)
-    rerank_k: int = flag(None, f"re-rank the top k by ITM in retrieval, by full likelihood in VQA (paper: 256 COCO, 128 Flickr) {RECIPE}")
-    precision: str = flag("fp32", "autocast precision; fp16 (with a GradScaler) needs CUDA (default: fp32)", choices=["fp32", "bf16", "fp16"])
+    region_crop_scale: tuple = flag(None, "pre-training data's box-annotated images: a window of LO HI of the area "
+                                    "widened to hold the chosen box (tiny: 0.8 1; base: none, the authors' window from "
+                                    "the box to random edges)", nargs=2, type=float)
+    rerank_k: int = flag(None, "re-rank the top k by ITM in retrieval, by full likelihood in VQA (paper: 256 COCO, 128 "
+                         f"Flickr) {RECIPE}")
+    precision: str = flag("fp32", "autocast precision; fp16 (with a GradScaler) needs CUDA (default: fp32)",
+                          choices=["fp32", "bf16", "fp16"])
     vit_init: str = flag(None, "DeiT/timm ViT weights (file or directory) for the image encoder")
     bert_init: str = flag(None, "Hugging Face BERT weights (file or directory) for the text and cross-modal encoders")
-    init: str = flag(None, "one of our checkpoints to start from (e.g. a pre-trained one for a downstream task); its architecture comes along, flags override it")
+    init: str = flag(None, "one of our checkpoints to start from (e.g. a pre-trained one for a downstream task); its "
+                     "architecture comes along, flags override it")
     out: str = flag(None, "output directory (default: runs/TASK)")
     resume: bool = flag(False, "continue the run in OUT from its checkpoint, with the settings it was started with")
     overwrite: bool = flag(False, "start over in OUT, deleting the run there")
-    ablation: str = flag("none", "one of the paper's Table 3 ablations, for the tasks that train on pre-training data: pretrain, grounding_pretrain (default: none)", choices=list(ABLATIONS))
+    ablation: str = flag("none", "one of the paper's Table 3 ablations, for the tasks that train on pre-training data: "
+                         "pretrain, grounding_pretrain (default: none)", choices=list(ABLATIONS))
     objects: bool = flag(True, "pretrain, grounding_pretrain: use object texts (--no-objects: Table 3's w/o object)")
     regions: bool = flag(True, "pretrain, grounding_pretrain: use region texts (--no-regions: Table 3's w/o region)")
+    mixed_attn: bool = flag(True, "pretrain, grounding_pretrain: mixed attention in the last local_layers ViT layers "
+                            "(--no-mixed-attn: Table 3's w/o mixed attn, concepts by local attention in every layer)")
     seed: int = flag(0, "seed of the model's init, the data order and every random draw (default: 0)")
     log_every: int = flag(25, "steps between progress lines (default: 25)")
     eval_every: int = flag(0, "steps between evaluations, 0: only at the end (default: 0)")
     save_every: int = flag(250, "steps between checkpoints; one is always written at the end (default: 250)")
     workers: int = flag(1, "data-loading processes per training process (default: 1)")
     compile: bool = flag(False, "torch.compile the model")
-    max_regions: int = flag(5, "pretrain: most texts per box-annotated image, its caption included, as the authors' (default: 5)")
+    max_regions: int = flag(5, "pretrain: most texts per box-annotated image, its caption included, as the authors' "
+                            "(default: 5)")
     device: str = flag(None, "cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     model: dict = field(default_factory=dict)  # XVLMConfig fields set by the flags, the recipe or the ablation
 
@@ -181,22 +201,31 @@ class Settings:
             (self.steps is not None and self.epochs is not None, "give --steps or --epochs, not both"),
             (self.steps is None and self.epochs is None, "give --steps or --epochs"),
             (self.steps is not None and self.steps < 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.epochs is not None and not positive(self.epochs), f"--epochs must be a number > 0, got {self.epochs}"),
+            (self.epochs is not None and not positive(self.epochs),
+             f"--epochs must be a number > 0, got {self.epochs}"),
             (self.batch_size is None or self.batch_size < 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (not positive(self.lr), f"--lr must be a number > 0, got {self.lr}"),
             (not positive(self.lr_mult), f"--lr-mult must be a number > 0, got {self.lr_mult}"),
-            (not finite(self.weight_decay) or not self.weight_decay >= 0, f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
-            (not finite(self.grad_clip) or not self.grad_clip >= 0, f"--grad-clip must be a number >= 0, got {self.grad_clip}"),
+            (not finite(self.weight_decay) or not self.weight_decay >= 0,
+             f"--weight-decay must be a number >= 0, got {self.weight_decay}"),
+            (not finite(self.grad_clip) or not self.grad_clip >= 0,
+             f"--grad-clip must be a number >= 0, got {self.grad_clip}"),
             (not (finite(self.warmup) and 0 <= self.warmup < 1), f"--warmup must lie in [0, 1), got {self.warmup}"),
-            (not (finite(self.lr_ends) and 0 <= self.lr_ends <= 1), f"--lr-ends must lie in [0, 1], got {self.lr_ends}"),
-            (min(self.log_every, self.save_every, self.eval_every, self.workers) < 0, "--log-every, --save-every, --eval-every and --workers must be >= 0"),
+            (not (finite(self.lr_ends) and 0 <= self.lr_ends <= 1),
+             f"--lr-ends must lie in [0, 1], got {self.lr_ends}"),
+            (min(self.log_every, self.save_every, self.eval_every, self.workers) < 0,
+             "--log-every, --save-every, --eval-every and --workers must be >= 0"),
             (self.max_regions < 1, f"--max-regions must be >= 1, got {self.max_regions}"),
             (self.data is not None and self.image_root is None, "--data needs --image-root"),
             (self.data is not None and self.vocab is None, "--data needs --vocab"),
-            (not (self.crop_scale and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1), f"--crop-scale needs 0 < LO <= HI <= 1, got {self.crop_scale}"),
+            (not (self.crop_scale and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1),
+             f"--crop-scale needs 0 < LO <= HI <= 1, got {self.crop_scale}"),
             (self.rerank_k is None or self.rerank_k < 1, f"--rerank-k must be >= 1, got {self.rerank_k}"),
             (self.region_crop_scale is not None and not 0 < self.region_crop_scale[0] <= self.region_crop_scale[1] <= 1,
              f"--region-crop-scale needs 0 < LO <= HI <= 1, got {self.region_crop_scale}"),
+            (not self.mixed_attn and "local_layers" in self.model,
+             f"--no-mixed-attn (which --ablation no_mixed_attn and no_all set) makes every ViT layer local, and "
+             f"--local-layers {self.model.get('local_layers')} says how many are: drop one of the two"),
             (self.resume and self.overwrite, "give --resume or --overwrite, not both"),
         ]
         for bad, message in problems:
@@ -223,8 +252,8 @@ class FlagParser(argparse.ArgumentParser):
 def build_parser():
     """Every Settings field and every XVLMConfig field as a flag, defaulting to absent: the parsed
     namespace holds exactly the flags the command line gave."""
-    p = FlagParser(description="Pre-train X-VLM or fine-tune it on a downstream task; `python train.py ablation --help`: Table 3.",
-                   argument_default=argparse.SUPPRESS)
+    p = FlagParser(description="Pre-train X-VLM or fine-tune it on a downstream task; "
+                   "`python train.py ablation --help`: Table 3.", argument_default=argparse.SUPPRESS)
     for f in fields(Settings):
         if f.name != "model":
             meta = dict(f.metadata)
@@ -233,9 +262,11 @@ def build_parser():
     model = p.add_argument_group("model", "override any field of the --config preset (XVLMConfig)")
     tiny, base = XVLMConfig.tiny(), XVLMConfig()
     for f in fields(XVLMConfig):
+        if f.default is None:
+            continue  # swin: a released file's group, read from its shapes, not set by flags
         several = dict(nargs="+", type=type(f.default[0])) if isinstance(f.default, tuple) else {}
-        add_flag(model, f.name, type(f.default), help=f"XVLMConfig.{f.name} (tiny: {getattr(tiny, f.name)!r}, base: {getattr(base, f.name)!r})",
-                 **several)
+        presets = f"tiny: {getattr(tiny, f.name)!r}, base: {getattr(base, f.name)!r}"
+        add_flag(model, f.name, type(f.default), help=f"XVLMConfig.{f.name} ({presets})", **several)
     return p
 
 
@@ -260,12 +291,14 @@ def resolve(given):
     default = {f: Settings.__dataclass_fields__[f].default for f in SETTINGS}
     task, preset, ablation = (given.get(k, default[k]) for k in ("task", "config", "ablation"))
     if ablation not in tasks.TASKS[task].ablations:
-        raise UsageError(f"--ablation {ablation} does not apply to --task {task}; it applies to the tasks that train on "
-                         f"pre-training data: " + ", ".join(f"{t} ({', '.join(r.ablations)})" for t, r in tasks.TASKS.items() if len(r.ablations) > 1))
+        applies = ", ".join(f"{t} ({', '.join(r.ablations)})" for t, r in tasks.TASKS.items() if len(r.ablations) > 1)
+        raise UsageError(f"--ablation {ablation} does not apply to --task {task}; it applies to the tasks that "
+                         f"train on pre-training data: {applies}")
     switches = ABLATIONS[ablation]
     clash = [k for k, v in switches.items() if k in given and given[k] != v]
     if clash:
-        raise UsageError(f"--ablation {ablation} sets --{clash[0].replace('_', '-')} {switches[clash[0]]}; drop one of the two")
+        raise UsageError(f"--ablation {ablation} sets --{clash[0].replace('_', '-')} {switches[clash[0]]}; "
+                         "drop one of the two")
     recipe = dict(RECIPES[preset][task])
     if "steps" in given or "epochs" in given:  # the user's length replaces the recipe's, whichever unit
         recipe.update(steps=None, epochs=None)
@@ -276,17 +309,17 @@ def resolve(given):
     return Settings(**data_paths(settings, tasks.TASKS[task].synth), model=model)
 
 
-def data_paths(settings, synth):
+def data_paths(settings, files):
     """The settings with every data path filled: the user's files, else the synthetic world's."""
     if settings["data"] is not None:
         return {**settings, "synth_dir": None}  # the user's data: no synthetic world to write
     root = Path(settings["synth_dir"])
-    path = lambda key: str(root / data.SYNTH_FILES[key])
-    return {**settings, "data": [path(k) for k in synth["train"]], "image_root": path("images"), "vocab": path("vocab"),
-            "eval_data": settings["eval_data"] or [path(k) for k in synth["val"]],
-            "answer_list": settings["answer_list"] or (path(synth["answer_list"]) if "answer_list" in synth else None),
-            "proposals": settings["proposals"] or (path(synth["proposals"]) if "proposals" in synth else None),
-            "grounding_data": settings["grounding_data"] or [path(k) for k in synth.get("grounding_data", [])] or None}
+    path = lambda key: str(root / synth.SYNTH_FILES[key])
+    return {**settings, "data": [path(k) for k in files["train"]], "image_root": path("images"), "vocab": path("vocab"),
+            "eval_data": settings["eval_data"] or [path(k) for k in files["val"]],
+            "answer_list": settings["answer_list"] or (path(files["answer_list"]) if "answer_list" in files else None),
+            "proposals": settings["proposals"] or (path(files["proposals"]) if "proposals" in files else None),
+            "grounding_data": settings["grounding_data"] or [path(k) for k in files.get("grounding_data", [])] or None}
 
 
 def resumed(previous, given):
@@ -295,29 +328,35 @@ def resumed(previous, given):
     stored, new = Settings(**previous["extra"]["settings"]), resolve(given)
     changed = [f"--{k.replace('_', '-')} {given[k]!r} (the run: {getattr(stored, k)!r})" for k in sorted(given)
                if k in SETTINGS and k not in RESUME_FREE and getattr(new, k) != getattr(stored, k)]
-    changed += [f"--{k.replace('_', '-')} {v!r} (the run: {previous['config'].get(k)!r})" for k, v in sorted(given.items())
-                if k in MODEL_FIELDS and previous["config"].get(k) != v]
+    changed += [f"--{k.replace('_', '-')} {v!r} (the run: {previous['config'].get(k)!r})"
+                for k, v in sorted(given.items()) if k in MODEL_FIELDS and previous["config"].get(k) != v]
     if changed:
-        raise UsageError(f"--resume continues the run with its own settings, and these flags differ: {', '.join(changed)}; "
-                         f"drop them to continue it, or start a new run with --out DIR")
+        raise UsageError(f"--resume continues the run with its own settings, and these flags differ: "
+                         f"{', '.join(changed)}; drop them to continue it, or start a new run with --out DIR")
     return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUME_FREE})
 
 
+def task_settings(settings):
+    """The part of the Settings a task's row reads (tasks.TaskSettings), field by field: a field the
+    Settings lack fails here, at the start of every run."""
+    return tasks.TaskSettings(**{f.name: getattr(settings, f.name) for f in fields(tasks.TaskSettings)})
+
+
 def model_config(settings, tokenizer, init=None):
-    """The preset (or, with --init, the config stored in that checkpoint, `init` as xvlm.read_file read
+    """The preset (or, with --init, the config stored in that checkpoint, `init` as checkpoints.read_file read
     it: fine-tuning keeps the pre-trained architecture), the vocabulary's size and special ids, then
-    settings.model ("all" local layers: every layer, Table 3's w/o mixed attn)."""
+    settings.model, and with --no-mixed-attn local attention in every layer (Table 3's w/o mixed attn)."""
     cfg = (XVLMConfig() if settings.config == "base" else XVLMConfig.tiny()).to_dict()
-    stored = xvlm.stored_config(init, settings.init) if init is not None else None
+    stored = checkpoints.stored_config(init) if init is not None else None
     vocab = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
                  sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id)
     if settings.model.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
         raise UsageError(f"--vocab-size {settings.model['vocab_size']} is smaller than the vocabulary "
                          f"({tokenizer.vocab_size} tokens in {tokenizer.vocab_file})")
     merged = {**cfg, **(stored or {}), **vocab, **settings.model}
-    if merged.get("local_layers") == "all":
+    if not settings.mixed_attn:  # Table 3's w/o mixed attn: local attention in every ViT layer
         merged["local_layers"] = merged["vision_layers"]
-    return XVLMConfig(**merged)
+    return xvlm.config_from(merged, settings.init or "the preset and flags")
 
 
 # -----------------------------------------------------------------------------
@@ -444,7 +483,7 @@ def claim_out(settings):
     if settings.resume:
         if not checkpoint.exists():
             raise UsageError(f"--resume: {checkpoint} does not exist" + (f" ({out} holds {', '.join(held)})" if held else ""))
-        return xvlm.read_file(checkpoint)[0]
+        return checkpoints.read_file(checkpoint)[0]
     if held:
         what = "a finished run" if metrics.exists() else "a run"
         raise UsageError(f"{out} holds {what} ({', '.join(held)}): --resume continues it, --overwrite deletes it, "
@@ -617,12 +656,13 @@ def main(argv=None):
 
     # 2. Data, and every input the evaluation will need, checked before any compute.
     tokenizer = prepare_data(settings, place, log)
-    init = xvlm.read_file(settings.init)[0] if settings.init and previous is None else None  # read once
-    cfg = XVLMConfig(**previous["config"]) if previous is not None else model_config(settings, tokenizer, init)
+    init = checkpoints.read_file(settings.init)[0] if settings.init and previous is None else None  # read once
+    cfg = (xvlm.config_from(checkpoints.stored_config(previous), settings.out) if previous is not None
+           else model_config(settings, tokenizer, init))
     if settings.batch_size < task.min_images:
         raise UsageError(f"--task {settings.task} needs --batch-size >= {task.min_images}, got {settings.batch_size}")
-    loader = task.train_loader(settings, tokenizer, cfg, place.shard(settings))
-    evaluate = task.evaluation(settings, tokenizer, cfg, log)
+    loader = task.train_loader(task_settings(settings), tokenizer, cfg, place.shard(settings))
+    evaluate = task.evaluation(task_settings(settings), tokenizer, cfg, log)
     if evaluate is None:
         log("no evaluation data (--eval-data): training only, no evaluation at the end")
 
@@ -657,7 +697,7 @@ def start(argv):
     if place.world_size > 1:
         dist.barrier()
         if place.rank != 0 and settings.resume:
-            previous = xvlm.read_file(Path(settings.out) / "checkpoint.pt")[0]
+            previous = checkpoints.read_file(Path(settings.out) / "checkpoint.pt")[0]
     if previous is not None:
         settings = resumed(previous, given)
     if settings.precision == "fp16" and place.device.type != "cuda":
@@ -671,9 +711,9 @@ def start(argv):
 
 def prepare_data(settings, place, log):
     """The synthetic world written if the run reads it and it is not there yet; the tokenizer."""
-    if settings.synth_dir is not None and place.rank == 0 and not data.synth_ready(settings.synth_dir):
+    if settings.synth_dir is not None and place.rank == 0 and not synth.synth_ready(settings.synth_dir):
         log(f"writing the synthetic world to {settings.synth_dir}/ (once)")
-        data.synthesize(settings.synth_dir, seed=0)
+        synth.synthesize(settings.synth_dir, seed=0)
     if place.world_size > 1:
         dist.barrier()
     return data.Tokenizer(settings.vocab)
@@ -743,6 +783,9 @@ class Run:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
         self.autocast = torch.autocast(place.device.type, dtype=dtype) if dtype else nullcontext()
         self.step, self.history, self.skipped_steps, self.skipped_images, self.saved = 0, [], 0, 0, None
+        # Since the last progress line: the loss terms' sums, the steps summed, the images seen, its time;
+        # since train() began: its time and step (restore() moves the step, train() starts the clocks).
+        self.sums, self.count, self.seen, self.t0, self.t_start, self.start_step = {}, 0, 0, time.time(), time.time(), 0
 
     def restore(self, previous):
         """Continue a checkpoint: weights, optimizer, schedule, scaler, data position, history, RNG."""
@@ -751,20 +794,23 @@ class Run:
         self.schedule.load_state_dict(previous["scheduler"])
         extra = previous["extra"]
         self.step = self.saved = previous["step"]
-        self.history, self.skipped_steps, self.skipped_images = extra["history"], extra["skipped_steps"], extra["skipped_images"]
+        self.history, self.skipped_steps = extra["history"], extra["skipped_steps"]
+        self.skipped_images = extra["skipped_images"]
         self.loader.load_state_dict(extra["data"])
         self.scaler.load_state_dict(extra["scaler"])
         rngs = extra["rng_all"]
         set_rng_state(rngs[self.place.rank] if len(rngs) == self.place.world_size else rngs[0])
-        self.log(f"resumed {self.out / 'checkpoint.pt'} at step {self.step} of {self.total}, data position {extra['data']}")
+        self.log(f"resumed {self.out / 'checkpoint.pt'} at step {self.step} of {self.total}, "
+                 f"data position {extra['data']}")
 
     def save(self):
         rngs = gather_rng_states(self.place.world_size)
         if self.place.rank == 0:
-            save_checkpoint(self.out / "checkpoint.pt", self.model, self.optimizer, self.schedule, self.step, rng=rngs[0], extra={
-                "settings": dataclasses.asdict(self.settings), "fresh": sorted(self.fresh), "data": self.loader.state_dict(),
-                "scaler": self.scaler.state_dict(), "history": self.history, "skipped_steps": self.skipped_steps,
-                "skipped_images": self.skipped_images, "rng_all": rngs})
+            extra = {"settings": dataclasses.asdict(self.settings), "fresh": sorted(self.fresh),
+                     "data": self.loader.state_dict(), "scaler": self.scaler.state_dict(), "history": self.history,
+                     "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images, "rng_all": rngs}
+            save_checkpoint(self.out / "checkpoint.pt", self.model, self.optimizer, self.schedule, self.step,
+                            rng=rngs[0], extra=extra)
         self.saved = self.step
 
     def evaluate(self):
@@ -773,7 +819,8 @@ class Run:
             self.model.eval()
             metrics = self.evaluate_task(self.model)
             self.model.train()
-            self.log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items()))
+            self.log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in flat(metrics).items()))
         if self.place.world_size > 1:
             dist.barrier()
         return metrics
@@ -833,11 +880,13 @@ class Run:
         Ctrl-C saves and stops; 20 non-finite steps in a row stop the run."""
         s, log = self.settings, self.log
         module = self.module()
-        log(f"{s.task}: {self.total} steps of {s.batch_size} images x {self.place.world_size} process(es) on {self.place.device}, "
-            f"lr {s.lr:g} ({s.schedule}), {s.precision}, model {s.config} ({xvlm.num_params(self.model) / 1e6:.1f}M parameters)"
+        log(f"{s.task}: {self.total} steps of {s.batch_size} images x {self.place.world_size} process(es) on "
+            f"{self.place.device}, lr {s.lr:g} ({s.schedule}), {s.precision}, model {s.config} "
+            f"({xvlm.num_params(self.model) / 1e6:.1f}M parameters)"
             + (f", ablation {s.ablation}" if s.ablation != "none" else ""))
         batches = forever(self.loader)
-        self.sums, self.count, self.seen, self.t0, self.t_start, self.start_step = {}, 0, 0, time.time(), time.time(), self.step
+        self.sums, self.count, self.seen = {}, 0, 0
+        self.t0, self.t_start, self.start_step = time.time(), time.time(), self.step
         diverged = 0
         with StopRequest(log) as stop:
             try:
@@ -848,18 +897,20 @@ class Run:
                     why = self.train_step(module, batch)
                     diverged = diverged + 1 if why and "finite" in why else 0
                     if diverged >= 20:
-                        raise UsageError(f"the loss or its gradient was not finite for {diverged} steps in a row (to step "
-                                         f"{self.step}): the weights have diverged; lower --lr (was {s.lr:g}) or clip (--grad-clip)")
+                        raise UsageError(f"the loss or its gradient was not finite for {diverged} steps in a row (to "
+                                         f"step {self.step}): the weights have diverged; lower --lr (was {s.lr:g}) "
+                                         "or clip (--grad-clip)")
                     self.at_intervals()
                     if not everywhere(not stop.requested, self.place):
                         self.save()
-                        log(f"interrupted at step {self.step}: saved {self.out / 'checkpoint.pt'}; --resume continues the run")
+                        log(f"interrupted at step {self.step}: saved {self.out / 'checkpoint.pt'}; "
+                            "--resume continues the run")
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 if not stop.requested:
                     log(f"interrupted at step {self.step}: " + (
-                        f"the last checkpoint, of step {self.saved}, is {self.out / 'checkpoint.pt'}; --resume continues from it"
-                        if self.saved else "no checkpoint was saved yet"))
+                        f"the last checkpoint, of step {self.saved}, is {self.out / 'checkpoint.pt'}; "
+                        "--resume continues from it" if self.saved else "no checkpoint was saved yet"))
                 raise
             except (ValueError, OSError) as e:
                 log(f"error at step {self.step}: {e}")
@@ -883,8 +934,8 @@ class Run:
             last = self.history[-1] if self.history else {}
             summary = {"task": self.settings.task, "step": self.step, **{k: v for k, v in last.items() if k != "step"},
                        "eval": metrics, "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images,
-                       "minutes": round((time.time() - self.t_start) / 60, 2), "settings": dataclasses.asdict(self.settings),
-                       "config": self.model.cfg.to_dict()}
+                       "minutes": round((time.time() - self.t_start) / 60, 2),
+                       "settings": dataclasses.asdict(self.settings), "config": self.model.cfg.to_dict()}
             write_json(self.out / "metrics.json", summary)
             plot_losses(self.history, self.out / "losses.png", f"X-VLM {self.settings.task} ({self.settings.config})")
             self.log(f"wrote {self.out / 'metrics.json'}, {self.out / 'losses.png'} and {self.out / 'checkpoint.pt'}")
@@ -945,8 +996,11 @@ ABLATION_COLUMNS = [
 ]
 # Fields of a run's settings that say where and how it ran, not what it computed, or that the
 # variant sets: left out when cells are compared.
-NOT_PROTOCOL = RESUME_FREE | {"init", "seed", "ablation", "objects", "regions", "synth_dir", "data", "eval_data",
-                              "image_root", "vocab", "answer_list", "proposals", "grounding_data"}
+NOT_PROTOCOL = RESUME_FREE | {"init", "seed", "ablation", "objects", "regions", "mixed_attn", "synth_dir", "data",
+                              "eval_data", "image_root", "vocab", "answer_list", "proposals", "grounding_data"}
+# The model fields a variant sets, itself or by its switches (--no-mixed-attn sets local_layers;
+# cells run before that switch existed hold local_layers "all"): left out of the model compared.
+NOT_PROTOCOL_MODEL = {k for a in ABLATIONS.values() for k in a if k in MODEL_FIELDS} | {"local_layers"}
 
 
 def lookup(metrics, path):
@@ -959,15 +1013,16 @@ def lookup(metrics, path):
 
 def ablation_plan(variant, seed, workdir, synth_dir, pretrain_steps):
     """The train runs of one cell, in order: [(task, out directory, argv of train.main)]."""
-    key, root, made, plan = ABLATION_VARIANTS[variant], Path(workdir) / f"{ABLATION_VARIANTS[variant]}-seed{seed}", {}, []
+    key, made, plan = ABLATION_VARIANTS[variant], {}, []
+    root = Path(workdir) / f"{key}-seed{seed}"
     for task, parent, steps in ABLATION_RUNS:
         steps = pretrain_steps if task == "pretrain" else steps
         row = tasks.TASKS[task]
         if (parent and parent not in made) or (len(row.ablations) > 1 and key not in row.ablations):
             continue  # trains on pre-training data without this variant's losses, or starts from such a run
         out = (made[parent] if parent else root) / f"{task}-{steps}"
-        argv = ["--task", task, "--out", str(out), "--seed", str(seed), "--steps", str(steps), "--synth-dir", str(synth_dir),
-                "--log-every", "100"]
+        argv = ["--task", task, "--out", str(out), "--seed", str(seed), "--steps", str(steps),
+                "--synth-dir", str(synth_dir), "--log-every", "100"]
         argv += ["--ablation", key] if key in row.ablations and key != "none" else []
         argv += ["--init", str(made[parent] / "checkpoint.pt")] if parent else []
         made[task] = out
@@ -977,7 +1032,7 @@ def ablation_plan(variant, seed, workdir, synth_dir, pretrain_steps):
 
 def protocol(settings):
     """What a run computed, from its settings (a dict): comparable between cells and variants."""
-    model = {k: v for k, v in settings["model"].items() if k not in {k for a in ABLATIONS.values() for k in a}}
+    model = {k: v for k, v in settings["model"].items() if k not in NOT_PROTOCOL_MODEL}
     kept = {**{k: v for k, v in settings.items() if k not in NOT_PROTOCOL and k != "model"}, "model": model}
     return json.loads(json.dumps(kept))  # as a cell file holds it: tuples are lists there
 
@@ -986,7 +1041,8 @@ def commit():
     """The code a cell ran: the git commit, marked +dirty when the working tree differs from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -1025,12 +1081,13 @@ def ablation_cell(variant, seed, args, say):
     by_kind = {c.name: lookup(evals.get(c.task), "by_kind") for c in ABLATION_COLUMNS if c.task.startswith("grounding")}
     chance = {c.name: lookup(evals.get(c.task), c.chance) for c in ABLATION_COLUMNS}
     return {"variant": variant, "seed": seed, "commit": code, "world": world_of(args.synth_dir), "scores": scores,
-            "by_kind": by_kind, "chance": chance, "texts_per_boxed_image": texts_per_boxed_image(variant, args.synth_dir),
+            "by_kind": by_kind, "chance": chance,
+            "texts_per_boxed_image": texts_per_boxed_image(variant, args.synth_dir),
             "runs": runs, "minutes": round((time.time() - began) / 60, 1)}
 
 
 def world_of(synth_dir):
-    return json.loads((Path(synth_dir) / data.SYNTH_FILES["done"]).read_text())
+    return json.loads((Path(synth_dir) / synth.SYNTH_FILES["done"]).read_text())
 
 
 def planned_protocol(variant, args):
@@ -1041,7 +1098,7 @@ def planned_protocol(variant, args):
 
 def check_cells(cells, args):
     """Refuse cells of another world, or whose runs computed something else than this plan would."""
-    world = world_of(args.synth_dir) if data.synth_ready(args.synth_dir) else None
+    world = world_of(args.synth_dir) if synth.synth_ready(args.synth_dir) else None
     for cell in cells:
         want = planned_protocol(cell["variant"], args)
         got = {task: protocol(run["settings"]) for task, run in cell["runs"].items()}
@@ -1069,7 +1126,8 @@ def ablation_table(cells):
     """table.md: the scores (mean ± standard deviation over seeds), grounding by kind of expression,
     and what each variant's pre-training saw and ended at."""
     names = [c.name for c in ABLATION_COLUMNS] + ["Meta-Sum", "Meta-Sum*"]
-    rows = {v: [c for c in cells if c["variant"] == v] for v in ABLATION_VARIANTS if any(c["variant"] == v for c in cells)}
+    rows = {v: [c for c in cells if c["variant"] == v] for v in ABLATION_VARIANTS
+            if any(c["variant"] == v for c in cells)}
     line = lambda items: "| " + " | ".join(map(str, items)) + " |"
     out = [line(["variant", "seeds", *names]), "|" + " --- |" * (len(names) + 2)]
     out += [line([v, len(r), *(spread([c["scores"][n] for c in r]) for n in names)]) for v, r in rows.items()]
@@ -1078,13 +1136,15 @@ def ablation_table(cells):
     out.append(line(["chance", "", *(f"{chance[c.name]:.1f}" for c in ABLATION_COLUMNS), *(f"{s:.1f}" for s in sums)]))
     kinds = [(column, kind) for column in ("grounding", "weak grounding") for kind in data.REFERRING_KINDS]
     out += ["", line(["variant", *(f"{c}: {k}" for c, k in kinds)]), "|" + " --- |" * (len(kinds) + 1)]
-    out += [line([v, *(spread([lookup(c["by_kind"], f"{col}.{k}") for c in r]) for col, k in kinds)]) for v, r in rows.items()]
+    out += [line([v, *(spread([lookup(c["by_kind"], f"{col}.{k}") for c in r]) for col, k in kinds)])
+            for v, r in rows.items()]
     finals = ["bbox", "itc", "itm", "mlm"]
-    out += ["", line(["variant", "object texts / boxed image", "region texts / boxed image", *(f"final {k} loss" for k in finals),
-                      "minutes / cell"]), "|" + " --- |" * (len(finals) + 4)]
+    out += ["", line(["variant", "object texts / boxed image", "region texts / boxed image",
+                      *(f"final {k} loss" for k in finals), "minutes / cell"]), "|" + " --- |" * (len(finals) + 4)]
     trains = lambda v, k: k != "bbox" or ABLATIONS[ABLATION_VARIANTS[v]].get("use_bbox_loss", True)  # else logged as 0
     out += [line([v, r[0]["texts_per_boxed_image"]["object"], r[0]["texts_per_boxed_image"]["region"],
-                  *(spread([c["runs"]["pretrain"]["final"].get(k) for c in r] if trains(v, k) else [], 2) for k in finals),
+                  *(spread([c["runs"]["pretrain"]["final"].get(k) for c in r] if trains(v, k) else [], 2)
+                    for k in finals),
                   spread([c["minutes"] for c in r])])
             for v, r in rows.items()]
     return "\n".join(out) + "\n"
@@ -1092,7 +1152,8 @@ def ablation_table(cells):
 
 def chance_levels(cells):
     """Each column's chance level, from the cells that have the column (the same world: the same split)."""
-    return {c.name: next(cell["chance"][c.name] for cell in cells if cell["chance"][c.name] is not None) for c in ABLATION_COLUMNS}
+    return {c.name: next(cell["chance"][c.name] for cell in cells if cell["chance"][c.name] is not None)
+            for c in ABLATION_COLUMNS}
 
 
 def ablation_plot(cells, path):
@@ -1117,18 +1178,21 @@ def ablation_plot(cells, path):
 
 def ablation_args(argv):
     p = FlagParser(prog="train.py ablation", description=(
-        "The paper's Table 3 on the synthetic world: pre-train X-VLM and its five ablations for each seed, evaluate "
-        "zero-shot, run the paper's fine-tunes, and write OUT/table.md and OUT/metasum.png. Each finished cell is kept as "
-        "OUT/cells/*.json (a rerun skips it; an unfinished train run resumes). Run it in the background (nohup ... &)."))
+        "The paper's Table 3 on the synthetic world: pre-train X-VLM and its five ablations for each seed, "
+        "evaluate zero-shot, run the paper's fine-tunes, and write OUT/table.md and OUT/metasum.png. Each finished "
+        "cell is kept as OUT/cells/*.json (a rerun skips it; an unfinished train run resumes). Run it in the "
+        "background (nohup ... &)."))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every variant (default: 0 1 2)")
-    p.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS), metavar="VARIANT",
-                   help=f"a subset of the rows: {', '.join(ABLATION_VARIANTS)}")
-    p.add_argument("--out", default="docs/ablation", help="where the cells, the table and the plot go (default: docs/ablation)")
+    p.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS),
+                   metavar="VARIANT", help=f"a subset of the rows: {', '.join(ABLATION_VARIANTS)}")
+    p.add_argument("--out", default="docs/ablation",
+                   help="where the cells, the table and the plot go (default: docs/ablation)")
     p.add_argument("--workdir", default="runs/ablation", help="the train runs' directories (default: runs/ablation)")
     p.add_argument("--synth-dir", default="synth", help="the synthetic world (default: synth; written on first use)")
     p.add_argument("--pretrain-steps", type=int, default=ABLATION_RUNS[0][2],
                    help=f"pre-training steps of every cell (default: {ABLATION_RUNS[0][2]}, the recipe's)")
-    p.add_argument("--table-only", action="store_true", help="write the table and the plot from the cells there are; train nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the table and the plot from the cells there are; train nothing")
     args = p.parse_args(argv)
     if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
         raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
@@ -1143,7 +1207,8 @@ def ablation(argv=None):
     cells_dir = Path(args.out) / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     check_cells([json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))], args)
-    todo = [] if args.table_only else [(v, s) for s in args.seeds for v in args.variants if not (cells_dir / cell_name(v, s)).exists()]
+    todo = [] if args.table_only else [(v, s) for s in args.seeds for v in args.variants
+                                       if not (cells_dir / cell_name(v, s)).exists()]
     say = lambda message: print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
     say(f"{len(todo)} cells to run")
     for n, (variant, seed) in enumerate(todo):

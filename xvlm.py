@@ -1,15 +1,15 @@
 """
 X-VLM: multi-grained vision language pre-training (Zeng, Zhang, Li; ICML 2022), in one file.
 
-Read top to bottom, it is the paper's section 3: the config; one attention module; the image
-encoder whose last layers use mixed attention (3.2, eq. 1); the BERT text and cross-modal encoders;
-the heads; the four pre-training losses as small functions (3.3, eqs. 2-9); and `XVLM.forward`,
-which ties them together. Loading public weights (DeiT / timm ViT, Hugging Face BERT, position
-embedding resampling) and our own checkpoints sits at the bottom; below it, beyond the paper, the
-authors' released checkpoints: their Swin-B image encoder and the key tables that load their files.
+Read top to bottom, it is the paper's section 3: the config; one attention module; the image encoder
+whose last layers use mixed attention (3.2, eq. 1); the BERT text and cross-modal encoders; the heads;
+the four pre-training losses as small functions (3.3, eqs. 2-9), the contrastive loss's gather across
+ranks beside it; and `XVLM.forward`, which ties them together. Then the loaders that fill a model from
+DeiT / timm ViT, Hugging Face BERT, our checkpoints and the authors' released ones (the formats are
+checkpoints.py's); last, the released models' Swin-B, behind the same interface as the ViT.
 
     import data, xvlm
-    tok = data.Tokenizer("synth/vocab.txt")       # python data.py synth --out synth
+    tok = data.Tokenizer("synth/vocab.txt")       # python synth.py --out synth
     cfg = xvlm.XVLMConfig.tiny(vocab_size=tok.vocab_size)
     dataset = data.PretrainDataset(["synth/pretrain_captions.json", "synth/pretrain_regions.jsonl"], "synth/images", tok, cfg)
     losses = xvlm.XVLM(cfg)(next(iter(data.pretrain_loader(dataset, batch_size=8))))  # {"loss", "itc", "itm", "mlm", "bbox"}
@@ -19,19 +19,15 @@ authors' released checkpoints: their Swin-B image encoder and the key tables tha
 """
 
 import math
-import pickle
-import pickletools
-import re
-import zipfile
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+import checkpoints
 
 
 # -----------------------------------------------------------------------------
@@ -46,14 +42,12 @@ class XVLMConfig:
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
-    local_layers: int = 4  # L2: the last layers are mixed (full + local copies); the first L1 = 8 full.
-    #                        vision_layers (every layer local) is Table 3's "w/o mixed attn"
+    local_layers: int = 4  # L2 mixed (full + local copies) after L1 = 8 full; all local: Table 3's w/o mixed attn
     vision_mlp_ratio: float = 4.0
     drop_path: float = 0.0  # stochastic depth; 0 in the authors' ViT builder (their Swin uses 0.1)
-    # The position embeddings added again to the ViT's output tokens (image and region copies), the
-    # memory the cross-modal encoder reads, as DETR adds them to its decoder's memory. Not the paper's:
-    # its ViT starts from DeiT, whose tokens keep where each patch lies. tiny turns it on: trained from
-    # scratch beside L_cl, its tokens keep too little of it for the box head (docs/bbox-plateau).
+    # The position embeddings added again to the ViT's output tokens (image and region copies), which the
+    # cross-modal encoder reads, as DETR adds them to its decoder's memory. Not the paper's: its ViT starts
+    # from DeiT, whose tokens keep where each patch lies; tiny's, from scratch, keep too little of it.
     output_positions: bool = False
     # Text and cross-modal encoders: BERT-base layers 0-5 and 6-11 (paper 4.2).
     vocab_size: int = 30522  # bert-base-uncased
@@ -66,9 +60,7 @@ class XVLMConfig:
     type_vocab_size: int = 2  # BERT adds the token-type-0 embedding to every token; kept for parity
     max_tokens: int = 25  # paper 4.2 (the authors' configs: 40)
     dropout: float = 0.1  # BERT's hidden and attention-probability dropout
-    # Activation checkpointing: keep only each ViT block's and BERT layer's input, and recompute the
-    # rest in backward. Same losses and gradients; ~1/3 more compute for a fraction of the memory.
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # keep each layer's input only, recompute the rest in backward: same gradients
     # Heads and losses.
     embed_dim: int = 256  # g_v, g_w project [CLS] to 256-d (paper 3.3)
     temp: float = 0.07  # learnable; clamped to [0.001, 0.5]
@@ -80,33 +72,27 @@ class XVLMConfig:
     mask_span_max: int = 3
     use_bbox_loss: bool = True  # False: Table 3's "w/o bbox loss"
     bbox_whole_image: bool = False  # put whole-image texts, target (0.5, 0.5, 1, 1), in the bbox loss
-    # Positives in itc and itm. False: eq. (6) literally, one positive per (concept, text) pair, as the
-    # authors pre-train. True: pairs sharing a visual concept or a text of the same words are positives
-    # of each other (and never ITM negatives): object labels repeat across images ("person", "red
-    # circle"), and as one-hot targets they are false negatives and mislabelled ITM negatives.
+    # Positives in itc and itm. False: eq. (6) literally, one per (concept, text) pair, as the authors
+    # pre-train. True: pairs sharing a concept or a text of the same words are positives of each other (and
+    # never ITM negatives): repeated labels ("person") are otherwise false and mislabelled ITM negatives.
     equal_texts_positive: bool = False
-    # Weights start as BERT's and timm's: normal, std 0.02, which suits width 768. A narrow model
-    # trained from scratch learns much faster with ~1/sqrt(width) (tiny uses 0.1).
-    init_std: float = 0.02
+    init_std: float = 0.02  # BERT's and timm's, for width 768; a narrow model from scratch: ~1/sqrt(width)
     # Special token ids: BERT's. The synthetic world's vocab.txt keeps them at the same ids.
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102
     mask_token_id: int = 103
-    # The authors' released checkpoints (beyond the paper; the last section of this file): a Swin image
-    # encoder whose regions are pooled (no mixed attention), texts without [SEP], and their VQA ranking.
-    image_encoder: str = "vit"  # "vit": the paper's; "swin": theirs, and patch_size is then Swin's final cell (32)
-    swin_embed_dim: int = 128  # Swin-B; the last stage's width, 128 * 2**3, is vision_width
-    swin_depths: tuple = (2, 2, 18, 2)
-    swin_heads: tuple = (4, 8, 16, 32)
-    swin_window: int = 7  # their configs: 7 at 224 px, 12 at 384
+    # The authors' released checkpoints (beyond the paper): their conventions, and their Swin instead of the
+    # ViT (SwinConfig, the last section; regions pooled, no mixed attention; patch_size its final cell).
     text_sep: bool = True  # texts end in [SEP]; theirs are [CLS] + pieces (VQA answers keep their [SEP])
     rank_first_twice: bool = False  # rank_answers as their rank_answer: log p(first answer piece) counted twice
+    swin: "SwinConfig" = None  # None: the paper's ViT
 
     def __post_init__(self):
-        self.swin_depths, self.swin_heads = tuple(self.swin_depths), tuple(self.swin_heads)  # lists, from a stored config
+        if isinstance(self.swin, dict):  # from a stored config
+            self.swin = SwinConfig(**self.swin)
         checks = [
-            (self.image_encoder == "vit" or not self.output_positions, "output_positions is for the ViT; Swin has no position table"),
+            (self.swin is None or not self.output_positions, "output_positions is for the ViT; Swin has no position table"),
             (self.image_res % self.patch_size == 0, f"image_res={self.image_res} is not a multiple of patch_size={self.patch_size}"),
             (0 <= self.local_layers <= self.vision_layers, f"local_layers={self.local_layers} must lie in [0, vision_layers={self.vision_layers}]"),
             (self.vision_width % self.vision_heads == 0, f"vision_width={self.vision_width} is not divisible by vision_heads={self.vision_heads}"),
@@ -117,9 +103,7 @@ class XVLMConfig:
             (0.0 < self.temp <= 0.5, f"temp={self.temp} must lie in (0, 0.5]"),
             (max(self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id) < self.vocab_size,
              f"vocab_size={self.vocab_size} must exceed every special token id"),
-            (self.image_encoder in ("vit", "swin"), f"image_encoder={self.image_encoder!r} must be 'vit' or 'swin'"),
-        ]
-        checks += [(False, message) for message in swin_config_problems(self)] if self.image_encoder == "swin" else []
+        ] + [(False, message) for message in (self.swin.problems(self) if self.swin else [])]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"XVLMConfig: {message}")
@@ -135,11 +119,11 @@ class XVLMConfig:
                      local_layers=2, text_width=96, text_heads=4, text_layers=2, fusion_layers=2,
                      text_mlp_dim=384, max_positions=64, dropout=0.0, embed_dim=64, init_std=0.1,
                      equal_texts_positive=True,  # the synthetic world repeats each object text in most batches
-                     output_positions=True)  # the box loss leaves its plateau at ~400 steps, not ~2100
+                     output_positions=True)  # the box loss needs it (docs/bbox-plateau); train.py's tiny lr is tuned with it
         return cls(**{**small, **overrides})
 
     def to_dict(self):
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return asdict(self)
 
 
 # -----------------------------------------------------------------------------
@@ -149,14 +133,12 @@ class XVLMConfig:
 class Attention(nn.Module):
     """Multi-head attention: ViT and text self-attention, and cross-attention from text to image.
 
-    Self-attention (kv_dim=None) projects q, k, v with one fused matrix, as timm's ViT does.
-    Cross-attention projects queries from x and keys/values (fused) from `context`, whose width may
-    differ. With `context_index` (B,), row b attends to context[context_index[b]]: keys and values
-    are projected once per context row, not once per query row, which makes pairing many texts with
-    few visual concepts cheap. `mask` is boolean, True = may attend, broadcastable to (B, heads, Lq, Lk);
-    or a float bias added to the scores (Swin's relative positions). x may have more leading dimensions
-    (Swin's windows: (B, windows, L, D)); the mask then broadcasts to (B, windows, heads, Lq, Lk).
-    """
+    Self-attention (kv_dim=None) projects q, k, v with one fused matrix, as timm's ViT does. Cross-attention
+    projects queries from x and keys/values (fused) from `context`, whose width may differ. With
+    `context_index` (B,), row b attends to context[context_index[b]]: keys and values are projected once per
+    context row, not per query row, so pairing many texts with few visual concepts is cheap. `mask`: bool,
+    True = may attend, broadcastable to (B, heads, Lq, Lk), or a float bias (Swin's relative positions; its
+    windows give x more leading dimensions, (B, windows, L, D), and the mask (B, windows, heads, Lq, Lk))."""
 
     def __init__(self, dim, heads, kv_dim=None, dropout=0.0):
         super().__init__()
@@ -239,10 +221,8 @@ def patch_mask(boxes, grid):
 def mixed_attention_mask(patch_mask):
     """The literal eq. (1) mask of each region copy: bool (R, 1+N, 1+N), True = may attend.
 
-    Region j's positions {[CLS], p_1..p_M} attend only among themselves. Eq. (1) leaves the rows of
-    out-of-box positions fully masked, which would make NaNs in softmax that then leak through V;
-    they attend to themselves instead. Their outputs are never used.
-    """
+    Region j's positions {[CLS], p_1..p_M} attend only among themselves. Eq. (1) leaves the rows of out-of-box
+    positions fully masked, whose softmax NaNs would leak through V: they attend to themselves (never used)."""
     keep = F.pad(patch_mask, (1, 0), value=True)  # (R, 1+N): [CLS] + in-box patches
     mask = keep[:, :, None] & keep[:, None, :]
     return mask | torch.eye(keep.shape[1], dtype=torch.bool, device=keep.device)
@@ -307,6 +287,16 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.vision_width, eps=1e-6)
 
+    def init_from_scratch(self):
+        """After XVLM's init, start as MAE's ViT: position embeddings learned (as DeiT's, whose weights replace
+        all this) but started from 2-D sin-cos, the patch projection initialised as a linear layer. The model
+        then knows where each patch is from the first step, which the bbox loss needs."""
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid))
+        patch = self.patch_embed.weight
+        nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
     def embed(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
@@ -340,10 +330,12 @@ class VisionTransformer(nn.Module):
             regions = run_layer(block, self.checkpointing, regions, key_mask(mask))  # local: [CLS] + the box
         return self.finish(x), self.finish(regions, where), mask
 
+    forward_concepts = forward_mixed  # what XVLM.encode_concepts calls (the released models' Swin pools instead)
+
     def forward_literal(self, images, patch_mask, box_index):
-        """Reference for forward_mixed, as eq. (1) is written (and as the authors' ViT runs it): a
-        full (1+N)-token copy per region under the mixed_attention_mask. Returns image tokens
-        (B, 1+N, D), region copies (R, 1+N, D) and which of their positions are in the region."""
+        """Reference for forward_mixed, eq. (1) as written (and as the authors' ViT runs it): a full (1+N)-token
+        copy per region under the mixed_attention_mask. Returns image tokens (B, 1+N, D), region copies
+        (R, 1+N, D) and which of their positions are in the region."""
         x = self.embed(images)
         for block in self.blocks[:self.first_local]:
             x = block(x)
@@ -492,6 +484,48 @@ def same_id(a, b):
     return (a[:, None, :] == b[None, :, :]).any(-1)
 
 
+def world():
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def all_sizes(n, device):
+    """The first-dimension size of every rank's tensor."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s) for s in sizes]
+
+
+def all_gather(x, sizes):
+    """Concatenate every rank's x along dim 0; sizes may differ (padded for the collective)."""
+    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0])).contiguous()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward gives each rank the sum over ranks of its rows' gradient: every rank's loss
+    reads every rank's features. (The authors' AllGather returns only this rank's own part: 1/world_size of it.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        sizes = all_sizes(x.shape[0], x.device)
+        ctx.start, ctx.n = sum(sizes[:world()[0]]), x.shape[0]
+        return all_gather(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.n]
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0 keeping gradients; the identity at world size 1."""
+    return x if world()[1] == 1 else GatherWithGrad.apply(x)
+
+
 def itc_loss(image_feat, text_feat, temp, ids=None):
     """Contrastive loss, eqs. (4)-(6): L2-normalised features (n, E) of n (visual concept, text)
     pairs; in-batch negatives; symmetric cross-entropy.
@@ -581,8 +615,7 @@ class XVLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        # the authors' released models encode images with Swin (the last section of this file)
-        self.vision = SwinTransformer(cfg) if cfg.image_encoder == "swin" else VisionTransformer(cfg)
+        self.vision = VisionTransformer(cfg) if cfg.swin is None else SwinTransformer(cfg)  # Swin: the last section
         self.text = TextEncoder(cfg)
         self.fusion = FusionEncoder(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
@@ -592,17 +625,7 @@ class XVLM(nn.Module):
         self.bbox_head = mlp_head(cfg.text_width, 4)
         self.mlm_head = MLMHead(cfg)
         self.apply(self.init_weights)
-        if cfg.image_encoder == "swin":
-            return  # Swin keeps timm's init, as theirs; it exists to run their released weights
-        # From scratch, the image encoder starts as MAE's: position embeddings learned (as DeiT's,
-        # whose weights replace all this) but started from 2-D sin-cos, and the patch projection
-        # initialised as a linear layer. The model then knows where each patch is from the first
-        # step, which localisation (the bbox loss) needs; from a std-0.02 init it learns it slowly.
-        with torch.no_grad():
-            self.vision.pos_embed.copy_(sincos_pos_embed(cfg.vision_width, cfg.grid))
-        patch = self.vision.patch_embed.weight
-        nn.init.xavier_uniform_(patch.view(patch.shape[0], -1))
-        nn.init.trunc_normal_(self.vision.cls_token, std=0.02)
+        self.vision.init_from_scratch()
 
     def init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -612,26 +635,21 @@ class XVLM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, source, name=None, **overrides):
-        """Rebuild a model from one of our checkpoints alone (a file, or what read_file read from one,
-        `name` naming it in messages): its stored config, with `overrides` (image_res=384 to fine-tune
-        at a higher resolution: position embeddings are resampled), and its weights, loaded strictly.
-        The authors' released checkpoints load too (released_model: the config from the tensors' shapes)."""
-        checkpoint, source = read_file(source)
-        source = name or source
-        if is_released(checkpoint):
-            return released_model(cls, checkpoint, source, **overrides)
-        stored = stored_config(checkpoint, source)
-        if stored is None:
-            raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
-        model = cls(XVLMConfig(**{**stored, **overrides}))
-        load_checkpoint(model, state_dict_of(checkpoint, source), name=source)
-        return model
+        """A model from one of our checkpoints alone (a file, or what checkpoints.read_file read from one, `name`
+        naming it): its config with `overrides` (image_res=384: position embeddings resampled; swin=dict(window=12)
+        a group's fields), its weights loaded strictly. The authors' released files load too (released_model)."""
+        return model_from_file(cls, source, name, overrides)
+
+    released_kinds = ("pretrain", "retrieval", "bbox")  # the authors' files it reads; a task model adds its own
+
+    @classmethod
+    def released_layout(cls, cfg, kind):
+        """(our layers for their cross-modal ones, in order; key pairs of what else the file fills: a task model's)."""
+        return [f"fusion.layers.{n}" for n in range(cfg.fusion_layers)], []
 
     def param_counts(self):
         return {"vision": num_params(self.vision), "text+fusion": num_params(self.text) + num_params(self.fusion),
                 "total": num_params(self)}
-
-    # -- encoders ---------------------------------------------------------------
 
     def encode_image(self, images):
         """images (B, 3, H, W) -> I-trans(V^0) = image_embeds (B, 1+N, D), full attention."""
@@ -640,14 +658,12 @@ class XVLM(nn.Module):
     def encode_concepts(self, images, boxes, box_index):
         """Every visual concept of the images (3.2): the images with full attention (B, 1+N, D),
         and one region per box through mixed attention, region_embeds (R, 1+M, D) with region_mask
-        (R, 1+M). boxes (R, 4) normalised cxcywh, box_index (R,) the image of each box. (A Swin model,
-        as the authors' released ones: one pass, each region's [CLS] the mean of its in-box tokens.)"""
+        (R, 1+M). boxes (R, 4) normalised cxcywh, box_index (R,) the image of each box. (The released
+        models' Swin: one pass, each region's [CLS] the mean of its in-box tokens.)"""
         if boxes.shape[0] == 0:
             image_embeds = self.vision(images)
             return image_embeds, image_embeds[:0, :1], torch.ones(0, 1, dtype=torch.bool, device=images.device)
-        if self.cfg.image_encoder == "swin":
-            return self.vision.forward_pooled(images, patch_mask(boxes, self.vision.grid), box_index)
-        return self.vision.forward_mixed(images, patch_mask(boxes, self.vision.grid), box_index)
+        return self.vision.forward_concepts(images, patch_mask(boxes, self.vision.grid), box_index)
 
     def encode_text(self, input_ids, attention_mask):
         """(T, L) ids and mask -> (T, L, D) text encoder output."""
@@ -699,8 +715,6 @@ class XVLM(nn.Module):
         fused = self.fuse(torch.cat(embeds), torch.cat(masks), bank, bank_mask, torch.cat(rows))
         return dict(zip(segments, fused.split([len(r) for r in rows])))
 
-    # -- pre-training -------------------------------------------------------------
-
     def forward(self, batch):
         """The pre-training loss, eq. (9): L = L_bbox + L_cl + L_match + L_mlm, on a batch of
         data.pretrain_loader (its docstring lists the tensors; here on the model's device).
@@ -744,261 +758,13 @@ class XVLM(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Weights: DeiT / timm ViT, Hugging Face BERT, our own checkpoints
+# Loaders: public weights, our checkpoints and the authors' released files into a model
 #
-# Every loader reads a state dict (a dict, a file, or a directory holding one), renames it to our
-# parameter names with a declarative key table, and copies it in strictly: an unexpected key, a shape
-# mismatch or a tied copy that differs raises one ValueError naming every such key and the file.
-# What a complete checkpoint of that kind would fill but this one lacks comes back in a LoadReport.
-# Files never run code: torch.load(weights_only=True) or safetensors.
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".th")
-PREFERRED_FILES = ("model.safetensors", "pytorch_model.bin")  # Hugging Face's, when a directory holds several
-
-
-def _names(keys, most=12):
-    keys = list(keys)
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
-
-
-def weights_file(path):
-    """The file `path` names: itself, or the weights file in a directory."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        return path
-    found = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
-    preferred = [name for name in PREFERRED_FILES if name in found]
-    if len(found) == 1 or preferred:
-        return path / (preferred or found)[0]
-    raise ValueError(f"{path}: " + (f"several weights files ({', '.join(found)}); name one" if found else
-                                    f"no weights file ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})"))
-
-
-def read_file(source):
-    """(object, name): a dict passes through; a file or directory is read without running code."""
-    if isinstance(source, dict):
-        return source, "state dict"
-    path = weights_file(source)
-    if not path.name.endswith(WEIGHT_SUFFIXES):
-        raise ValueError(f"{path}: not a weights file; expected one of {', '.join(WEIGHT_SUFFIXES)}")
-    if path.suffix == ".safetensors":
-        try:
-            return safetensors.torch.load_file(path), str(path)
-        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
-            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), str(path)
-    except pickle.UnpicklingError as e:
-        # Anything but tensors and plain containers could run code when unpickled: name what it imports.
-        named = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e)) or foreign_globals(path)
-        if named:
-            raise ValueError(f"{path}: refused: unpickling it would import {', '.join(named[:3])}, which can run code; "
-                             f"save the weights as .safetensors or as a plain state dict") from e
-        raise ValueError(f"{path}: not a PyTorch checkpoint (the weights-only unpickler cannot read it)") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint, truncated or corrupt? ({str(e).splitlines()[0]})") from e
-
-
-def foreign_globals(path):
-    """The module.name globals other than torch's that a pickle (or a torch zip archive's data.pkl)
-    would import, read from its opcodes without unpickling; [] when it is not a pickle at all."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                raw = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-        else:
-            raw = Path(path).read_bytes()
-        found, strings = [], []
-        for op, arg, _ in pickletools.genops(raw):
-            if op.name == "GLOBAL":
-                found.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            if isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # noqa: BLE001 -- not a readable pickle: nothing to name
-        return []
-    return [g for g in dict.fromkeys(found) if not g.startswith(("torch.", "collections.OrderedDict"))]
-
-
-def stored_config(checkpoint, source):
-    """The config dict in one of our checkpoints (as read_file returns it), or None for weights
-    alone (.safetensors, a plain state dict). Fields this XVLMConfig lacks raise ValueError."""
-    stored = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if not isinstance(stored, dict):
-        return None
-    unknown = set(stored) - {f.name for f in fields(XVLMConfig)}
-    if unknown:
-        raise ValueError(f"{source}: config fields this XVLMConfig does not have: {_names(sorted(unknown))}")
-    return stored
-
-
-def state_dict_of(obj, name):
-    """The state dict in a file's object, unwrapping {"model": ...} as DeiT releases and our checkpoints store it."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{name}: holds a {type(obj).__name__}, not a state dict")
-    not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor) or not isinstance(k, str)]
-    if not_tensors:
-        raise ValueError(f"{name}: not a state dict of named tensors: {_names(not_tensors)}")
-    return obj
-
-
-def read_state_dict(source):
-    """(state dict, name) from a dict, a file (.safetensors .bin .pt .pth .th) or a directory."""
-    obj, name = read_file(source)
-    return state_dict_of(obj, name), name
-
-
-def resample_pos_embed(pos_embed, grid, prefix_tokens=1):
-    """Position embeddings (1, prefix + n*n, D) of an n x n patch grid -> (1, prefix + grid*grid, D):
-    the prefix ([CLS]) rows kept, the grid resized bicubically in float32 as the authors'
-    interpolate_pos_embed (no antialiasing, unlike timm's default), the dtype restored. On the same
-    grid it is the identity."""
-    prefix, patches = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
-    n = math.isqrt(patches.shape[1])
-    if n * n != patches.shape[1]:
-        raise ValueError(f"resample_pos_embed: {patches.shape[1]} patch positions do not form a square grid")
-    x = patches.float().unflatten(1, (n, n)).permute(0, 3, 1, 2)  # (1, D, n, n)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
-    patches = x.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # (1, grid*grid, D)
-    return torch.cat([prefix, patches], dim=1)
-
-
-@dataclass
-class LoadReport:
-    """What a loader filled: `loaded` (our keys), and `missing`, the keys a complete checkpoint of this
-    kind fills but this one lacked (e.g. the fusion encoder from a 6-layer BERT). The missing keep their
-    init, as do the modules no such checkpoint has (cross-attention, heads, the other encoder)."""
-    source: str
-    loaded: list
-    missing: list
-
-    def missing_modules(self):
-        """The missing keys by module, a layer counting as one: ["fusion.layers.0", ...]."""
-        modules = []
-        for key in self.missing:
-            m = re.match(r"(.*?\.\d+)\.", key) or re.match(r"(.*)\.", key)  # up to a layer index, or the parameter
-            modules.append(m.group(1) if m else key)
-        return list(dict.fromkeys(modules))
-
-    def __str__(self):
-        missing = f"; not in it, left at init: {', '.join(self.missing_modules())}" if self.missing else ""
-        return f"{self.source}: loaded {len(self.loaded)} tensors{missing}"
-
-
-def concat(*names):
-    """A table entry filled by several tensors concatenated along dim 0 (output features): our fused
-    qkv projection is BERT's query, key and value, in that order."""
-    return tuple(names)
-
-
-# (ours, timm / DeiT); {i}: block, {p}: weight and bias; ours None: known, deliberately not used.
-VIT_KEYS = [
-    ("vision.cls_token", "cls_token"),
-    ("vision.pos_embed", "pos_embed"),  # resampled when the checkpoint's grid differs
-    ("vision.patch_embed.{p}", "patch_embed.proj.{p}"),
-    ("vision.blocks.{i}.norm1.{p}", "blocks.{i}.norm1.{p}"),
-    ("vision.blocks.{i}.attn.qkv.{p}", "blocks.{i}.attn.qkv.{p}"),  # fused q, k, v as ours
-    ("vision.blocks.{i}.attn.proj.{p}", "blocks.{i}.attn.proj.{p}"),
-    ("vision.blocks.{i}.norm2.{p}", "blocks.{i}.norm2.{p}"),
-    ("vision.blocks.{i}.mlp.fc1.{p}", "blocks.{i}.mlp.fc1.{p}"),
-    ("vision.blocks.{i}.mlp.fc2.{p}", "blocks.{i}.mlp.fc2.{p}"),
-    ("vision.norm.{p}", "norm.{p}"),
-    (None, "head.{p}"),  # the ImageNet classifier
-]
-
-# (ours, Hugging Face BERT without its "bert." prefix); {i}: BERT layer, {layer}: where it lives here
-# (text.layers.i, or fusion.layers.(i - text_layers) above the text encoder).
-BERT_KEYS = [
-    ("text.embeddings.word.weight", "embeddings.word_embeddings.weight"),
-    ("text.embeddings.position.weight", "embeddings.position_embeddings.weight"),
-    ("text.embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"),
-    ("text.embeddings.norm.{p}", "embeddings.LayerNorm.{p}"),
-    ("{layer}.attn.qkv.{p}", concat("encoder.layer.{i}.attention.self.query.{p}",
-                                    "encoder.layer.{i}.attention.self.key.{p}",
-                                    "encoder.layer.{i}.attention.self.value.{p}")),
-    ("{layer}.attn.proj.{p}", "encoder.layer.{i}.attention.output.dense.{p}"),
-    ("{layer}.attn_norm.{p}", "encoder.layer.{i}.attention.output.LayerNorm.{p}"),
-    ("{layer}.mlp.fc1.{p}", "encoder.layer.{i}.intermediate.dense.{p}"),
-    ("{layer}.mlp.fc2.{p}", "encoder.layer.{i}.output.dense.{p}"),
-    ("{layer}.mlp_norm.{p}", "encoder.layer.{i}.output.LayerNorm.{p}"),
-    ("mlm_head.dense.{p}", "cls.predictions.transform.dense.{p}"),
-    ("mlm_head.norm.{p}", "cls.predictions.transform.LayerNorm.{p}"),
-    ("mlm_head.bias", "cls.predictions.bias"),
-    # Tied copies, present in some files: a second row for the same key; the copies must be equal.
-    ("mlm_head.bias", "cls.predictions.decoder.bias"),
-    ("text.embeddings.word.weight", "cls.predictions.decoder.weight"),
-    (None, "embeddings.position_ids"),  # a buffer: 0..max_positions-1
-    (None, "pooler.dense.{p}"),  # BertModel's next-sentence pooler
-    (None, "cls.seq_relationship.{p}"),  # BertForPreTraining's next-sentence head
-]
-OLD_LAYERNORM_NAMES = {"gamma": "weight", "beta": "bias"}  # TF-converted .bin files, bert-base-uncased's own
-
-
-def hf_bert_name(key):
-    """A Hugging Face BERT key as BERT_KEYS spells it: no "bert." prefix, LayerNorm weight and bias."""
-    module, _, leaf = key.removeprefix("bert.").rpartition(".")
-    if module.endswith("LayerNorm"):
-        leaf = OLD_LAYERNORM_NAMES.get(leaf, leaf)
-    return f"{module}.{leaf}" if module else leaf
-
-
-def expand_table(table, layers):
-    """Concrete (ours, (theirs, ...)) pairs from a key table: {p} stands for weight and bias; rows
-    with other fields ({i}) repeat once per entry of `layers`, a dict of format values for each layer."""
-    pairs = []
-    for ours, theirs in table:
-        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
-        for values in (layers if "{" in theirs[0].replace("{p}", "") else [{}]):
-            for p in (("weight", "bias") if "{p}" in theirs[0] else ("",)):
-                fill = lambda s: s.format(p=p, **values)
-                pairs.append((None if ours is None else fill(ours), tuple(fill(n) for n in theirs)))
-    return pairs
-
-
-def vit_key_pairs(cfg):
-    """VIT_KEYS for a model of this config: (ours, (timm name,)) pairs, one per tensor."""
-    return expand_table(VIT_KEYS, [dict(i=i) for i in range(cfg.vision_layers)])
-
-
-def bert_key_pairs(cfg):
-    """BERT_KEYS for a model of this config: BERT layer i to text layer i below text_layers, to fusion
-    layer i - text_layers above. (ours, (Hugging Face names, ...)) pairs."""
-    T = cfg.text_layers
-    return expand_table(BERT_KEYS, [dict(i=i, layer=f"text.layers.{i}" if i < T else f"fusion.layers.{i - T}")
-                                    for i in range(T + cfg.fusion_layers)])
-
-
-def map_state_dict(state, pairs, rename=lambda k: k):
-    """Rename a foreign state dict to ours with expanded table pairs; keys are looked up as `rename`
-    spells them and reported as the file does. Returns ({ours: tensor}, {ours: source names}, [problems])."""
-    original = {rename(k): k for k in state}
-    problems = [] if len(original) == len(state) else ["two keys that name the same tensor"]
-    state = {rename(k): v for k, v in state.items()}
-    known = {n for _, names in pairs for n in names}
-    unexpected = [original[k] for k in state if k not in known]
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    tensors, origin = {}, {}
-    for ours, names in pairs:
-        parts = [state[n] for n in names if n in state]
-        if ours is None or not parts:
-            continue
-        shown = [original.get(n, n) for n in names]
-        if len(parts) < len(names) or len({p.shape for p in parts}) > 1:
-            problems.append(f"{' + '.join(shown)}: incomplete or of unequal shapes")
-            continue
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if ours not in tensors:
-            tensors[ours], origin[ours] = tensor, shown
-        elif not (tensor.is_meta or torch.equal(tensors[ours], tensor)):  # a meta tensor has no values to compare
-            problems.append(f"{shown[0]} differs from {origin[ours][0]}, to which it is tied ({ours})")
-    return tensors, origin, problems
-
+# Every loader reads a state dict (a dict, a file, or a directory holding one; checkpoints.py reads it
+# without running code), renames it to our parameter names with a declarative key table, and copies it in
+# strictly: an unexpected key, a shape mismatch or a tied copy that differs raises one ValueError naming
+# every such key and the file. What a complete checkpoint of that kind would fill but this one lacks comes
+# back in a checkpoints.LoadReport.
 
 def assign(model, tensors, source, origin=None, problems=(), required=()):
     """Copy `tensors` (our names) into `model`, strictly: each must be one of the model's keys, of its
@@ -1006,17 +772,17 @@ def assign(model, tensors, source, origin=None, problems=(), required=()):
     key must be there; otherwise raise, naming every problem at once, before anything is copied."""
     own, origin, problems = model.state_dict(), origin or {}, list(problems)
     grids = {f"{name}.pos_embed".lstrip("."): m.grid for name, m in model.named_modules() if isinstance(m, VisionTransformer)}
-    tensors = {k: resample_pos_embed(v, grids[k]) if k in grids and v.dim() == 3 and v.shape[1] != own[k].shape[1] else v
+    tensors = {k: checkpoints.resample_pos_embed(v, grids[k]) if k in grids and v.dim() == 3 and v.shape[1] != own[k].shape[1] else v
                for k, v in tensors.items()}
     unexpected = [k for k in tensors if k not in own]
     if unexpected:
-        problems.append(f"not in the model: {_names(unexpected)}")
+        problems.append(f"not in the model: {checkpoints.listed(unexpected)}")
     mismatched = [f"{' + '.join(origin.get(k, [k]))}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model ({k})"
                   for k, v in tensors.items() if k in own and v.shape != own[k].shape]
     problems += mismatched[:12] + ([f"and {len(mismatched) - 12} more shape mismatches"] if len(mismatched) > 12 else [])
     absent = [k for k in required if k not in tensors]
     if absent:
-        problems.append(f"missing keys: {_names(absent)}")
+        problems.append(f"missing keys: {checkpoints.listed(absent)}")
     if problems:
         raise ValueError(f"{source}: does not fit the {type(model).__name__}:\n  " + "\n  ".join(problems))
     model.load_state_dict({**own, **tensors})  # strict: exactly the model's keys
@@ -1025,19 +791,13 @@ def assign(model, tensors, source, origin=None, problems=(), required=()):
 def load_table(model, state, pairs, source, kind, rename=lambda k: k, optional=()):
     """Map, check and copy a foreign state dict; report the table's keys it did not fill (but those
     under `optional` prefixes, which this kind of checkpoint need not have)."""
-    tensors, origin, problems = map_state_dict(state, pairs, rename)
+    tensors, origin, problems = checkpoints.map_state_dict(state, pairs, rename)
     if not tensors and not problems:
         raise ValueError(f"{source}: holds no {kind} weights ({len(state)} tensors, none of them {kind}'s)")
     assign(model, tensors, source, origin, problems)
     scope = dict.fromkeys(ours for ours, _ in pairs if ours is not None)
     missing = [k for k in scope if k not in tensors and not k.startswith(optional)]
-    return LoadReport(source, list(tensors), missing)
-
-
-def depth(state, pattern):
-    """How many layers a state dict holds, by a regex whose group is the layer index."""
-    found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
-    return max(found) + 1 if found else 0
+    return checkpoints.LoadReport(source, list(tensors), missing)
 
 
 def load_vit(model, source):
@@ -1045,14 +805,14 @@ def load_vit(model, source):
     ImageNet-1k), e.g. deit_base_patch16_224-b5f2ef4d.pth. Its 224px position embeddings are
     resampled to the model's grid; the classifier head is ignored. Returns a LoadReport; raises
     ValueError on unexpected keys, shape mismatches and checkpoints deeper than the model."""
-    state, source = read_state_dict(source)
+    state, source = checkpoints.read_state_dict(source)
     if "dist_token" in state:
         raise ValueError(f"{source}: a distilled DeiT (dist_token): two prefix tokens where X-VLM's ViT has one; "
                          f"use the plain DeiT, e.g. deit_base_patch16_224")
-    blocks, layers = depth(state, r"blocks\.(\d+)\."), model.cfg.vision_layers
+    blocks, layers = checkpoints.depth(state, r"blocks\.(\d+)\."), model.cfg.vision_layers
     if blocks > layers:
         raise ValueError(f"{source}: {blocks} ViT blocks, the model has {layers}; refusing to drop blocks {layers}-{blocks - 1}")
-    return load_table(model, state, vit_key_pairs(model.cfg), source, "ViT")
+    return load_table(model, state, checkpoints.vit_key_pairs(model.cfg), source, "ViT")
 
 
 def load_bert(model, source):
@@ -1064,14 +824,14 @@ def load_bert(model, source):
     checkpoint (6-layer MiniLM) fills what it has and reports the rest missing; a deeper one than the
     model is refused. The MLM head loads when the checkpoint has one (a BertModel has none, and it is
     then not reported missing). Returns a LoadReport; raises ValueError as load_vit does."""
-    state, source = read_state_dict(source)
+    state, source = checkpoints.read_state_dict(source)
     cfg = model.cfg
-    layers, ours = depth(state, r"(?:bert\.)?encoder\.layer\.(\d+)\."), cfg.text_layers + cfg.fusion_layers
+    layers, ours = checkpoints.depth(state, r"(?:bert\.)?encoder\.layer\.(\d+)\."), cfg.text_layers + cfg.fusion_layers
     if layers > ours:
         raise ValueError(f"{source}: {layers} BERT layers, the model has {cfg.text_layers} text + {cfg.fusion_layers} "
                          f"fusion layers; refusing to drop layers {ours}-{layers - 1}")
-    has_head = any(hf_bert_name(k).startswith("cls.predictions.") for k in state)
-    return load_table(model, state, bert_key_pairs(cfg), source, "BERT", hf_bert_name,
+    has_head = any(checkpoints.hf_bert_name(k).startswith("cls.predictions.") for k in state)
+    return load_table(model, state, checkpoints.bert_key_pairs(cfg), source, "BERT", checkpoints.hf_bert_name,
                       optional=() if has_head else ("mlm_head.",))
 
 
@@ -1079,105 +839,136 @@ def load_checkpoint(model, source, prefix="", allow_missing=(), name=None):
     """Load the weights of one of our checkpoints (a file, or a state dict of ours) into `model`,
     strictly. A checkpoint made at another image_res is resampled to the model's grid (256 -> 384 to
     fine-tune). For a downstream model wrapping an XVLM, `prefix` is where it sits ("xvlm.") and
-    `allow_missing` names the prefixes of new modules ("decoder.",) that the checkpoint lacks: they
+    `allow_missing` names the prefixes of new modules (a task model's) that the checkpoint lacks: they
     come back in the report's `missing`. Any other missing or unexpected key, or a shape mismatch,
     raises ValueError naming the file (or `name`, for a state dict read from one)."""
-    state, source = read_state_dict(source)
-    source = name or source
+    state, source = checkpoints.read_state_dict(source)
+    return load_state(model, {prefix + k: v for k, v in state.items()}, name or source, allow_missing)
+
+
+def load_state(model, state, source, allow_missing=()):
+    """load_checkpoint for a state dict already read (from the file `source`), its keys as the model's."""
     allow = (allow_missing,) if isinstance(allow_missing, str) else tuple(allow_missing)
-    tensors = {prefix + k: v for k, v in state.items()}
     own = model.state_dict()
-    assign(model, tensors, source, required=[k for k in own if not k.startswith(allow)])
-    return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
+    assign(model, state, source, required=[k for k in own if not k.startswith(allow)])
+    return checkpoints.LoadReport(source, list(state), [k for k in own if k not in state])
+
+
+def model_from_file(cls, source, name, overrides):
+    """XVLM.from_checkpoint: `cls` built from the file's stored config (or a released file's) and filled."""
+    checkpoint, source = checkpoints.read_file(source)
+    source = name or source
+    if checkpoints.is_released(checkpoint):
+        return released_model(cls, checkpoint, source, **overrides)
+    stored = checkpoints.stored_config(checkpoint)
+    if stored is None:
+        raise ValueError(f"{source}: not an X-VLM checkpoint (no config): build XVLM(cfg), then load_checkpoint")
+    model = cls(config_from(merged(stored, overrides), source))
+    load_state(model, checkpoints.state_dict_of(checkpoint, source), source)
+    return model
+
+
+def config_from(values, source="config"):
+    """An XVLMConfig from a stored dict (checkpoints.stored_config's), refusing fields it does not have."""
+    unknown = set(values) - {f.name for f in fields(XVLMConfig)}
+    if unknown:
+        raise ValueError(f"{source}: config fields this XVLMConfig does not have: {checkpoints.listed(sorted(unknown))}")
+    return XVLMConfig(**values)
+
+
+def merged(values, overrides):
+    """Config values with overrides; a group (swin) is overridden field by field."""
+    group = lambda k, v: {**values[k], **v} if isinstance(v, dict) and isinstance(values.get(k), dict) else v
+    return {**values, **{k: group(k, v) for k, v in overrides.items()}}
+
+
+def released_model(cls, checkpoint, source, **overrides):
+    """A `cls` (XVLM, or a task model) from one of the authors' files: the config from the tensors' shapes
+    (checkpoints.released_config), with `overrides` (image_res=384, swin=dict(window=12) to fine-tune a
+    pre-trained file as theirs), the weights by the class's released_layout through load_released;
+    model.load_report says what the file did not fill."""
+    state = checkpoints.state_dict_of(checkpoint, source)
+    kind = checkpoints.released_kind(state, source)
+    if kind not in cls.released_kinds:
+        readers = [c for c in subclasses(XVLM) if kind in c.released_kinds]
+        reader = f"{readers[0].__module__}.{readers[0].__name__}" if readers else "the task model that reads it"
+        raise ValueError(f"{source}: the authors' {kind} checkpoint: load it with {reader}.from_checkpoint")
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    cfg = XVLMConfig(**merged(checkpoints.released_config(state, config, kind, source), overrides))
+    fusion, extra = cls.released_layout(cfg, kind)
+    model = cls(cfg)
+    model.load_report = load_released(model, state, source, checkpoints.released_key_pairs(cfg, kind, fusion, extra))
+    return model
+
+
+def subclasses(cls):
+    """Every subclass of cls defined so far, depth first."""
+    return [s for c in cls.__subclasses__() for s in (c, *subclasses(c))]
+
+
+def load_released(model, state, source, pairs):
+    """Load one of the authors' state dicts into `model` by its key pairs, strictly: every tensor they name
+    must be there, of the model's shape (bias tables of another window are resized, as theirs when
+    fine-tuning at 384 px), and nothing else may be; buffers (relative_position_index, attn_mask,
+    position_ids) are dropped. Returns a LoadReport whose `missing` are the model's modules this kind has
+    not (the heads of other tasks), left at their init."""
+    tensors, origin, problems = checkpoints.map_state_dict(state, pairs, checkpoints.released_name)
+    own = model.state_dict()
+    for k, v in tensors.items():
+        if k.endswith(".bias_table") and k in own and v.shape[0] != own[k].shape[0] and v.shape[1] == own[k].shape[1]:
+            tensors[k] = checkpoints.resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
+    assign(model, tensors, source, origin, problems, required=[ours for ours, _ in pairs if ours is not None])
+    return checkpoints.LoadReport(source, list(tensors), [k for k in own if k not in tensors])
 
 
 # -----------------------------------------------------------------------------
-# Distributed plumbing for itc_loss: features gathered across ranks with their gradient
-
-
-def world():
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sizes(n, device):
-    """The first-dimension size of every rank's tensor."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
-    dist.all_gather(sizes, torch.tensor([n], device=device))
-    return [int(s) for s in sizes]
-
-
-def all_gather(x, sizes):
-    """Concatenate every rank's x along dim 0; sizes may differ (padded for the collective)."""
-    longest = max(sizes)
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0])).contiguous()
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-class GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        rank, _ = world()
-        sizes = all_sizes(x.shape[0], x.device)
-        ctx.start, ctx.n = sum(sizes[:rank]), x.shape[0]
-        return all_gather(x, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's loss reads every rank's features: this rank's slice gets the sum of them.
-        # (The authors' AllGather returns only this rank's own part: 1/world_size of this gradient.)
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.start:ctx.start + ctx.n]
-
-
-def gather_with_grad(x):
-    """All-gather along dim 0 keeping gradients; the identity at world size 1."""
-    return x if world()[1] == 1 else GatherWithGrad.apply(x)
-
-
-
-# -----------------------------------------------------------------------------
-# The authors' released models (beyond the paper): Swin-B X-VLM checkpoints
+# The authors' released models (beyond the paper): Swin-B
 #
-# The checkpoints the authors released (github.com/zengyan-97/X-VLM: X-VLM 4M and 16M, and fine-tuned on
-# retrieval, VQA, NLVR2 and RefCOCO+) encode images with Swin-B (Liu et al. 2021), not the paper's ViT, and
-# their visual concepts are pooled, not mixed attention: Swin runs once over the image, a region's [CLS] is
-# the mean of the final-grid tokens inside its box (patch_mask on Swin's 32 px cells), and the cross-modal
-# encoder attends to that [CLS] and those tokens. This section is that Swin, written from the paper and
-# their configs, and the key tables that load their files, {"model": state dict, "config": their YAML dict},
-# strictly into XVLM, tasks.VQAModel and tasks.NLVR2Model. XVLM.from_checkpoint reads them as it reads ours.
+# The checkpoints the authors released (X-VLM 4M and 16M, and fine-tuned on retrieval, VQA, NLVR2 and
+# RefCOCO+) encode images with Swin-B (Liu et al. 2021), not the paper's ViT, and their visual concepts are
+# pooled, not mixed attention: Swin runs once over the image, a region's [CLS] is the mean of the final-grid
+# tokens inside its box (patch_mask on Swin's 32 px cells), and the cross-modal encoder attends to that [CLS]
+# and those tokens. This section is that Swin, written from the paper and their configs; it answers the
+# ViT's interface (forward, forward_concepts, grid), so XVLM never asks which encoder it holds. Their files'
+# key tables are checkpoints.py's.
 
+@dataclass
+class SwinConfig:
+    """The released models' Swin-B, as their configs/config_swinB_224.json and _384.json; XVLMConfig.swin
+    holds it. XVLMConfig's image_res, patch_size (Swin's final cell, 32 px) and vision_width (its last
+    stage's width, embed_dim * 2**(stages - 1)) describe it as they describe the ViT."""
+    embed_dim: int = 128  # the first stage's width
+    depths: tuple = (2, 2, 18, 2)  # blocks per stage
+    heads: tuple = (4, 8, 16, 32)
+    window: int = 7  # their configs: 7 at 224 px, 12 at 384
 
-def swin_stages(cfg):
-    """(grid side, width, heads, window) of each Swin stage: the grid halves and the width doubles from one
-    stage to the next; a stage no larger than a window attends over its whole grid (and never shifts)."""
-    patch = cfg.patch_size // 2 ** (len(cfg.swin_depths) - 1)  # 4: 32 px cells after three merges
-    sides = [cfg.image_res // patch // 2 ** s for s in range(len(cfg.swin_depths))]
-    return [(side, cfg.swin_embed_dim * 2 ** s, heads, min(cfg.swin_window, side))
-            for s, (side, heads) in enumerate(zip(sides, cfg.swin_heads))]
+    def __post_init__(self):
+        self.depths, self.heads = tuple(self.depths), tuple(self.heads)  # lists, from a stored config
 
+    def stages(self, cfg):
+        """(grid side, width, heads, window) of each stage: the grid halves and the width doubles from one
+        stage to the next; a stage no larger than a window attends over its whole grid (and never shifts)."""
+        patch = cfg.patch_size // 2 ** (len(self.depths) - 1)  # 4: 32 px cells after three merges
+        sides = [cfg.image_res // patch // 2 ** s for s in range(len(self.depths))]
+        return [(side, self.embed_dim * 2 ** s, heads, min(self.window, side))
+                for s, (side, heads) in enumerate(zip(sides, self.heads))]
 
-def swin_config_problems(cfg):
-    """Why a Swin XVLMConfig cannot be built, as messages (XVLMConfig raises the first)."""
-    n = len(cfg.swin_depths)
-    if n == 0 or len(cfg.swin_heads) != n:
-        return [f"swin_depths={cfg.swin_depths} and swin_heads={cfg.swin_heads} must give each stage a depth and heads"]
-    if cfg.patch_size % 2 ** (n - 1) or cfg.swin_window < 1:
-        return [f"patch_size={cfg.patch_size} (Swin's final cell) must be a multiple of 2**(stages - 1) = {2 ** (n - 1)}, "
-                f"and swin_window={cfg.swin_window} positive"]
-    problems = [] if cfg.vision_width == cfg.swin_embed_dim * 2 ** (n - 1) else [
-        f"vision_width={cfg.vision_width} must be Swin's last width, swin_embed_dim * 2**(stages - 1) = {cfg.swin_embed_dim * 2 ** (n - 1)}"]
-    for s, (side, width, heads, window) in enumerate(swin_stages(cfg)):
-        if width % heads:
-            problems.append(f"Swin stage {s}: width {width} is not divisible by {heads} heads")
-        if side % window:
-            problems.append(f"Swin stage {s}: its {side}x{side} grid does not split into {window}x{window} windows")
-    return problems
+    def problems(self, cfg):
+        """Why an XVLMConfig with this Swin cannot be built, as messages (XVLMConfig raises the first)."""
+        n = len(self.depths)
+        if n == 0 or len(self.heads) != n:
+            return [f"swin depths={self.depths} and heads={self.heads} must give each stage a depth and heads"]
+        if cfg.patch_size % 2 ** (n - 1) or self.window < 1:
+            return [f"patch_size={cfg.patch_size} (Swin's final cell) must be a multiple of 2**(stages - 1) = {2 ** (n - 1)}, "
+                    f"and swin window={self.window} positive"]
+        problems = [] if cfg.vision_width == self.embed_dim * 2 ** (n - 1) else [
+            f"vision_width={cfg.vision_width} must be Swin's last width, embed_dim * 2**(stages - 1) = {self.embed_dim * 2 ** (n - 1)}"]
+        for s, (side, width, heads, window) in enumerate(self.stages(cfg)):
+            if width % heads:
+                problems.append(f"Swin stage {s}: width {width} is not divisible by {heads} heads")
+            if side % window:
+                problems.append(f"Swin stage {s}: its {side}x{side} grid does not split into {window}x{window} windows")
+        return problems
 
 
 def relative_position_index(window):
@@ -1282,16 +1073,21 @@ class SwinTransformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        stages, patch = swin_stages(cfg), cfg.patch_size // 2 ** (len(cfg.swin_depths) - 1)
+        swin = cfg.swin
+        stages, patch = swin.stages(cfg), cfg.patch_size // 2 ** (len(swin.depths) - 1)
         self.grid = cfg.grid
-        self.patch_embed = nn.Conv2d(3, cfg.swin_embed_dim, patch, stride=patch)
-        self.patch_norm = nn.LayerNorm(cfg.swin_embed_dim)
-        n = sum(cfg.swin_depths)
+        self.patch_embed = nn.Conv2d(3, swin.embed_dim, patch, stride=patch)
+        self.patch_norm = nn.LayerNorm(swin.embed_dim)
+        n = sum(swin.depths)
         rates = [cfg.drop_path * i / max(n - 1, 1) for i in range(n)]
-        ends = [sum(cfg.swin_depths[:s + 1]) for s in range(len(stages))]
+        ends = [sum(swin.depths[:s + 1]) for s in range(len(stages))]
         self.stages = nn.ModuleList(SwinStage(cfg, *stage, rates[end - depth:end], s == len(stages) - 1)
-                                    for s, (stage, depth, end) in enumerate(zip(stages, cfg.swin_depths, ends)))
+                                    for s, (stage, depth, end) in enumerate(zip(stages, swin.depths, ends)))
         self.norm = nn.LayerNorm(cfg.vision_width)
+
+    def init_from_scratch(self):
+        """After XVLM's init (normal, std init_std, for the linear layers): nothing to add. Swin keeps that
+        init, timm's, as theirs; it exists to run their released weights."""
 
     def forward(self, images):
         """images (B, 3, H, W) -> image tokens (B, 1+N, D): [CLS] (the mean) and the final grid."""
@@ -1301,7 +1097,7 @@ class SwinTransformer(nn.Module):
         x = self.norm(x)
         return torch.cat([x.mean(1, keepdim=True), x], dim=1)
 
-    def forward_pooled(self, images, patch_mask, box_index):
+    def forward_concepts(self, images, patch_mask, box_index):
         """The released models' visual concepts: image tokens (B, 1+N, D), and for R boxes, patch_mask (R, N)
         and box_index (R,), region tokens (R, 1+M, D), each region's [CLS] the mean of its M in-box tokens,
         with their mask (R, 1+M): the layout of VisionTransformer.forward_mixed, from one pass of Swin."""
@@ -1310,247 +1106,6 @@ class SwinTransformer(nn.Module):
         inside = mask[:, 1:, None].to(x.dtype)
         pooled = (regions[:, 1:] * inside).sum(1) / inside.sum(1)  # (R, D)
         return x, torch.cat([pooled[:, None], regions[:, 1:]], dim=1), mask
-
-
-def not_a_knot_spline(x, targets):
-    """The matrix (len(targets), len(x)) that evaluates at `targets` the cubic spline through values at the
-    increasing points x with not-a-knot ends (one cubic over the first two intervals, one over the last two):
-    the interpolating spline FITPACK fits with s=0 on a grid, as scipy's interp2d(kind="cubic") does.
-    Targets outside [x[0], x[-1]] are clamped to it, as FITPACK evaluates. float64 throughout."""
-    x, n = x.double(), len(x)
-    if n < 4:
-        raise ValueError(f"a not-a-knot cubic spline needs 4 points or more, got {n}")
-    h, eye = x[1:] - x[:-1], torch.eye(n, dtype=torch.float64)
-    # Unknowns: the second derivatives M at the points, one column per unit data vector (the matrix is linear in the data).
-    A, rhs = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
-    for i in range(1, n - 1):  # the first derivative is continuous at x[i]
-        A[i, i - 1:i + 2] = torch.stack([h[i - 1], 2 * (h[i - 1] + h[i]), h[i]])
-        rhs[i] = 6 * ((eye[i + 1] - eye[i]) / h[i] - (eye[i] - eye[i - 1]) / h[i - 1])
-    A[0, :3] = torch.stack([h[1], -(h[0] + h[1]), h[0]])  # not-a-knot: the third derivative continuous at x[1]
-    A[-1, -3:] = torch.stack([h[-1], -(h[-2] + h[-1]), h[-2]])  # and at x[n-2]
-    M = torch.linalg.solve(A, rhs)  # (n points, n data)
-    t = targets.double().clamp(x[0], x[-1])
-    i = (torch.searchsorted(x, t, right=True) - 1).clamp(0, n - 2)  # each target's interval [x[i], x[i+1]]
-    a, b, hi = (x[i + 1] - t)[:, None], (t - x[i])[:, None], h[i][:, None]
-    return (M[i] * a ** 3 + M[i + 1] * b ** 3) / (6 * hi) + (eye[i] - M[i] * hi ** 2 / 6) * a / hi \
-        + (eye[i + 1] - M[i + 1] * hi ** 2 / 6) * b / hi
-
-
-def resize_bias_table(table, window):
-    """A relative-position-bias table ((2w-1)^2, heads) resized for windows of `window`, as the authors resize
-    Swin-B's window-7 tables to fine-tune at 384 px (window 12; BEiT's recipe): the source's offsets are put
-    on a geometric progression whose ends reach the target's farthest offset, and a bicubic interpolating
-    spline through them (not-a-knot, what their scipy interp2d(kind="cubic") fits; current SciPy has no
-    interp2d, and this needs no SciPy) is read at every integer offset. The same window: the table itself."""
-    src, dst = math.isqrt(table.shape[0]), 2 * window - 1
-    if src * src != table.shape[0] or src % 2 == 0 or src > dst:
-        raise ValueError(f"resize_bias_table: {tuple(table.shape)} is not a table of a window up to {window}")
-    if src == dst:
-        return table
-    lo, hi = 1.01, 1.5  # the progression 1, q, q^2, ...: its src // 2 steps sum to dst // 2, q by bisection as theirs
-    while hi - lo > 1e-6:
-        q = (lo + hi) / 2
-        lo, hi = (lo, q) if (1 - q ** (src // 2)) / (1 - q) > dst // 2 else (q, hi)
-    steps = torch.tensor([q ** k for k in range(src // 2)], dtype=torch.float64).cumsum(0)  # 1, 1 + q, ...
-    A = not_a_knot_spline(torch.cat([-steps.flip(0), steps.new_zeros(1), steps]),
-                          torch.arange(-(dst // 2), dst // 2 + 1, dtype=torch.float64))  # (dst, src)
-    grid = table.double().T.reshape(-1, src, src)  # (heads, dy, dx)
-    return (A @ grid @ A.T).reshape(table.shape[1], dst * dst).T.to(table.dtype)
-
-
-# What each kind of released file holds besides Swin and the text and cross-modal encoders, by our module
-# names; the kinds of a task model load into it (tasks.VQAModel, tasks.NLVR2Model).
-RELEASED_KINDS = {
-    "pretrain": ("vision_proj", "text_proj", "temp", "itm_head", "bbox_head", "mlm_head"),  # X-VLM 4M, 16M
-    "retrieval": ("vision_proj", "text_proj", "temp", "itm_head"),  # COCO, Flickr30K; weakly supervised RefCOCO+
-    "bbox": ("bbox_head",),  # RefCOCO+, the bbox head
-    "vqa": ("decoder",),
-    "nlvr2": ("fusion_second", "cls_head"),
-}
-TASK_MODELS = {"vqa": "tasks.VQAModel", "nlvr2": "tasks.NLVR2Model"}
-
-# (ours, theirs under "vision_encoder."); {s}: stage, {b}: block of the stage
-SWIN_KEYS = [
-    ("vision.patch_embed.{p}", "patch_embed.proj.{p}"),
-    ("vision.patch_norm.{p}", "patch_embed.norm.{p}"),
-    ("vision.norm.{p}", "norm.{p}"),
-]
-SWIN_BLOCK_KEYS = [
-    ("vision.stages.{s}.blocks.{b}.norm1.{p}", "layers.{s}.blocks.{b}.norm1.{p}"),
-    ("vision.stages.{s}.blocks.{b}.attn.qkv.{p}", "layers.{s}.blocks.{b}.attn.qkv.{p}"),  # fused q, k, v as ours
-    ("vision.stages.{s}.blocks.{b}.attn.proj.{p}", "layers.{s}.blocks.{b}.attn.proj.{p}"),
-    ("vision.stages.{s}.blocks.{b}.bias_table", "layers.{s}.blocks.{b}.attn.relative_position_bias_table"),
-    ("vision.stages.{s}.blocks.{b}.norm2.{p}", "layers.{s}.blocks.{b}.norm2.{p}"),
-    ("vision.stages.{s}.blocks.{b}.mlp.fc1.{p}", "layers.{s}.blocks.{b}.mlp.fc1.{p}"),
-    ("vision.stages.{s}.blocks.{b}.mlp.fc2.{p}", "layers.{s}.blocks.{b}.mlp.fc2.{p}"),
-    (None, "layers.{s}.blocks.{b}.attn.relative_position_index"),  # buffers: recomputed (SwinBlock)
-    (None, "layers.{s}.blocks.{b}.attn_mask"),  # (shifted blocks only)
-]
-SWIN_MERGE_KEYS = [  # every stage but the last
-    ("vision.stages.{s}.merge.norm.{p}", "layers.{s}.downsample.norm.{p}"),
-    ("vision.stages.{s}.merge.proj.weight", "layers.{s}.downsample.reduction.weight"),
-]
-# A cross-modal layer's cross-attention, in their BERT (names as BERT_KEYS, {layer} likewise).
-CROSS_KEYS = [
-    ("{layer}.cross_attn.q.{p}", "encoder.layer.{i}.crossattention.self.query.{p}"),
-    ("{layer}.cross_attn.kv.{p}", concat("encoder.layer.{i}.crossattention.self.key.{p}",
-                                         "encoder.layer.{i}.crossattention.self.value.{p}")),
-    ("{layer}.cross_attn.proj.{p}", "encoder.layer.{i}.crossattention.output.dense.{p}"),
-    ("{layer}.cross_norm.{p}", "encoder.layer.{i}.crossattention.output.LayerNorm.{p}"),
-]
-# Heads, named alike on both sides; {i}: an MLP head's Linear, LayerNorm and Linear (mlp_head, their build_mlp).
-RELEASED_HEAD_KEYS = [
-    ("vision_proj.{p}", "vision_proj.{p}"),
-    ("text_proj.{p}", "text_proj.{p}"),
-    ("temp", "temp"),
-    ("itm_head.{i}.{p}", "itm_head.{i}.{p}"),
-    ("bbox_head.{i}.{p}", "bbox_head.{i}.{p}"),
-    ("cls_head.{i}.{p}", "cls_head.{i}.{p}"),
-]
-MLP_HEAD_LAYERS = [dict(i=0), dict(i=1), dict(i=3)]
-DECODER_MODULES = {"text.embeddings.": "decoder.embeddings.", "mlm_head.": "decoder.head."}  # BERT_KEYS' names, in the decoder
-
-
-def released_name(key):
-    """A key of the authors' files as the tables spell it: their pre-trained text encoder and their VQA
-    decoder are BERT models with heads (text_encoder.bert.*, text_encoder.cls.*), the fine-tuned encoder not."""
-    return re.sub(r"^(text_encoder|text_decoder)\.bert\.", r"\1.", key)
-
-
-def prefixed(pairs, prefix):
-    return [(ours, tuple(prefix + n for n in theirs)) for ours, theirs in pairs]
-
-
-def bert_layers(cfg, kind):
-    """Their BERT's layers, {i: our layer}: text layers, then cross-modal ones; NLVR2 interleaves each
-    cross-modal layer's two blocks, T + 2n over image 1 (ours: fusion) and T + 2n + 1 over image 2."""
-    T, F = cfg.text_layers, cfg.fusion_layers
-    if kind == "nlvr2":
-        fusion = [f"{('fusion', 'fusion_second')[n % 2]}.layers.{n // 2}" for n in range(2 * F)]
-    else:
-        fusion = [f"fusion.layers.{n}" for n in range(F)]
-    return [dict(i=i, layer=f"text.layers.{i}") for i in range(T)] + [dict(i=T + n, layer=f) for n, f in enumerate(fusion)]
-
-
-def released_key_pairs(cfg, kind):
-    """(ours, (theirs, ...)) pairs of one kind of released file (RELEASED_KINDS), one per tensor."""
-    layers = bert_layers(cfg, kind)
-    T, depths = cfg.text_layers, cfg.swin_depths
-    text = expand_table(BERT_KEYS, layers) + expand_table(CROSS_KEYS, layers[T:])
-    swin = expand_table(SWIN_KEYS, []) + expand_table(SWIN_MERGE_KEYS, [dict(s=s) for s in range(len(depths) - 1)]) \
-        + expand_table(SWIN_BLOCK_KEYS, [dict(s=s, b=b) for s, d in enumerate(depths) for b in range(d)])
-    pairs = prefixed(swin, "vision_encoder.") + prefixed(text, "text_encoder.") + expand_table(RELEASED_HEAD_KEYS, MLP_HEAD_LAYERS)
-    if kind == "vqa":  # their text_decoder: a BERT whose every layer cross-attends (to the question)
-        dec = [dict(i=i, layer=f"decoder.layers.{i}") for i in range(cfg.fusion_layers)]
-        move = lambda ours: next((ours.replace(a, b, 1) for a, b in DECODER_MODULES.items() if ours.startswith(a)), ours)
-        pairs += [(None if ours is None else move(ours), theirs) for ours, theirs in
-                  prefixed(expand_table(BERT_KEYS, dec) + expand_table(CROSS_KEYS, dec), "text_decoder.")]
-    keep = ("vision", "text", "fusion") + RELEASED_KINDS[kind]
-    return [(ours, theirs) for ours, theirs in pairs if ours is None or ours.split(".")[0] in keep]
-
-
-def is_released(checkpoint):
-    """Whether a file's object is one of the authors' checkpoints: {"model": ..., "config": ...} with their
-    image encoder under "vision_encoder."."""
-    state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-    return isinstance(state, dict) and any(isinstance(k, str) and k.startswith("vision_encoder.") for k in state)
-
-
-def released_kind(state, source):
-    """Which RELEASED_KINDS a state dict of theirs is, from the modules it holds."""
-    has = lambda prefix: any(k.startswith(prefix) for k in state)
-    if not has("vision_encoder.layers."):
-        raise ValueError(f"{source}: one of the authors' checkpoints, but not with their Swin image encoder (the "
-                         f"models they released): its DeiT / CLIP ViT variants do not load here")
-    for kind, prefix in (("vqa", "text_decoder."), ("nlvr2", "cls_head."), ("pretrain", "text_encoder.bert."),
-                         ("retrieval", "itm_head."), ("bbox", "bbox_head.")):
-        if has(prefix):
-            return kind
-    raise ValueError(f"{source}: one of the authors' checkpoints without a head this loader knows "
-                     f"(text_decoder, cls_head, itm_head, bbox_head, or pre-training's text_encoder.bert)")
-
-
-def swin_fields(state, config, source):
-    """XVLMConfig's Swin fields from their vision_encoder's shapes: stages, depths, heads (the bias tables'
-    columns), window (their rows), image size (a shifted block's window mask, else their config's)."""
-    shape = lambda key: tuple(state[key].shape) if key in state else None
-    stages = depth(state, r"vision_encoder\.layers\.(\d+)\.")
-    depths = tuple(depth(state, rf"vision_encoder\.layers\.{s}\.blocks\.(\d+)\.") for s in range(stages))
-    tables = [shape(f"vision_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table") for s in range(stages)]
-    embed, _, patch, _ = shape("vision_encoder.patch_embed.proj.weight")
-    sides = [math.isqrt(m[0]) * math.isqrt(m[1]) * patch * 2 ** s for s in range(stages)  # windows * window * cell
-             for b in range(depths[s]) if (m := shape(f"vision_encoder.layers.{s}.blocks.{b}.attn_mask"))]
-    image_res = sides[0] if sides else config.get("image_res")
-    if image_res is None or (sides and config.get("image_res", image_res) != image_res):
-        raise ValueError(f"{source}: image size {sides[:1] or 'unknown'} from the window masks, {config.get('image_res')} in the config")
-    return dict(image_encoder="swin", image_res=image_res, patch_size=patch * 2 ** (stages - 1), swin_embed_dim=embed,
-                swin_depths=depths, swin_heads=tuple(t[1] for t in tables), swin_window=(math.isqrt(tables[0][0]) + 1) // 2,
-                vision_width=embed * 2 ** (stages - 1), vision_layers=sum(depths), vision_heads=tables[-1][1],
-                local_layers=0, drop_path=0.1)
-
-
-def bert_fields(state, kind):
-    """XVLMConfig's text fields from their text_encoder's shapes: width, vocabulary, positions, text layers
-    (those without cross-attention), cross-modal layers (NLVR2 doubles them), heads (BERT's 64 dims each)."""
-    shape = lambda key: tuple(state[f"text_encoder.{key}"].shape)
-    layers = depth(state, r"text_encoder\.encoder\.layer\.(\d+)\.")
-    text = min(int(m.group(1)) for k in state if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.", k)))
-    vocab, width = shape("embeddings.word_embeddings.weight")
-    return dict(vocab_size=vocab, text_width=width, text_heads=max(1, width // 64), text_layers=text,
-                fusion_layers=(layers - text) // (2 if kind == "nlvr2" else 1),
-                max_positions=shape("embeddings.position_embeddings.weight")[0],
-                type_vocab_size=shape("embeddings.token_type_embeddings.weight")[0],
-                text_mlp_dim=shape("encoder.layer.0.intermediate.dense.weight")[0])
-
-
-def released_config(state, config, kind, source):
-    """XVLMConfig fields for one of the authors' files (a state dict, their YAML dict), from the tensors'
-    shapes: their config names its encoders' config files by path (configs/config_swinB_384.json), not
-    their sizes. max_tokens: their config's, else 40 (their NLVR2 config names none, their others 40)."""
-    state = {released_name(k): v for k, v in state.items()}
-    stages = depth(state, r"vision_encoder\.layers\.(\d+)\.")
-    needed = ["vision_encoder.patch_embed.proj.weight", "text_encoder.embeddings.word_embeddings.weight",
-              "text_encoder.embeddings.position_embeddings.weight", "text_encoder.embeddings.token_type_embeddings.weight",
-              "text_encoder.encoder.layer.0.intermediate.dense.weight",
-              ] + [f"vision_encoder.layers.{s}.blocks.0.attn.relative_position_bias_table" for s in range(stages)]
-    absent = [k for k in needed if k not in state]
-    if not any(".crossattention." in k for k in state):
-        absent.append("text_encoder.encoder.layer.*.crossattention.*")
-    if absent:
-        raise ValueError(f"{source}: missing keys: {_names(absent)}")
-    return {**swin_fields(state, config, source), **bert_fields(state, kind), "max_tokens": config.get("max_tokens", 40),
-            "embed_dim": state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
-            "text_sep": False, "rank_first_twice": kind == "vqa"}
-
-
-def load_released(model, state, source, kind):
-    """Load one of the authors' state dicts of this kind into `model`, strictly: every tensor of the kind's
-    table must be there, of the model's shape (bias tables of another window are resized, as theirs when
-    fine-tuning at 384 px), and nothing else may be; buffers (relative_position_index, attn_mask,
-    position_ids) are dropped. Returns a LoadReport whose `missing` are the model's modules this kind has
-    not (the heads of other tasks), left at their init."""
-    pairs = released_key_pairs(model.cfg, kind)
-    tensors, origin, problems = map_state_dict(state, pairs, released_name)
-    own = model.state_dict()
-    for k, v in tensors.items():
-        if k.endswith(".bias_table") and k in own and v.shape[0] != own[k].shape[0] and v.shape[1] == own[k].shape[1]:
-            tensors[k] = resize_bias_table(v, (math.isqrt(own[k].shape[0]) + 1) // 2)
-    assign(model, tensors, source, origin, problems, required=[ours for ours, _ in pairs if ours is not None])
-    return LoadReport(source, list(tensors), [k for k in own if k not in tensors])
-
-
-def released_model(cls, checkpoint, source, **overrides):
-    """A `cls` (XVLM, or a task model) from one of the authors' files: the config from released_config, with
-    `overrides` (image_res=384, swin_window=12 to fine-tune a pre-trained file as theirs), the weights
-    through load_released; model.load_report says what the file did not fill."""
-    state = state_dict_of(checkpoint, source)
-    kind = released_kind(state, source)
-    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
-    model = cls(XVLMConfig(**{**released_config(state, config, kind, source), **overrides}))
-    if not all(hasattr(model, m) for m in RELEASED_KINDS[kind]):
-        raise ValueError(f"{source}: the authors' {kind} checkpoint: load it with {TASK_MODELS[kind]}.from_checkpoint")
-    model.load_report = load_released(model, state, source, kind)
-    return model
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ cfg = train.model_config(s, tok)
 torch.manual_seed(0)
 model = xvlm.XVLM(cfg) if src is None else xvlm.XVLM.from_checkpoint(src)
 model.train()
-loader = tasks.TASKS["pretrain"].train_loader(s, tok, cfg, data.Shard(workers=0, seed=1))
+loader = tasks.TASKS["pretrain"].train_loader(train.task_settings(s), tok, cfg, data.Shard(workers=0, seed=1))
 groups = {"vision": "vision.", "text": "text.", "fusion.cross": "cross_attn", "fusion.self+mlp": "fusion.", "bbox_head": "bbox_head."}
 def group_of(n):
     if n.startswith("fusion.") and "cross_attn" in n: return "fusion.cross"

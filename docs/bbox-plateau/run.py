@@ -32,11 +32,11 @@ if os.environ.get("EXP_GENTLE"):
         return x0, y0, x1 - x0, y1 - y0
     data.region_crop = gentle
 if os.environ.get("EXP_FRESH"):
-    import xvlm
+    import checkpoints
     orig = train.load_weights
     def lw(model, settings, task, init, log):
         fresh = orig(model, settings, task, init, log)
-        known = {ours for ours, _ in xvlm.vit_key_pairs(model.cfg) + xvlm.bert_key_pairs(model.cfg) if ours}
+        known = {ours for ours, _ in checkpoints.vit_key_pairs(model.cfg) + checkpoints.bert_key_pairs(model.cfg) if ours}
         new = {n for n, _ in model.named_parameters() if n not in known}
         log(f"EXP_FRESH: {len(new)} parameters at lr x lr_mult")
         return fresh | new

@@ -2,9 +2,9 @@
 import os, sys
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 import numpy as np
-import data
+import synth
 lo = int(os.environ.get("MIN_SHAPES", 2))
-orig = data.make_scene
+orig = synth.make_scene
 def make_scene(rng):
     real_integers = rng.integers
     calls = {"n": 0}
@@ -16,5 +16,5 @@ def make_scene(rng):
                 return real_integers(lo, 5)
             return real_integers(a, b, *args, **kw)
     return orig(R())
-data.make_scene = make_scene
-data.synthesize(sys.argv[1], seed=0)
+synth.make_scene = make_scene
+synth.synthesize(sys.argv[1], seed=0)
