@@ -661,8 +661,9 @@ def main(argv=None):
            else model_config(settings, tokenizer, init))
     if settings.batch_size < task.min_images:
         raise UsageError(f"--task {settings.task} needs --batch-size >= {task.min_images}, got {settings.batch_size}")
-    loader = task.train_loader(task_settings(settings), tokenizer, cfg, place.shard(settings))
-    evaluate = task.evaluation(task_settings(settings), tokenizer, cfg, log)
+    view = task_settings(settings)  # what the task's row reads of the settings
+    loader = task.train_loader(view, tokenizer, cfg, place.shard(settings))
+    evaluate = task.evaluation(view, tokenizer, cfg, log)
     if evaluate is None:
         log("no evaluation data (--eval-data): training only, no evaluation at the end")
 
