@@ -520,3 +520,25 @@ def released_config(state, config, kind, source):
     return {**swin_fields(state, config, source), **bert_fields(state, kind), "max_tokens": config.get("max_tokens", 40),
             "embed_dim": state["vision_proj.weight"].shape[0] if "vision_proj.weight" in state else 256,
             "text_sep": False, "rank_first_twice": kind == "vqa"}
+
+
+def carried_settings(checkpoint, task, source):
+    """The run settings a checkpoint (as read_file read it) decides where the user's flags do not (train.resolve).
+    One of the authors' released files: their recipe (--config base), their evaluation settings from the YAML
+    it carries (k_test: the top k re-ranked; block_num, their BERT's layer index: the Grad-CAM layer), and
+    their image reading (PIL's convert("RGB")). One of ours: its vocabulary, and when it is a run of `task`
+    the evaluation settings it ran with, so that evaluating it again gives the figures it wrote."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    if is_released(checkpoint):
+        config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+        state = {released_name(k): v for k, v in state_dict_of(checkpoint, source).items()}
+        out = {"config": "base", "decode": "pil"}
+        if "k_test" in config:
+            out["rerank_k"] = int(config["k_test"])
+        if "block_num" in config:
+            out["gradcam_layer"] = int(config["block_num"]) - bert_fields(state, released_kind(state, source))["text_layers"]
+        return out
+    stored = checkpoint.get("extra", {}).get("settings", {}) if isinstance(checkpoint.get("extra"), dict) else {}
+    same = stored.get("task") == task
+    return {k: stored[k] for k in ("vocab", "rerank_k", "gradcam_layer", "decode") if k in stored and (same or k == "vocab")}

@@ -31,10 +31,12 @@ Contents, top to bottom:
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass
@@ -61,11 +63,13 @@ class Tokenizer:
 
     Same pipeline as BERT: clean control characters, split CJK characters, lowercase and strip
     accents (uncased vocabularies), split on whitespace and punctuation, greedy longest-match
-    WordPiece with [UNK] for words it cannot spell, then [CLS] ... [SEP].
+    WordPiece with [UNK] for words it cannot spell, then [CLS] ... [SEP], or with sep=False [CLS] ...
+    alone, as the authors' tokenizer writes every text the released models read (XVLMConfig.text_sep;
+    with_sep gives the tokenizer of a model's convention).
     """
 
-    def __init__(self, vocab_file, lowercase=True):
-        self.vocab_file = str(vocab_file)
+    def __init__(self, vocab_file, lowercase=True, sep=True):
+        self.vocab_file, self.sep = str(vocab_file), sep
         vocab = {}
         with open(vocab_file, encoding="utf-8") as f:
             for i, line in enumerate(f):
@@ -89,11 +93,18 @@ class Tokenizer:
         # whole-word masking groups a word's pieces: every piece after the first starts with "##"
         self.is_piece = np.array([token.startswith("##") for token in vocab], dtype=bool)
 
-    def encode(self, text, max_tokens, sep=True):
+    def with_sep(self, sep):
+        """This tokenizer, ending its texts in [SEP] (sep=True) or not (the authors' released models)."""
+        other = copy.copy(self)
+        other.sep = sep
+        return other
+
+    def encode(self, text, max_tokens, sep=None):
         """One text -> [CLS] tokens [SEP] as a list of ids, at most max_tokens (the tail is cut, never [SEP]).
-        sep=False: [CLS] tokens, as the authors' released models read texts (XVLMConfig.text_sep)."""
+        sep=False: [CLS] tokens, as the authors' released models read texts; None: the tokenizer's `sep`."""
         if max_tokens < 3:
             raise ValueError(f"max_tokens must leave room for [CLS], a token and [SEP], got {max_tokens}")
+        sep = self.sep if sep is None else sep
         pieces = self._tok.encode(text, add_special_tokens=False).ids
         return [self.cls_id] + (pieces[:max_tokens - 2] + [self.sep_id] if sep else pieces[:max_tokens - 1])
 
@@ -106,10 +117,10 @@ class Tokenizer:
         mask = torch.arange(length)[None, :] < torch.tensor([len(r) for r in rows], dtype=torch.long)[:, None]
         return ids, mask
 
-    def encode_batch(self, texts, max_tokens, sep=True):
+    def encode_batch(self, texts, max_tokens, sep=None):
         """Texts -> (input_ids int64 [n, L], attention_mask bool [n, L]), L = longest, <= max_tokens.
 
-        Each row is [CLS] tokens [SEP] [PAD]... (sep=False: no [SEP]); a long text loses its tail tokens, never [SEP].
+        Each row is [CLS] tokens [SEP] [PAD]... (sep as in encode); a long text loses its tail tokens, never [SEP].
         """
         # one `encode` per text, not `encode_batch`: the batch call starts a thread pool, and a
         # DataLoader worker forked after that pool exists gets the parallelism disabled with a warning
@@ -380,7 +391,8 @@ FORMATS = {
     "vqa": VQA,
     "vqa_train": {**VQA, "answer": (True, _answers)},  # training needs the answers
     "nlvr2": {"images": (True, _image_pair), "sentence": (True, _text), "label": (True, _true_false)},
-    "grounding": {"image": (True, _image), "text": (True, _text), "bbox": (True, _box), "kind": (False, _text)},
+    "grounding": {"image": (True, _image), "text": (True, _text), "bbox": (True, _box), "kind": (False, _text),
+                  "split": (False, _text)},
 }
 PRETRAIN_REGION = {"image": (True, _image), "caption": (False, _texts), "elems": (True, _elements)}
 
@@ -463,14 +475,21 @@ def load_records(files, fmt):
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
-def to_rgb(img):
+DECODINGS = ("ours", "pil")  # to_rgb's two readings of an image file: ours, or PIL's convert("RGB") (the authors')
+
+
+def to_rgb(img, decode="ours"):
     """Any PIL image -> 8-bit RGB (L, LA, RGBA, P, CMYK, 16-bit, 32-bit integer and float, ...), the
-    one conversion for image files and for PIL images handed to the inference API.
+    one conversion for image files and for PIL images handed to the inference API. decode="pil":
+    PIL's convert("RGB") instead, as the authors' datasets read every image (the released models saw
+    transparent pixels in the colour stored underneath, 16-bit images clipped).
 
     Wide modes are scaled by the range their values use, not clipped: 16-bit by 1/257; 32-bit
     integers and floats by what fits their largest value (0..1, 0..255, 0..65535, else the maximum).
     Transparent pixels show as white paper (their colour underneath is arbitrary).
     """
+    if decode == "pil":
+        return img.convert("RGB")
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         x = np.nan_to_num(np.asarray(img, dtype=np.float64))
         top = x.max(initial=0.0)
@@ -485,14 +504,14 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path):
-    """Any image file -> 8-bit RGB PIL image (to_rgb). Raises if unreadable.
+def load_image(path, decode="ours"):
+    """Any image file -> 8-bit RGB PIL image (to_rgb, `decode` its reading). Raises if unreadable.
 
     EXIF orientation is not applied: COCO and Visual Genome boxes refer to the stored pixels.
     """
     with Image.open(path) as img:
         img.load()  # decode now, so that a truncated or corrupt file fails here, not in a transform
-        return to_rgb(img)
+        return to_rgb(img, decode)
 
 
 def to_tensor(img):
@@ -591,11 +610,11 @@ class Unreadable(NamedTuple):
     reason: str
 
 
-def open_image(image_root, rel):
-    """load_image(image_root / rel), or an Unreadable naming the file and the error."""
+def open_image(image_root, rel, decode="ours"):
+    """load_image(image_root / rel, decode), or an Unreadable naming the file and the error."""
     path = Path(image_root) / rel
     try:
-        return load_image(path)
+        return load_image(path, decode)
     except Exception as e:  # noqa: BLE001 -- every decoder error means the same: skip this image
         return Unreadable(str(path), f"{type(e).__name__}: {e}")
 
@@ -919,21 +938,29 @@ def pretrain_loader(dataset, batch_size, shard=Shard(), image_text=True):
 # Every dataset has a `collate` for its DataLoader; every batch carries `index` (int64 [B], the
 # record of each row) and `skipped` (the Unreadable images left out of this batch).
 
+class Augment(NamedTuple):
+    """A training set's augmentation: the draws' seed, and the random resized crop's area range."""
+    seed: int = 0
+    crop_scale: tuple = (0.5, 1.0)
+
+
 class TaskDataset(torch.utils.data.Dataset):
     """What the downstream datasets share: records checked at start-up, the authors' transforms,
-    randomness keyed by (seed, epoch, index), texts cleaned and tokenised in `collate`.
+    randomness keyed by (seed, epoch, index), texts cleaned and tokenised in `collate` (texts of at
+    most max_tokens, ending as the tokenizer's `sep` says), images read as `decode` says (to_rgb).
 
-    train=True: random resized crop (crop_scale of the area), horizontal flip that swaps "left"
-    and "right" in the texts, resize to image_res. train=False: resize to image_res only.
+    train=Augment(...): random resized crop (crop_scale of the area), horizontal flip that swaps
+    "left" and "right" in the texts, resize to image_res. train=None: resize to image_res only.
     """
     fmt = None  # key of FORMATS for the records
     train_fmt = None  # a stricter one for training, where it differs
     max_words = 30  # texts are cut to this many words (clean_caption)
 
-    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, train=False, seed=0, crop_scale=(0.5, 1.0)):
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, train=None, decode="ours"):
         self.records = load_records(files, (train and self.train_fmt) or self.fmt)
         self.image_root, self.tokenizer, self.max_tokens = Path(image_root), tokenizer, max_tokens
-        self.image_res, self.train, self.seed, self.crop_scale = image_res, train, seed, tuple(crop_scale)
+        self.image_res, self.train, self.decode = image_res, train is not None, decode
+        self.seed, self.crop_scale = (train.seed, tuple(train.crop_scale)) if train is not None else (0, None)
         self.epoch = 0
 
     def __len__(self):
@@ -956,7 +983,7 @@ class TaskDataset(torch.utils.data.Dataset):
 
     def image(self, rel, rng, flip):
         """Image tensor [3, res, res] through the train or eval transform, or an Unreadable."""
-        img = open_image(self.image_root, rel)
+        img = open_image(self.image_root, rel, self.decode)
         if isinstance(img, Unreadable):
             return img
         crop = random_resized_crop(*img.size, rng, self.crop_scale) if self.train else (0, 0, *img.size)
@@ -1013,8 +1040,8 @@ class RetrievalEvalDataset(TaskDataset):
     """
     fmt = "retrieval_eval"
 
-    def __init__(self, files, image_root, tokenizer, max_tokens, image_res):
-        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False)
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, decode="ours"):
+        super().__init__(files, image_root, tokenizer, max_tokens, image_res, decode=decode)
         self.texts, self.txt2img, self.img2txt = [], [], []
         for i, rec in enumerate(self.records):
             captions = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
@@ -1078,7 +1105,8 @@ class VQADataset(TaskDataset):
         given = [swap_left_right(a) if flip else a for a in given]
         answers = sorted(set(given), key=given.index)
         weights = [0.5] * len(answers) if rec.get("dataset") == "vg" else [given.count(a) / len(given) for a in answers]
-        question = clean_question(rec["question"], self.max_words)  # the authors' pre_question, not pre_caption
+        # the authors' pre_question, not pre_caption, of 30 words in training and 50 when they evaluate
+        question = clean_question(rec["question"], self.max_words if self.train else 50)
         return {"image": image, "text": swap_left_right(question) if flip else question, "given": given, "answers": answers,
                 "weights": weights, "index": index}
 
@@ -1086,7 +1114,7 @@ class VQADataset(TaskDataset):
         batch, kept = self.collate_common(samples)
         batch["answers"] = [s["given"] for s in kept]
         distinct = [a for s in kept for a in s["answers"]]
-        batch["answer_ids"], batch["answer_mask"] = self.tokenizer.encode_batch(distinct, self.max_tokens)
+        batch["answer_ids"], batch["answer_mask"] = self.tokenizer.encode_batch(distinct, self.max_tokens, sep=True)
         batch["answer_question"] = torch.tensor([i for i, s in enumerate(kept) for _ in s["answers"]], dtype=torch.long)
         batch["answer_weights"] = torch.tensor([w for s in kept for w in s["weights"]], dtype=torch.float32)
         return batch
@@ -1151,13 +1179,15 @@ class GroundingDataset(TaskDataset):
     Batch: images [B, 3, H, W], text_ids / text_mask [B, L], boxes float32 [B, 4] (normalised
     (cx, cy, w, h) of the target), image_ids int64 [B] (one per image path: the weakly supervised
     setting trains image-text matching on these pairs, where expressions of one image are
-    positives of each other), kinds (each record's "kind" of expression, or None), index, skipped; with `proposals` (a read_proposals file) also
-    proposals float32 [B, P, 4] (normalised cxcywh, zero-padded) and proposal_mask bool [B, P].
+    positives of each other), kinds (each record's "kind" of expression, or None), splits (its "split", or
+    None), sizes float64 [B, 2] (each image's W, H), target_xywh float64 [B, 4] (the record's box, as given),
+    index, skipped; with `proposals` (a read_proposals file) also proposals float32 [B, P, 4] (normalised
+    cxcywh, zero-padded), proposals_xywh float64 [B, P, 4] (as given, in pixels) and proposal_mask bool [B, P].
     """
     fmt = "grounding"
 
-    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, proposals=None):
-        super().__init__(files, image_root, tokenizer, max_tokens, image_res, train=False)
+    def __init__(self, files, image_root, tokenizer, max_tokens, image_res, proposals=None, decode="ours"):
+        super().__init__(files, image_root, tokenizer, max_tokens, image_res, decode=decode)
         self.proposals = None if proposals is None else read_proposals(proposals)
         if self.proposals is not None:
             missing = [r["image"] for r in self.records if r["image"] not in self.proposals]
@@ -1168,7 +1198,7 @@ class GroundingDataset(TaskDataset):
 
     def __getitem__(self, index):
         rec = self.records[index]
-        img = open_image(self.image_root, rec["image"])
+        img = open_image(self.image_root, rec["image"], self.decode)
         if isinstance(img, Unreadable):
             return img
         W, H = img.size
@@ -1178,22 +1208,27 @@ class GroundingDataset(TaskDataset):
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
         sample = {"image": image, "text": clean_caption(rec["text"], self.max_words), "index": index,
                   "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "image_id": self.image_ids[index],
-                  "kind": rec.get("kind")}
+                  "kind": rec.get("kind"), "split": rec.get("split"), "size": (W, H), "bbox": rec["bbox"]}
         if self.proposals is not None:
             sample["proposals"] = xywh_to_cxcywh(self.proposals[rec["image"]], W, H)
+            sample["proposals_xywh"] = self.proposals[rec["image"]]
         return sample
 
     def collate(self, samples):
         batch, kept = self.collate_common(samples)
         batch["boxes"] = torch.stack([s["box"] for s in kept]) if kept else torch.zeros(0, 4)
         batch["image_ids"] = torch.tensor([s["image_id"] for s in kept], dtype=torch.long)
-        batch["kinds"] = [s["kind"] for s in kept]
+        batch["kinds"], batch["splits"] = [s["kind"] for s in kept], [s["split"] for s in kept]
+        batch["sizes"] = torch.tensor([s["size"] for s in kept], dtype=torch.float64).view(-1, 2)
+        batch["target_xywh"] = torch.tensor([s["bbox"] for s in kept], dtype=torch.float64).view(-1, 4)
         if self.proposals is not None:
             most = max((len(s["proposals"]) for s in kept), default=0)
             batch["proposals"] = torch.zeros(len(kept), most, 4)
+            batch["proposals_xywh"] = torch.zeros(len(kept), most, 4, dtype=torch.float64)
             batch["proposal_mask"] = torch.zeros(len(kept), most, dtype=torch.bool)
             for i, s in enumerate(kept):
                 batch["proposals"][i, :len(s["proposals"])] = s["proposals"]
+                batch["proposals_xywh"][i, :len(s["proposals"])] = torch.tensor(s["proposals_xywh"], dtype=torch.float64)
                 batch["proposal_mask"][i, :len(s["proposals"])] = True
         return batch
 
@@ -1334,6 +1369,51 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
     return [{"image": paths.get(i, f"{image_dir}/{i}.jpg"), "elems": elems[i]} for i in sorted(elems)]
 
 
+class DataOnly(pickle.Unpickler):
+    """A pickle of plain data only (lists, dicts, strings, numbers): any class or function it names is refused,
+    so reading it runs no code. Python 2 strings (the REFER files are Python 2 pickles) read as latin-1."""
+
+    def find_class(self, module, name):
+        raise RecordError(f"a pickle of plain data was expected, and this one names {module}.{name}: not read")
+
+
+def read_plain_pickle(path):
+    with open(path, "rb") as f:
+        try:
+            return DataOnly(f, encoding="latin1").load()
+        except RecordError as e:
+            raise RecordError(f"{path}: {e}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise RecordError(f"{path}: not a readable pickle ({e})") from None
+
+
+def convert_refcoco(records, refs, instances, dets=None):
+    """The authors' RefCOCO+ files -> grounding records and proposals. records: their refcoco+_*.json
+    ({"image", "text", "ref_id"}); refs: REFER's refs(unc).p (each ref's split and annotation); instances:
+    REFER's instances.json (the annotations' boxes, the images' sizes); dets: their dets.json ({image id:
+    [[x, y, w, h, ...], ...]}, weakly supervised grounding's proposals). Returns (records with "bbox" (the
+    ref's annotation), "split", "ref_id", "image_id", "width", "height"; {image: proposal boxes} or None)."""
+    by_ref = {r["ref_id"]: r for r in read_plain_pickle(refs)}
+    coco, _ = read_json(instances)
+    boxes = {a["id"]: a["bbox"] for a in coco["annotations"]}
+    images = {im["id"]: im for im in coco["images"]}
+    detections = read_json(dets)[0] if dets else None
+    out, proposals = [], {} if dets else None
+    for i, rec in enumerate(read_json(records)[0]):
+        ref = by_ref.get(rec.get("ref_id"))
+        if ref is None:
+            raise RecordError(f"{records}: record {i}: field 'ref_id': {rec.get('ref_id')!r} is not a ref of {refs}")
+        image = images[ref["image_id"]]
+        out.append({"image": rec["image"], "text": rec["text"], "bbox": boxes[ref["ann_id"]], "split": ref["split"],
+                    "ref_id": ref["ref_id"], "image_id": ref["image_id"], "width": image["width"], "height": image["height"]})
+        if detections is not None:
+            found = detections.get(str(ref["image_id"]))
+            if not found:
+                raise RecordError(f"{dets}: no detections for image {ref['image_id']} (record {i} of {records})")
+            proposals[rec["image"]] = [list(d[:4]) for d in found]
+    return out, proposals
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -1362,6 +1442,15 @@ def cli_parser():
                         ("--image-data", "image_data.json: take each image's folder (VG_100K or VG_100K_2) from its url")],
                        ("VG_100K", "image paths are IMAGE_DIR/ID.jpg relative to the image root")),
     }
+    p = sub.add_parser("convert-refcoco", help="the authors' RefCOCO+ files -> grounding records (+ proposals)",
+                       description="Their refcoco+_{val,test}.json with REFER's refs(unc).p and instances.json (the boxes, "
+                       "splits and image sizes) -> grounding records; with --dets, their dets.json -> a proposals file for "
+                       "--task grounding_weak. The pickle is read as plain data: nothing in it runs.")
+    for option, option_help in (("--records", "refcoco+_val.json or refcoco+_test.json (their data/finetune)"),
+                                ("--refs", "refcoco+/refs(unc).p"), ("--instances", "refcoco+/instances.json"),
+                                ("--dets", "refcoco+/dets.json (optional: proposals for weakly supervised grounding)"),
+                                ("--out", "grounding records to write (.json)"), ("--proposals-out", "proposals to write (with --dets)")):
+        p.add_argument(option, required=option in ("--records", "--refs", "--instances", "--out"), help=option_help)
     for name, (help, description, sources, (image_dir, image_help)) in converters.items():
         p = sub.add_parser(name, help=help, description=description)
         for option, option_help in sources:
@@ -1380,6 +1469,16 @@ def main(argv=None):
             print(line)
         print(f"{count} records in {len(args.files)} file(s): {len(problems)} problem(s)")
         return 1 if problems else 0
+    if args.command == "convert-refcoco":
+        if bool(args.dets) != bool(args.proposals_out):
+            parser.error("convert-refcoco: --dets and --proposals-out go together")
+        records, proposals = convert_refcoco(args.records, args.refs, args.instances, args.dets)
+        write_records(args.out, records)
+        if proposals is not None:
+            Path(args.proposals_out).write_text(json.dumps(proposals))
+        print(f"wrote {len(records)} records to {args.out}" + (f" and proposals of {len(proposals)} images to "
+              f"{args.proposals_out}" if proposals is not None else ""))
+        return 0
     if args.command == "convert-coco":
         if not (args.captions or args.instances):
             parser.error("convert-coco needs --captions and/or --instances")

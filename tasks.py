@@ -177,16 +177,36 @@ def vqa_accuracy_by_type(predicted, annotator_answers):
             for t in ("yes/no", "number", "other") if t in types}
 
 
+def pixel_iou(a, b):
+    """IoU of boxes (n, 4) (x, y, w, h) in pixels as the authors' RefCOCO+ evaluation counts it (their
+    computeIoU): the intersection of the pixel spans x..x+w-1 and y..y+h-1, counted inclusively when both
+    are positive, over the union of the plain areas w * h. (n,) float64."""
+    a, b = a.double(), b.double()
+    x0, y0 = torch.maximum(a[:, 0], b[:, 0]), torch.maximum(a[:, 1], b[:, 1])
+    x1, y1 = torch.minimum(a[:, 0] + a[:, 2] - 1, b[:, 0] + b[:, 2] - 1), torch.minimum(a[:, 1] + a[:, 3] - 1, b[:, 1] + b[:, 3] - 1)
+    inter = torch.where((x0 < x1) & (y0 < y1), (x1 - x0 + 1) * (y1 - y0 + 1), torch.zeros_like(x0))
+    return inter / (a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter)
+
+
+def to_pixels(boxes, sizes):
+    """Normalised (cx, cy, w, h) boxes (n, 4) -> (x, y, w, h) in pixels of images of sizes (n, 2) (W, H), in the
+    boxes' precision and order of operations as the authors' grounding_eval_bbox (not clipped to the image)."""
+    xywh = boxes * sizes.to(boxes.dtype).repeat(1, 2)
+    return torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, 2:]], 1)
+
+
 def grounding_accuracy(pred, target):
-    """RefCOCO+ accuracy: percent of predicted boxes with IoU >= 0.5 against the ground truth."""
-    return 100.0 * (box_iou(pred, target)[0] >= 0.5).float().mean().item()
+    """RefCOCO+ accuracy: percent of predicted boxes with IoU >= 0.5 (pixel_iou) against the ground truth,
+    both (n, 4) (x, y, w, h) in pixels."""
+    return 100.0 * (pixel_iou(pred, target) >= 0.5).double().mean().item()
 
 
-def accuracy_by_kind(pred, target, kinds):
-    """grounding_accuracy over the expressions of each kind ("name", "attribute", ...), for the kinds present."""
-    order = [k for k in data.REFERRING_KINDS if k in kinds] + sorted({k for k in kinds if k not in data.REFERRING_KINDS} - {None})
-    return {k: grounding_accuracy(pred[[i for i, x in enumerate(kinds) if x == k]], target[[i for i, x in enumerate(kinds) if x == k]])
-            for k in order}
+def accuracy_by(pred, target, groups, first=()):
+    """grounding_accuracy over the expressions of each group (a kind of expression, a split), for the groups
+    present: those of `first` in its order, then the others sorted; None belongs to none."""
+    order = [g for g in first if g in groups] + sorted({g for g in groups if g not in first} - {None})
+    return {g: grounding_accuracy(pred[[i for i, x in enumerate(groups) if x == g]], target[[i for i, x in enumerate(groups) if x == g]])
+            for g in order}
 
 
 def accuracy(predicted, labels):
@@ -213,16 +233,18 @@ def majority_chance(labels):
     return 100.0 * torch.bincount(labels).max().item() / len(labels)
 
 
-def box_chance(boxes):
-    """Always predicting the split's mean box (the supervised grounding guess without looking)."""
-    return grounding_accuracy(boxes.mean(0, keepdim=True).expand_as(boxes), boxes)
+def box_chance(boxes, sizes):
+    """Always predicting the split's mean box, relative to each image (the supervised grounding guess
+    without looking). boxes (n, 4) (x, y, w, h) in pixels of images of sizes (n, 2)."""
+    relative = boxes.double() / sizes.double().repeat(1, 2)
+    return grounding_accuracy(relative.mean(0, keepdim=True) * sizes.double().repeat(1, 2), boxes)
 
 
 def proposal_chance(proposals, proposal_mask, boxes):
-    """Picking one of each text's proposals uniformly at random (weakly supervised grounding)."""
+    """Picking one of each text's proposals uniformly at random (weakly supervised grounding); boxes in pixels."""
     B, P, _ = proposals.shape
-    hit = box_iou(proposals.reshape(B * P, 4), boxes.repeat_interleave(P, 0))[0].view(B, P) >= 0.5
-    return 100.0 * ((hit & proposal_mask).sum(1) / proposal_mask.sum(1)).mean().item()
+    hit = pixel_iou(proposals.reshape(B * P, 4), boxes.repeat_interleave(P, 0)).view(B, P) >= 0.5
+    return 100.0 * ((hit & proposal_mask).sum(1) / proposal_mask.sum(1)).double().mean().item()
 
 
 # -----------------------------------------------------------------------------
@@ -548,20 +570,25 @@ def rank_answers(model, images, question_ids, question_mask, answer_ids, answer_
         return top.gather(1, ll.argmax(1, keepdim=True)).squeeze(1)
 
 
-def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128):
+def evaluate_vqa(model, batches, answer_ids, answer_mask, answer_list, k=128, score=True):
     """VQA accuracy (the official evaluation's) of the ranked answers, overall and per answer type
-    ("yes/no", "number", "other"), and `chance`, that of always giving the split's most common answer.
-    batches yield data.VQADataset's {images, text_ids, text_mask (the questions), answers (every
-    annotator's)}; answer_list[c] is the string of candidate c."""
+    ("yes/no", "number", "other"), and `chance`, that of always giving the split's most common answer
+    (score=False: no metrics, for records without answers). batches yield data.VQADataset's {images,
+    text_ids, text_mask (the questions), answers (every annotator's), index}; answer_list[c] is the string
+    of candidate c. Returns (metrics, [(record index, chosen answer), ...])."""
     device = model_device(model)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
-    predicted, truth = [], []
+    chosen, truth = [], []
     for batch in batches:
         b = to_device(batch, device)
         best = rank_answers(model, b["images"], b["text_ids"], b["text_mask"], answer_ids, answer_mask, k)
-        predicted += [answer_list[c] for c in best.tolist()]
+        index = batch["index"].tolist() if "index" in batch else range(len(chosen), len(chosen) + len(best))
+        chosen += [(i, answer_list[c]) for i, c in zip(index, best.tolist())]
         truth += b["answers"]
-    return {"vqa_acc": vqa_accuracy(predicted, truth), **vqa_accuracy_by_type(predicted, truth), "chance": vqa_chance(truth)}
+    if not score:
+        return {}, chosen
+    predicted = [a for _, a in chosen]
+    return {"vqa_acc": vqa_accuracy(predicted, truth), **vqa_accuracy_by_type(predicted, truth), "chance": vqa_chance(truth)}, chosen
 
 
 # -----------------------------------------------------------------------------
@@ -747,23 +774,28 @@ def grounding_pretrain_loss(model, batch):
 
 @torch.no_grad()
 def evaluate_grounding(model, batches):
-    """Accuracy (IoU >= 0.5) of the predicted boxes, overall and by kind of expression, and `chance`,
-    always predicting the split's mean box. batches yield grounding_loss's batches (+ kinds)."""
-    pred, target, kinds = [], [], []
+    """Accuracy (IoU >= 0.5, the authors' pixel_iou) of the predicted boxes in pixels of each image, overall,
+    by split (RefCOCO+'s val / testA / testB, as their grounding_eval_bbox) and by kind of expression where
+    the records say them, and `chance`, always predicting the split's mean box. batches yield
+    data.GroundingDataset's batches."""
+    pred, found = [], []
     with evaluating(model):
         for batch in batches:
             b = to_device(batch, model_device(model))
-            pred.append(predict_boxes(model, b["images"], b["text_ids"], b["text_mask"]))
-            target.append(b["boxes"].float())
-            kinds += b.get("kinds", [None] * len(b["boxes"]))
-    pred, target = torch.cat(pred), torch.cat(target)
-    return {"acc": grounding_accuracy(pred, target), "chance": box_chance(target), **by_kind_metrics(pred, target, kinds)}
+            pred.append(to_pixels(predict_boxes(model, b["images"], b["text_ids"], b["text_mask"]).float(), b["sizes"]).cpu())
+            found.append(batch)
+    pred, target, sizes = torch.cat(pred), torch.cat([b["target_xywh"] for b in found]), torch.cat([b["sizes"] for b in found])
+    return {"acc": grounding_accuracy(pred, target), "chance": box_chance(target, sizes), **grouped_metrics(pred, target, found)}
 
 
-def by_kind_metrics(pred, target, kinds):
-    """{"by_kind": accuracy_by_kind}, or nothing when no record says its kind."""
-    found = accuracy_by_kind(pred, target, kinds)
-    return {"by_kind": found} if found else {}
+def grouped_metrics(pred, target, batches):
+    """{"by_split": ..., "by_kind": ...} (accuracy_by) for the groups the records name; nothing for those none names."""
+    out = {}
+    for name, key, first in (("by_split", "splits", ("val", "testA", "testB")), ("by_kind", "kinds", data.REFERRING_KINDS)):
+        found = accuracy_by(pred, target, [g for b in batches for g in b[key]], first)
+        if found:
+            out[name] = found
+    return out
 
 
 def gradcam(model, images, text_ids, text_mask, layer=2):
@@ -810,53 +842,48 @@ def gradcam(model, images, text_ids, text_mask, layer=2):
     return heat.view(B, grid, grid), words.view(B, L, grid, grid)
 
 
-def rank_proposals(heat, proposals, proposal_mask=None):
-    """Score each proposal by the heat inside it / sqrt(its area), in patch units (ALBEF's rule,
-    alpha = 0.5), and return the best proposal's index (B,) and all scores (B, P).
+def rank_proposals(heat, proposals, sizes, proposal_mask=None, alpha=0.5):
+    """Score each proposal as the authors' grounding_eval does (ALBEF's rule): the Grad-CAM map upsampled
+    bicubically to the image's pixels, summed over the box's pixel rows int(y)..int(y + h) and columns
+    int(x)..int(x + w), over area ** alpha. Returns the best proposal's index (B,), the first of equal
+    best scores, and all scores (B, P), -inf at padding.
 
-    heat (B, g, g), constant over each patch; proposals (B, P, 4) normalised cxcywh;
-    proposal_mask (B, P) bool, False for padding. A patch partly inside a box counts by the part
-    inside: the exact integral of the map over the box. (The authors upsample the map bicubically to
-    pixels first; the sum / sqrt(area) rule is the same.)
+    heat (B, g, g); proposals (B, P, 4) (x, y, w, h) in pixels (float64, so int() cuts as theirs);
+    sizes (B, 2) each image's (W, H); proposal_mask (B, P) bool, False for padding.
     """
-    g = heat.shape[-1]
-    corners = box_corners(proposals.float()) * g  # (B, P, 4) in patch units
-    cells = torch.arange(g, device=heat.device, dtype=corners.dtype)
-
-    def overlap(lo, hi):  # (B, P, g): how much of each patch row / column lies inside [lo, hi]
-        return (torch.minimum(hi[..., None], cells + 1) - torch.maximum(lo[..., None], cells)).clamp(min=0)
-
-    ox, oy = overlap(corners[..., 0], corners[..., 2]), overlap(corners[..., 1], corners[..., 3])
-    inside = torch.einsum("bpy,byx,bpx->bp", oy, heat.float(), ox)
-    area = (proposals[..., 2] * proposals[..., 3]).float() * g * g
-    scores = inside / area.clamp(min=1e-6).sqrt()
-    if proposal_mask is not None:
-        scores = scores.masked_fill(~proposal_mask.bool(), float("-inf"))
+    B, P, _ = proposals.shape
+    scores = torch.full((B, P), float("-inf"), dtype=torch.float64)
+    keep = torch.ones(B, P, dtype=torch.bool) if proposal_mask is None else proposal_mask.bool().cpu()
+    for b in range(B):
+        W, H = (int(v) for v in sizes[b].tolist())
+        pixels = F.interpolate(heat[b][None, None].float().cpu(), size=(H, W), mode="bicubic")[0, 0]
+        for p in keep[b].nonzero()[:, 0].tolist():
+            x, y, w, h = proposals[b, p].tolist()
+            scores[b, p] = pixels[int(y):int(y + h), int(x):int(x + w)].sum().item() / (w * h) ** alpha
     return scores.argmax(1), scores
 
 
 def proposal_accuracy(model, batches, choose):
-    """Accuracy (IoU >= 0.5) of the proposal that choose(batch) -> (B,) picks for each text, overall and
-    by kind of expression, and `chance`, picking a proposal at random. batches yield {images, text_ids,
-    text_mask, boxes (B, 4), proposals (B, P, 4) normalised cxcywh, proposal_mask (B, P) bool, kinds}."""
-    pred, target, kinds, lucky = [], [], [], 0.0
+    """Accuracy (IoU >= 0.5, pixel_iou) of the proposal that choose(batch) -> (B,) picks for each text, overall,
+    by split and by kind of expression, and `chance`, picking a proposal at random. batches yield data.GroundingDataset's
+    batches with proposals: proposals_xywh (B, P, 4) in pixels, proposal_mask (B, P), target_xywh (B, 4)."""
+    pred, found, lucky = [], [], 0.0
     for batch in batches:
         b = to_device(batch, model_device(model))
-        best = choose(b)
-        pred.append(b["proposals"][torch.arange(len(best)), best].float())
-        target.append(b["boxes"].float())
-        kinds += b.get("kinds", [None] * len(best))
-        mask = b.get("proposal_mask", torch.ones(b["proposals"].shape[:2], dtype=torch.bool, device=best.device))
-        lucky += proposal_chance(b["proposals"].float(), mask.bool(), target[-1]) * len(best)
-    pred, target = torch.cat(pred), torch.cat(target)
-    return {"acc": grounding_accuracy(pred, target), "chance": lucky / len(target), **by_kind_metrics(pred, target, kinds)}
+        best = choose(b).cpu()
+        pred.append(batch["proposals_xywh"][torch.arange(len(best)), best])
+        found.append(batch)
+        lucky += proposal_chance(batch["proposals_xywh"], batch["proposal_mask"], batch["target_xywh"]) * len(best)
+    pred, target = torch.cat(pred), torch.cat([b["target_xywh"] for b in found])
+    return {"acc": grounding_accuracy(pred, target), "chance": lucky / len(target), **grouped_metrics(pred, target, found)}
 
 
 def evaluate_grounding_weak(model, batches, layer=2):
-    """Weakly supervised grounding: the proposal ranked first by Grad-CAM (proposal_accuracy)."""
+    """Weakly supervised grounding: the proposal ranked first by Grad-CAM at cross-modal layer `layer`
+    (rank_proposals; proposal_accuracy)."""
     def choose(b):
         heat, _ = gradcam(model, b["images"], b["text_ids"], b["text_mask"], layer)
-        return rank_proposals(heat, b["proposals"], b.get("proposal_mask"))[0]
+        return rank_proposals(heat, b["proposals_xywh"], b["sizes"], b.get("proposal_mask"))[0]
     return proposal_accuracy(model, batches, choose)
 
 
@@ -898,6 +925,8 @@ def load_pretrained(model, source, name=None):
     model from its loaded weights (the VQA decoder and the NLVR2 twins from the cross-modal
     encoder). Returns (the modules initialised so, the parameter names left at their random init).
     """
+    if isinstance(source, dict) and checkpoints.is_released(source):
+        return load_released_file(model, source, name or "the released file")
     state, source = checkpoints.read_state_dict(source)
     source = name or source
     new = getattr(model, "new_modules", ())
@@ -918,6 +947,26 @@ def load_pretrained(model, source, name=None):
     xvlm.load_state(model, state, source, allow_missing=covered + [m + "." for m in fresh])
     left = model.init_new_modules(fresh) if fresh else []
     return fresh, left
+
+
+def load_released_file(model, checkpoint, source):
+    """One of the authors' released files (as checkpoints.read_file read it) into a task model built with its
+    config (train.model_config), by the model's released_layout; a file of a kind the model does not read (a
+    VQA file for retrieval) is refused. The model's new modules the file lacks are initialised from it as
+    load_pretrained does (the VQA decoder from a pre-trained file's cross-modal layers). Returns as load_pretrained."""
+    state = checkpoints.state_dict_of(checkpoint, source)
+    kind = checkpoints.released_kind(state, source)
+    if kind not in type(model).released_kinds:
+        readers = [t for t, row in TASKS.items() if kind in row.model.released_kinds]
+        raise data.UsageError(f"{source} is the authors' {kind} checkpoint, which this task's {type(model).__name__} does not "
+                              f"read: it serves --task {', '.join(readers)}")
+    fusion, extra = model.released_layout(model.cfg, kind)
+    report = xvlm.load_released(model, state, source, checkpoints.released_key_pairs(model.cfg, kind, fusion, extra))
+    loaded = set(report.loaded)
+    fresh = [m for m in getattr(model, "new_modules", ()) if not any(k.startswith(m + ".") for k in loaded)]
+    left = model.init_new_modules(fresh) if fresh else []
+    params = {n for n, _ in model.named_parameters()}
+    return fresh, sorted(set(left) | {k for k in report.missing if k in params and not k.startswith(tuple(m + "." for m in fresh))})
 
 
 # -----------------------------------------------------------------------------
@@ -1042,16 +1091,23 @@ def log_skipped(batch, log):
 
 
 class Batches:
-    """A dataset's evaluation batches, read afresh each time; unreadable images logged and counted."""
+    """A dataset's evaluation batches, read afresh each time; unreadable images logged and counted, and a
+    progress line (records done, images/s, eta) every `every` seconds."""
 
-    def __init__(self, dataset, log):
-        self.dataset, self.log, self.skipped = dataset, log, 0
+    def __init__(self, dataset, log, every=30.0):
+        self.dataset, self.log, self.skipped, self.every = dataset, log, 0, every
 
     def __iter__(self):
-        self.skipped = 0
+        self.skipped, done, t0 = 0, 0, time.time()
+        last = t0
         for batch in data.eval_loader(self.dataset):
             self.skipped += log_skipped(batch, self.log)
             yield batch
+            done += len(batch["index"]) + len(batch.get("skipped", ()))
+            if time.time() - last >= self.every and done < len(self.dataset):
+                last, rate = time.time(), done / max(time.time() - t0, 1e-9)
+                self.log(f"eval {type(self.dataset).__name__}: {done}/{len(self.dataset)} records  {rate:.1f} records/s  "
+                         f"eta {(len(self.dataset) - done) / max(rate, 1e-9) / 60:.1f} min")
 
     def counted(self, metrics):
         return {**metrics, "skipped_images": self.skipped} if self.skipped else metrics
@@ -1066,7 +1122,7 @@ def retrieval_metrics(model, split, tokenizer, k, log):
         kept += b["index"].tolist()
     row = {image: r for r, image in enumerate(kept)}
     texts = [t for t in range(len(split.texts)) if split.txt2img[t] in row]
-    text_batches = [tokenizer.encode_batch([split.texts[t] for t in texts[i:i + 256]], split.max_tokens)
+    text_batches = [split.tokenizer.encode_batch([split.texts[t] for t in texts[i:i + 256]], split.max_tokens)
                     for i in range(0, len(texts), 256)]
     text_image = torch.tensor([row[split.txt2img[t]] for t in texts])
     return batches.counted(evaluate_retrieval(model, images, text_batches, text_image, k=k))
@@ -1089,10 +1145,15 @@ class TaskSettings:
     objects: bool  # pre-training: object texts in (off: Table 3's w/o object)
     regions: bool  # pre-training: region texts in (off: Table 3's w/o region)
     rerank_k: int  # the top k re-ranked: by ITM in retrieval, by full likelihood in VQA
+    gradcam_layer: int  # grounding_weak: the cross-modal layer whose cross-attention Grad-CAM reads
+    decode: str  # how image files are read: data.DECODINGS
+    out: str  # the run's directory: the VQA result file goes there
 
 
-def eval_args(s, tokenizer, cfg):
-    return s.eval_data, s.image_root, tokenizer, cfg.max_tokens, cfg.image_res
+def eval_args(s, tokenizer, cfg, cut=False):
+    """The evaluation files' dataset arguments. Texts are cut at cfg.max_tokens where the authors' evaluation
+    cuts them (`cut`: retrieval), else only at the model's positions."""
+    return s.eval_data, s.image_root, tokenizer, cfg.max_tokens if cut else cfg.max_positions, cfg.image_res
 
 
 def pretrain_evaluation(s, tokenizer, cfg, log):
@@ -1100,9 +1161,9 @@ def pretrain_evaluation(s, tokenizer, cfg, log):
     ranking proposal boxes as visual concepts (the images read once for both)."""
     if not s.eval_data and not s.grounding_data:
         return None
-    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg)) if s.eval_data else None
-    grounding = (Batches(data.GroundingDataset(s.grounding_data, *eval_args(s, tokenizer, cfg)[1:], proposals=s.proposals), log)
-                 if s.grounding_data else None)
+    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg, cut=True), decode=s.decode) if s.eval_data else None
+    grounding = (Batches(data.GroundingDataset(s.grounding_data, *eval_args(s, tokenizer, cfg)[1:], proposals=s.proposals,
+                                               decode=s.decode), log) if s.grounding_data else None)
 
     def evaluate(model):
         out = {"retrieval": retrieval_metrics(model, split, tokenizer, s.rerank_k, log)} if split else {}
@@ -1118,7 +1179,7 @@ def pretrain_evaluation(s, tokenizer, cfg, log):
 def retrieval_evaluation(s, tokenizer, cfg, log):
     if not s.eval_data:
         return None
-    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg))
+    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg, cut=True), decode=s.decode)
     return lambda model: retrieval_metrics(model, split, tokenizer, s.rerank_k, log)
 
 
@@ -1126,7 +1187,7 @@ def text_assignment_evaluation(s, tokenizer, cfg, log):
     """The NLVR2 pre-step on the retrieval split: each image with its first caption."""
     if not s.eval_data:
         return None
-    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg))
+    split = data.RetrievalEvalDataset(*eval_args(s, tokenizer, cfg, cut=True), decode=s.decode)
     batches = Batches(split, log)
 
     def pairs():
@@ -1137,14 +1198,27 @@ def text_assignment_evaluation(s, tokenizer, cfg, log):
 
 
 def vqa_evaluation(s, tokenizer, cfg, log):
+    """VQA accuracy on records with answers; on records without (test-dev, test-std) the result file the
+    evaluation server takes, OUT/vqa_result.json [{"question_id", "answer"}], as the authors' VQA.py writes."""
     if not s.eval_data:
         return None
     if not s.answer_list:
         raise data.UsageError("--task vqa evaluates by ranking candidate answers: give --answer-list (a JSON list of strings)")
     answers = data.read_answer_list(s.answer_list)
-    answer_ids, answer_mask = tokenizer.encode_batch(answers, cfg.max_tokens)
-    batches = Batches(data.VQADataset(*eval_args(s, tokenizer, cfg)), log)
-    return lambda model: batches.counted(evaluate_vqa(model, batches, answer_ids, answer_mask, answers, k=s.rerank_k))
+    answer_ids, answer_mask = tokenizer.encode_batch(answers, cfg.max_positions, sep=True)  # "[CLS] answer [SEP]", theirs too
+    dataset = data.VQADataset(*eval_args(s, tokenizer, cfg), decode=s.decode)
+    answered = ["answer" in r for r in dataset.records]
+    if any(answered) and not all(answered):
+        raise data.UsageError(f"{', '.join(s.eval_data)}: record {answered.index(False)} has no 'answer' while others do: "
+                              "give answered records (accuracy) or unanswered ones (test-dev: a result file), not both")
+    batches = Batches(dataset, log)
+
+    def evaluate(model):
+        metrics, chosen = evaluate_vqa(model, batches, answer_ids, answer_mask, answers, k=s.rerank_k, score=all(answered))
+        result = [{"question_id": dataset.records[i]["question_id"], "answer": a} for i, a in chosen]
+        data.write_records(Path(s.out) / "vqa_result.json", result)
+        return batches.counted({**metrics, "questions": len(result), "result_file": str(Path(s.out) / "vqa_result.json")})
+    return evaluate
 
 
 def dataset_evaluation(dataset, evaluate):
@@ -1152,7 +1226,7 @@ def dataset_evaluation(dataset, evaluate):
     def build(s, tokenizer, cfg, log):
         if not s.eval_data:
             return None
-        batches = Batches(dataset(*eval_args(s, tokenizer, cfg)), log)
+        batches = Batches(dataset(*eval_args(s, tokenizer, cfg), decode=s.decode), log)
         return lambda model: batches.counted(evaluate(model, batches))
     return build
 
@@ -1162,8 +1236,10 @@ def weak_grounding_evaluation(s, tokenizer, cfg, log):
         return None
     if not s.proposals:
         raise data.UsageError("--task grounding_weak ranks proposal boxes: give --proposals ({image: [[x, y, w, h], ...]})")
-    batches = Batches(data.GroundingDataset(*eval_args(s, tokenizer, cfg), proposals=s.proposals), log)
-    return lambda model: batches.counted(evaluate_grounding_weak(model, batches))
+    if s.gradcam_layer < 0:
+        raise data.UsageError(f"--gradcam-layer must be >= 0 (a cross-modal layer, the first 0), got {s.gradcam_layer}")
+    batches = Batches(data.GroundingDataset(*eval_args(s, tokenizer, cfg), proposals=s.proposals, decode=s.decode), log)
+    return lambda model: batches.counted(evaluate_grounding_weak(model, batches, s.gradcam_layer))
 
 
 def pretraining_data(image_text, mlm):
@@ -1178,12 +1254,13 @@ def pretraining_data(image_text, mlm):
     return build
 
 
-def task_data(dataset, train=True):
-    """The loader of a downstream training set, data.*Dataset `dataset` (train: augmented)."""
+def task_data(dataset, train=True, cut=False):
+    """The loader of a downstream training set, data.*Dataset `dataset` (train: augmented; cut: texts cut at
+    cfg.max_tokens, as the authors' training of retrieval and weakly supervised grounding, else at the positions)."""
     def build(s, tokenizer, cfg, shard):
-        options = dict(train=True, seed=s.seed, crop_scale=s.crop_scale) if train else {}
-        return data.task_train_loader(dataset(s.data, s.image_root, tokenizer, cfg.max_tokens, cfg.image_res, **options),
-                                      s.batch_size, shard)
+        augment = {"train": data.Augment(s.seed, s.crop_scale)} if train else {}
+        return data.task_train_loader(dataset(s.data, s.image_root, tokenizer, cfg.max_tokens if cut else cfg.max_positions,
+                                              cfg.image_res, **augment, decode=s.decode), s.batch_size, shard)
     return build
 
 
@@ -1217,7 +1294,7 @@ TASKS = {
                                min_images=1, ablations=("none", "no_object", "no_region", "no_mixed_attn")),
     "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, task_data(data.RetrievalTrainDataset), text_assignment_evaluation,
                            RETRIEVAL_FILES, ITC_ITM + ("bbox_head", "mlm_head", "cls_head"), new_heads=("assign_head",), min_images=3),
-    "retrieval": Task(XVLM, retrieval_loss, task_data(data.RetrievalTrainDataset), retrieval_evaluation, RETRIEVAL_FILES,
+    "retrieval": Task(XVLM, retrieval_loss, task_data(data.RetrievalTrainDataset, cut=True), retrieval_evaluation, RETRIEVAL_FILES,
                       ("bbox_head", "mlm_head")),
     "vqa": Task(VQAModel, vqa_loss, task_data(data.VQADataset), vqa_evaluation,
                 {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"},
@@ -1228,7 +1305,7 @@ TASKS = {
     "grounding": Task(XVLM, grounding_loss, task_data(data.GroundingDataset, train=False),
                       dataset_evaluation(data.GroundingDataset, evaluate_grounding), GROUNDING_FILES, ITC_ITM + ("mlm_head",),
                       min_images=1),
-    "grounding_weak": Task(XVLM, retrieval_loss, task_data(data.GroundingDataset, train=False), weak_grounding_evaluation,
+    "grounding_weak": Task(XVLM, retrieval_loss, task_data(data.GroundingDataset, train=False, cut=True), weak_grounding_evaluation,
                            {**GROUNDING_FILES, "proposals": "grounding_proposals"}, ("bbox_head", "mlm_head")),
 }
 

@@ -1712,7 +1712,7 @@ def test_every_task_split_parses_with_its_dataset(world, world_tok):
     for split in ("train", "val", "test"):
         train = split == "train"
         if train:
-            ds = data.RetrievalTrainDataset(world / "retrieval_train.json", train=True, **common)
+            ds = data.RetrievalTrainDataset(world / "retrieval_train.json", train=data.Augment(), **common)
             b = first(ds, True)
             assert b["images"].shape == (4, 3, 32, 32) and b["image_ids"].dtype == torch.long
         else:
@@ -1720,14 +1720,14 @@ def test_every_task_split_parses_with_its_dataset(world, world_tok):
             assert len(ds.texts) == len(ds.txt2img) == sum(map(len, ds.img2txt)) and len(ds.img2txt) == len(ds)
             b = first(ds, False)
             assert b["index"].tolist() == [0, 1, 2, 3]
-        ds = data.VQADataset(world / f"vqa_{split}.json", train=train, **common)
+        ds = data.VQADataset(world / f"vqa_{split}.json", train=data.Augment() if train else None, **common)
         b = first(ds, train)
         assert b["text_ids"].shape[0] == 4 and b["text_mask"].dtype == torch.bool
         assert all(len(a) == 10 and len(set(a)) == 1 for a in b["answers"])  # ten annotators who agree
         assert set(a for ans in b["answers"] for a in ans) <= set(data.read_answer_list(world / "answer_list.json"))
         assert b["answer_ids"].shape[0] == b["answer_mask"].shape[0] == 4 and (b["answer_ids"][:, 0] == tok.cls_id).all()
         assert b["answer_question"].tolist() == [0, 1, 2, 3] and b["answer_weights"].tolist() == [1.0] * 4
-        ds = data.NLVR2Dataset(world / f"nlvr2_{split}.json", train=train, **common)
+        ds = data.NLVR2Dataset(world / f"nlvr2_{split}.json", train=data.Augment() if train else None, **common)
         b = first(ds, train)
         assert b["images"].shape == b["images2"].shape == (4, 3, 32, 32) and set(b["labels"].tolist()) <= {0, 1}
         ds = data.GroundingDataset(world / f"grounding_{split}.json", proposals=world / "grounding_proposals.json", **common)
@@ -1745,7 +1745,7 @@ def test_vqa_flip_swaps_left_right_in_question_and_answers(tmp_path, world_tok):
     rec = {"question_id": 1, "question": "Is the red circle left or right of the cube?", "answer": ["left"] * 3 + ["right"],
            "image": "a.png"}
     (tmp_path / "q.json").write_text(json.dumps([rec]))
-    ds = data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 25, 16, train=True)
+    ds = data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 25, 16, train=data.Augment())
     seen = set()
     for epoch in range(12):
         ds.set_epoch(epoch)
@@ -1759,7 +1759,7 @@ def test_vqa_answers_weigh_their_share_of_the_annotators_and_visual_genome_answe
     Image.new("RGB", (40, 30), "white").save(tmp_path / "a.png")
     rec = {"question_id": 1, "question": "What color is the circle?", "answer": ["red", "red", "blue", "red"], "image": "a.png"}
     (tmp_path / "q.json").write_text(json.dumps([{**rec, "dataset": "vqa"}, {**rec, "question_id": 2, "dataset": "vg"}]))
-    ds = data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 25, 16, train=True)
+    ds = data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 25, 16, train=data.Augment())
     batch = next(iter(data.eval_loader(ds, 2)))
     assert batch["answer_question"].tolist() == [0, 0, 1, 1]
     assert batch["answer_weights"].tolist() == [0.75, 0.25, 0.5, 0.5]  # VQA: 3 of 4 and 1 of 4; Visual Genome: 0.5 each
@@ -1775,7 +1775,7 @@ def test_nlvr2_flip_mirrors_the_pair_so_that_both_kinds_of_sentence_stay_true(tm
     Image.new("RGB", (40, 20), (0, 0, 255)).save(tmp_path / "b.png")
     records = [{"images": ["a.png", "b.png"], "sentence": "The left image has a red part left of a white part.", "label": "True"}]
     (tmp_path / "n.json").write_text(json.dumps(records))
-    ds = data.NLVR2Dataset(tmp_path / "n.json", tmp_path, world_tok, 25, 20, train=True, crop_scale=(1.0, 1.0))
+    ds = data.NLVR2Dataset(tmp_path / "n.json", tmp_path, world_tok, 25, 20, train=data.Augment(crop_scale=(1.0, 1.0)))
     red = lambda x: bool((x[0] > x[2] + 1).any())  # normalised: red well above blue somewhere
     seen = set()
     for epoch in range(16):
@@ -1793,7 +1793,7 @@ def test_nlvr2_flip_mirrors_the_pair_so_that_both_kinds_of_sentence_stay_true(tm
 
 def test_task_train_loader_resumes_exactly_and_reshuffles_each_epoch(world, world_tok):
     def make(workers=0):
-        ds = data.RetrievalTrainDataset(world_files(world, "retrieval_train"), world / "images", world_tok, 20, 16, train=True, seed=3)
+        ds = data.RetrievalTrainDataset(world_files(world, "retrieval_train"), world / "images", world_tok, 20, 16, train=data.Augment(seed=3))
         return data.task_train_loader(ds, 4, data.Shard(workers=workers, seed=3))
 
     loader = make()
@@ -2219,9 +2219,14 @@ def test_tasks_box_iou_and_grounding_accuracy_at_the_boundary():
     just_under = torch.tensor([[0.25, 0.5, 0.5, 0.998]])
     box_iou = lambda a, b: xvlm.box_iou(a, b)[0]
     assert box_iou(whole, left_half).item() == 0.5
-    assert tasks.grounding_accuracy(left_half, whole) == 100.0  # >= 0.5 counts
-    assert tasks.grounding_accuracy(just_under, whole) == 0.0
-    assert tasks.grounding_accuracy(torch.cat([left_half, just_under]), torch.cat([whole, whole])) == 50.0
+    # The metric counts pixels as the authors' computeIoU: (x, y, w, h) in pixels, spans x..x+w-1 inclusive.
+    px = lambda *b: torch.tensor([b], dtype=torch.float64)
+    assert tasks.grounding_accuracy(px(0, 0, 50, 100), px(0, 0, 100, 100)) == 100.0  # IoU exactly 1/2: >= 0.5 counts
+    assert tasks.grounding_accuracy(px(0, 0, 50, 99), px(0, 0, 100, 100)) == 0.0
+    assert tasks.grounding_accuracy(torch.cat([px(0, 0, 50, 100), px(0, 0, 50, 99)]), px(0, 0, 100, 100).repeat(2, 1)) == 50.0
+    assert tasks.pixel_iou(px(0, 0, 10, 10), px(5, 5, 10, 10)).item() == 25 / 175
+    assert tasks.pixel_iou(px(0, 0, 10, 10), px(9, 0, 10, 10)).item() == 0.0  # one shared pixel column: theirs counts none
+    assert_close(tasks.to_pixels(whole, torch.tensor([[200.0, 100.0]])), torch.tensor([[0.0, 0.0, 200.0, 100.0]]))
     # Nested boxes: the hull is the union, so IoU equals xvlm's GIoU.
     torch.manual_seed(0)
     outer = torch.cat([torch.rand(20, 2) * 0.2 + 0.4, torch.rand(20, 2) * 0.3 + 0.5], 1)
@@ -2235,11 +2240,13 @@ def test_tasks_box_iou_and_grounding_accuracy_at_the_boundary():
 def test_tasks_accuracy_and_chance_baselines():
     assert tasks.accuracy(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2])) == 75.0
     assert tasks.majority_chance(torch.tensor([1, 1, 1, 0])) == 75.0
-    boxes = torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 3 + [[0.5, 0.5, 0.8, 0.8]])
-    assert tasks.box_chance(boxes) == 75.0  # the mean box, side 0.5: IoU 0.64 with the small ones, 0.39 with the big
-    proposals = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]] * 2)
+    boxes = torch.tensor([[30.0, 30.0, 40.0, 40.0]] * 3 + [[10.0, 10.0, 80.0, 80.0]])  # pixels of 100 x 100 images
+    sizes = torch.full((4, 2), 100.0)
+    assert tasks.box_chance(boxes, sizes) == 75.0  # the mean box, side 50: IoU 0.64 with the small ones, 0.39 with the big
+    assert tasks.box_chance(boxes * 2, sizes * 2) == 75.0  # relative to each image
+    proposals = torch.tensor([[[25.0, 25.0, 50.0, 50.0], [5.0, 5.0, 10.0, 10.0], [85.0, 85.0, 10.0, 10.0]]] * 2)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    targets = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]])
+    targets = torch.tensor([[25.0, 25.0, 50.0, 50.0], [5.0, 5.0, 10.0, 10.0]])
     assert tasks.proposal_chance(proposals, mask, targets) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
 
 
@@ -2256,6 +2263,17 @@ def task_texts(n, length=8, seed=0):
     ids[:, 0] = 101
     ids[torch.arange(n), lengths - 1] = 102
     return ids.masked_fill(~mask, 0), mask
+
+
+def in_pixels(batch, size=96):
+    """A hand-made grounding batch (boxes, proposals: normalised cxcywh) with what data.GroundingDataset adds for
+    the metrics: each image's size, and the boxes in its pixels (x, y, w, h)."""
+    n = len(batch["boxes"])
+    sizes = torch.full((n, 2), float(size), dtype=torch.float64)
+    pixels = lambda b: tasks.to_pixels(b.double().reshape(n, -1, 4).reshape(-1, 4),
+                                       sizes.repeat_interleave(b.numel() // 4 // n, 0)).reshape(b.shape)
+    out = dict(batch, sizes=sizes, target_xywh=pixels(batch["boxes"]), kinds=batch.get("kinds", [None] * n), splits=[None] * n)
+    return dict(out, proposals_xywh=pixels(batch["proposals"])) if "proposals" in batch else out
 
 
 def task_images(n, res=64, seed=0):
@@ -2453,7 +2471,7 @@ def test_tasks_rank_answers_picks_the_overfit_answer():
     # evaluate_vqa on the split it knows: 100 when the annotators agree with it, 0 with the answers swapped
     names, known = list("abcdef"), {"images": images, "text_ids": q_ids, "text_mask": q_mask}
     for answers, acc in (([["b"] * 10, ["d"] * 10], 100.0), ([["d"] * 10, ["b"] * 10], 0.0)):
-        assert tasks.evaluate_vqa(model, [dict(known, answers=answers)], answer_ids, answer_mask, names, k=2)["vqa_acc"] == acc
+        assert tasks.evaluate_vqa(model, [dict(known, answers=answers)], answer_ids, answer_mask, names, k=2)[0]["vqa_acc"] == acc
     # With k covering every candidate it is the argmax of the full likelihood, one candidate at a time.
     with torch.no_grad():
         states = model.fuse(model.encode_text(q_ids, q_mask), q_mask, model.encode_image(images))
@@ -2669,23 +2687,24 @@ def test_tasks_gradcam_shape_non_negative_and_the_literal_backward():
 
 
 def test_tasks_rank_proposals_hand_made_heat_map():
+    # The authors' rule: the map upsampled to the image's pixels, summed over rows int(y)..int(y+h) and
+    # columns int(x)..int(x+w) of the box, over sqrt(w * h). A constant map stays constant when upsampled,
+    # so a box's score counts the pixels that cut takes.
+    sizes = torch.tensor([[40.0, 30.0]], dtype=torch.float64)
+    box = torch.tensor([[[9.7, 0.2, 10.5, 5.9]]], dtype=torch.float64)  # columns 9..19, rows 0..5
+    best, scores = tasks.rank_proposals(torch.ones(1, 4, 4), box, sizes)
+    assert scores[0, 0].item() == pytest.approx(11 * 6 / math.sqrt(10.5 * 5.9), rel=1e-6)
     heat = torch.zeros(1, 4, 4)
-    heat[0, 1:3, 1:3] = 1.0  # a hot 2x2 block of patches in the middle
-    proposals = torch.tensor([[
-        [0.5, 0.5, 0.5, 0.5],  # exactly the block: 4 / sqrt(4) = 2
-        [0.5, 0.5, 1.0, 1.0],  # the whole image: 4 / sqrt(16) = 1
-        [0.375, 0.375, 0.25, 0.25],  # one hot patch: 1 / 1
-        [0.125, 0.125, 0.25, 0.25],  # a cold corner: 0
-        [0.3125, 0.375, 0.125, 0.25],  # half a hot patch: 0.5 / sqrt(0.5)
-        [0.5, 0.5, 0.5, 0.5],  # the block again, but padding
-    ]])
-    mask = torch.tensor([[True] * 5 + [False]])
-    best, scores = tasks.rank_proposals(heat, proposals, mask)
-    assert best.tolist() == [0]
-    assert_close(scores[0, :5], torch.tensor([2.0, 1.0, 1.0, 0.0, 0.5 / math.sqrt(0.5)]))
-    assert scores[0, 5] == float("-inf")
-    heat[0, 0, 0] = 10.0  # a hotter corner now wins
-    assert tasks.rank_proposals(heat, proposals, mask)[0].tolist() == [3]
+    heat[0, 1:3, 1:3] = 1.0  # a hot 2x2 block of patches in the middle of a 40 x 40 image
+    proposals = torch.tensor([[[10.0, 10.0, 20.0, 20.0],  # exactly the block
+                               [0.0, 0.0, 40.0, 40.0],  # the whole image: the same heat over twice the side
+                               [0.0, 0.0, 10.0, 10.0],  # a cold corner
+                               [10.0, 10.0, 20.0, 20.0]]], dtype=torch.float64)  # the block again, but padding
+    mask = torch.tensor([[True] * 3 + [False]])
+    best, scores = tasks.rank_proposals(heat, proposals, torch.tensor([[40.0, 40.0]]), mask)
+    assert best.tolist() == [0] and scores[0, 0] > scores[0, 1] > scores[0, 2] and scores[0, 3] == float("-inf")
+    heat[0, 0, 0] = 100.0  # a hotter corner now wins
+    assert tasks.rank_proposals(heat, proposals, torch.tensor([[40.0, 40.0]]), mask)[0].tolist() == [2]
 
 
 def test_tasks_evaluate_grounding_weak_picks_the_proposal_a_fixed_heat_map_points_to(monkeypatch):
@@ -2705,9 +2724,10 @@ def test_tasks_evaluate_grounding_weak_picks_the_proposal_a_fixed_heat_map_point
     images, (ids, mask) = task_images(2), task_texts(2)
     ev = {"images": images, "text_ids": ids, "text_mask": mask, "proposals": proposals,
           "proposal_mask": torch.ones(2, 3, dtype=torch.bool)}
-    known = tasks.evaluate_grounding_weak(task_model(), [dict(ev, boxes=proposals[[0, 1], [2, 1]])])
+    known = tasks.evaluate_grounding_weak(task_model(), [in_pixels(dict(ev, boxes=proposals[[0, 1], [2, 1]]))])
     assert known == {"acc": 100.0, "chance": pytest.approx(100 / 3)}
-    assert tasks.evaluate_grounding_weak(task_model(), [dict(ev, boxes=proposals[[0, 1], [1, 2]])])["acc"] == 0.0  # targets swapped
+    swapped = in_pixels(dict(ev, boxes=proposals[[0, 1], [1, 2]]))
+    assert tasks.evaluate_grounding_weak(task_model(), [swapped])["acc"] == 0.0  # targets swapped
     assert torch.equal(calls[0][0], images) and torch.equal(calls[0][1], ids) and calls[0][2] == 2  # the paper's 3rd layer
 
 
@@ -2716,8 +2736,8 @@ def test_tasks_evaluate_grounding_of_boxes_the_model_knows():
     boxes = torch.tensor([[0.25, 0.25, 0.3, 0.3], [0.75, 0.25, 0.3, 0.3], [0.25, 0.75, 0.3, 0.3], [0.75, 0.75, 0.3, 0.3]])
     batch = {"images": images, "text_ids": ids, "text_mask": mask, "boxes": boxes}
     model = overfit(task_model(**SMALL), tasks.grounding_loss, batch, steps=80, lr=1e-3)
-    assert tasks.evaluate_grounding(model, [batch]) == {"acc": 100.0, "chance": 0.0}  # the mean box meets none of the quarters
-    assert tasks.evaluate_grounding(model, [dict(batch, boxes=boxes[[1, 2, 3, 0]])])["acc"] == 0.0  # each text another's box
+    assert tasks.evaluate_grounding(model, [in_pixels(batch)]) == {"acc": 100.0, "chance": 0.0}  # the mean box meets no quarter
+    assert tasks.evaluate_grounding(model, [in_pixels(dict(batch, boxes=boxes[[1, 2, 3, 0]]))])["acc"] == 0.0  # another's box
 
 
 def test_tasks_region_scores_equal_encoding_each_box_alone():
@@ -2740,7 +2760,7 @@ def test_tasks_region_scores_equal_encoding_each_box_alone():
     best = scores.argmax(1)
     ev = {"images": images, "text_ids": ids, "text_mask": mask, "boxes": proposals[torch.arange(2), best],
           "proposals": proposals, "proposal_mask": proposal_mask}
-    out = tasks.evaluate_grounding_regions(model, [ev])
+    out = tasks.evaluate_grounding_regions(model, [in_pixels(ev)])
     assert out["acc"] == 100.0 and 0 < out["chance"] < 100
 
 
@@ -2889,11 +2909,11 @@ def task_case(name):
         proposals = torch.stack([torch.cat([boxes, torch.tensor([[0.5, 0.5, 1.0, 1.0]])])] * 2)
         ev = {"images": images[:2], "text_ids": ids[:2], "text_mask": mask[:2], "boxes": boxes, "proposals": proposals,
               "proposal_mask": torch.ones(2, 3, dtype=torch.bool)}
-        return batch, lambda m: tasks.evaluate_grounding_weak(m, [ev])
+        return batch, lambda m: tasks.evaluate_grounding_weak(m, [in_pixels(ev)])
     if name == "grounding":
         batch = {"images": images[:4], "text_ids": ids[:4], "text_mask": mask[:4],
                  "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.9, 0.9], [0.2, 0.8, 0.2, 0.2]])}
-        return batch, lambda m: tasks.evaluate_grounding(m, [batch])
+        return batch, lambda m: tasks.evaluate_grounding(m, [in_pixels(batch)])
     if name == "vqa":
         images, q_ids, q_mask, answer_ids, answer_mask = vqa_setup()
         pick = torch.tensor([1, 0, 3])
@@ -2901,7 +2921,7 @@ def task_case(name):
                  "answer_mask": answer_mask[pick], "answer_question": torch.tensor([0, 0, 1]),
                  "answer_weights": torch.tensor([0.7, 0.3, 1.0])}
         ev = {"images": images, "text_ids": q_ids, "text_mask": q_mask, "answers": [["b"] * 7 + ["a"] * 3, ["d"] * 10]}
-        return batch, lambda m: tasks.evaluate_vqa(m, [ev], answer_ids, answer_mask, list("abcdef"), k=3)
+        return batch, lambda m: tasks.evaluate_vqa(m, [ev], answer_ids, answer_mask, list("abcdef"), k=3)[0]
     if name == "nlvr2":
         batch = {"images": images[:4], "images2": images[2:], "text_ids": ids[:4], "text_mask": mask[:4],
                  "labels": torch.tensor([0, 1, 1, 0])}
@@ -2909,7 +2929,7 @@ def task_case(name):
     if name == "grounding_pretrain":  # a pre-training batch: its region texts locate their boxes
         batch = make_batch(XVLMConfig.tiny())
         ev = {"images": images[:2], "text_ids": ids[:2], "text_mask": mask[:2], "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4]] * 2)}
-        return batch, lambda m: tasks.evaluate_grounding(m, [ev])
+        return batch, lambda m: tasks.evaluate_grounding(m, [in_pixels(ev)])
     batch = {"images": images, "text_ids": ids, "text_mask": mask}  # nlvr2_pretrain: image-text pairs
     return batch, lambda m: tasks.evaluate_text_assignment(m, [batch])
 

@@ -51,7 +51,7 @@ import data
 import synth
 import tasks
 import xvlm
-from data import UsageError
+from data import DECODINGS, UsageError
 from xvlm import XVLMConfig
 
 
@@ -169,8 +169,16 @@ class Settings:
                           choices=["fp32", "bf16", "fp16"])
     vit_init: str = flag(None, "DeiT/timm ViT weights (file or directory) for the image encoder")
     bert_init: str = flag(None, "Hugging Face BERT weights (file or directory) for the text and cross-modal encoders")
-    init: str = flag(None, "one of our checkpoints to start from (e.g. a pre-trained one for a downstream task); its "
-                     "architecture comes along, flags override it")
+    init: str = flag(None, "a checkpoint to start from: one of ours (e.g. a pre-trained one for a downstream task) or one "
+                     "of the authors' released files (README: Reproduce the paper's numbers); its architecture and "
+                     "conventions come along, flags override them")
+    eval_only: bool = flag(False, "evaluate --init on --eval-data without a step of training; writes OUT/metrics.json "
+                           "(and for VQA without answers OUT/vqa_result.json)")
+    gradcam_layer: int = flag(2, "grounding_weak: the cross-modal layer (from 0) whose cross-attention Grad-CAM reads "
+                              "(default: a released file's block_num, else 2, the paper's 3rd; the last of smaller models)")
+    decode: str = flag("ours", "how image files are read: 'ours' (every mode to 8-bit RGB, transparent pixels on white) or "
+                       "'pil' (PIL's convert('RGB'), as the authors' datasets) (default: pil for a released file, else ours)",
+                       choices=list(DECODINGS))
     out: str = flag(None, "output directory (default: runs/TASK)")
     resume: bool = flag(False, "continue the run in OUT from its checkpoint, with the settings it was started with")
     overwrite: bool = flag(False, "start over in OUT, deleting the run there")
@@ -199,7 +207,10 @@ class Settings:
         positive = lambda v: finite(v) and v is not None and v > 0
         problems = [
             (self.steps is not None and self.epochs is not None, "give --steps or --epochs, not both"),
-            (self.steps is None and self.epochs is None, "give --steps or --epochs"),
+            (self.steps is None and self.epochs is None and not self.eval_only, "give --steps or --epochs"),
+            (self.eval_only and not self.init, "--eval-only evaluates a checkpoint: give --init FILE"),
+            (self.eval_only and self.resume, "--eval-only starts no training run to --resume"),
+            (self.eval_only and not self.eval_data, "--eval-only needs --eval-data (the files to evaluate)"),
             (self.steps is not None and self.steps < 1, f"--steps must be >= 1, got {self.steps}"),
             (self.epochs is not None and not positive(self.epochs),
              f"--epochs must be a number > 0, got {self.epochs}"),
@@ -217,7 +228,9 @@ class Settings:
              "--log-every, --save-every, --eval-every and --workers must be >= 0"),
             (self.max_regions < 1, f"--max-regions must be >= 1, got {self.max_regions}"),
             (self.data is not None and self.image_root is None, "--data needs --image-root"),
-            (self.data is not None and self.vocab is None, "--data needs --vocab"),
+            (self.eval_data is not None and self.image_root is None, "--eval-data needs --image-root"),
+            (self.vocab is None, "--data needs --vocab" if self.data is not None else
+             "no vocabulary: give --vocab (the authors' released files name none: bert-base-uncased's vocab.txt)"),
             (not (self.crop_scale and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1),
              f"--crop-scale needs 0 < LO <= HI <= 1, got {self.crop_scale}"),
             (self.rerank_k is None or self.rerank_k < 1, f"--rerank-k must be >= 1, got {self.rerank_k}"),
@@ -233,7 +246,7 @@ class Settings:
                 raise UsageError(message)
 
     def total_steps(self, batches_per_epoch):
-        return self.steps or max(1, round(self.epochs * batches_per_epoch))
+        return 0 if self.eval_only else self.steps or max(1, round(self.epochs * batches_per_epoch))
 
 
 SETTINGS = [f.name for f in fields(Settings) if f.name != "model"]
@@ -285,11 +298,14 @@ def parse_args(argv=None):
     return given
 
 
-def resolve(given):
-    """The run's Settings: the recipe row of (--config, --task), the --ablation's switches, then the
-    flags the user gave; with no --data, the synthetic world's files for the task's row."""
+def resolve(given, carried=None):
+    """The run's Settings: the recipe row of (--config, --task), the --ablation's switches, what the --init
+    checkpoint carries (`carried`, checkpoints.carried_settings: its evaluation settings, its preset), then
+    the flags the user gave; with no --data, the synthetic world's files for the task's row. With
+    --eval-only the recipe sets no model field: the model is the checkpoint's."""
     default = {f: Settings.__dataclass_fields__[f].default for f in SETTINGS}
-    task, preset, ablation = (given.get(k, default[k]) for k in ("task", "config", "ablation"))
+    carried = carried or {}
+    task, preset, ablation = (given.get(k, carried.get(k, default[k])) for k in ("task", "config", "ablation"))
     if ablation not in tasks.TASKS[task].ablations:
         applies = ", ".join(f"{t} ({', '.join(r.ablations)})" for t, r in tasks.TASKS.items() if len(r.ablations) > 1)
         raise UsageError(f"--ablation {ablation} does not apply to --task {task}; it applies to the tasks that "
@@ -300,9 +316,11 @@ def resolve(given):
         raise UsageError(f"--ablation {ablation} sets --{clash[0].replace('_', '-')} {switches[clash[0]]}; "
                          "drop one of the two")
     recipe = dict(RECIPES[preset][task])
-    if "steps" in given or "epochs" in given:  # the user's length replaces the recipe's, whichever unit
+    if "steps" in given or "epochs" in given or given.get("eval_only"):  # the user's length replaces the recipe's
         recipe.update(steps=None, epochs=None)
-    chosen = {**default, **recipe, **switches, **given}
+    if given.get("eval_only"):
+        recipe = {k: v for k, v in recipe.items() if k not in MODEL_FIELDS}
+    chosen = {**default, **recipe, **switches, **carried, **given}
     model = {k: v for k, v in chosen.items() if k in MODEL_FIELDS and v is not None}
     settings = {k: v for k, v in chosen.items() if k in SETTINGS}
     settings["out"] = settings["out"] or f"runs/{task}"
@@ -311,15 +329,26 @@ def resolve(given):
 
 def data_paths(settings, files):
     """The settings with every data path filled: the user's files, else the synthetic world's."""
-    if settings["data"] is not None:
+    if settings["data"] is not None or (settings["eval_only"] and settings["eval_data"] is not None):
         return {**settings, "synth_dir": None}  # the user's data: no synthetic world to write
     root = Path(settings["synth_dir"])
     path = lambda key: str(root / synth.SYNTH_FILES[key])
-    return {**settings, "data": [path(k) for k in files["train"]], "image_root": path("images"), "vocab": path("vocab"),
+    return {**settings, "data": [path(k) for k in files["train"]], "image_root": path("images"),
+            "vocab": settings["vocab"] or path("vocab"),
             "eval_data": settings["eval_data"] or [path(k) for k in files["val"]],
             "answer_list": settings["answer_list"] or (path(files["answer_list"]) if "answer_list" in files else None),
             "proposals": settings["proposals"] or (path(files["proposals"]) if "proposals" in files else None),
             "grounding_data": settings["grounding_data"] or [path(k) for k in files.get("grounding_data", [])] or None}
+
+
+def stored_model_config(init, source):
+    """XVLMConfig fields of an --init checkpoint: ours as stored, the authors' from their tensors' shapes."""
+    if checkpoints.is_released(init):
+        state = checkpoints.state_dict_of(init, source)
+        kind = checkpoints.released_kind(state, source)
+        config = init.get("config") if isinstance(init.get("config"), dict) else {}
+        return checkpoints.released_config(state, config, kind, source)
+    return checkpoints.stored_config(init)
 
 
 def resumed(previous, given):
@@ -343,17 +372,24 @@ def task_settings(settings):
 
 
 def model_config(settings, tokenizer, init=None):
-    """The preset (or, with --init, the config stored in that checkpoint, `init` as checkpoints.read_file read
-    it: fine-tuning keeps the pre-trained architecture), the vocabulary's size and special ids, then
-    settings.model, and with --no-mixed-attn local attention in every layer (Table 3's w/o mixed attn)."""
+    """The preset (or, with --init, the config of that checkpoint, `init` as checkpoints.read_file read it:
+    fine-tuning keeps the pre-trained architecture; a released file's from its shapes), the vocabulary's size
+    and special ids, then settings.model, and with --no-mixed-attn local attention in every layer (Table 3's
+    w/o mixed attn). A Swin at another resolution than the checkpoint's gets windows of the same count, as
+    the authors' 384 px config has window 12 where their 224 px one has 7."""
     cfg = (XVLMConfig() if settings.config == "base" else XVLMConfig.tiny()).to_dict()
-    stored = checkpoints.stored_config(init) if init is not None else None
+    stored = stored_model_config(init, settings.init) if init is not None else None
     vocab = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, cls_token_id=tokenizer.cls_id,
                  sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id)
     if settings.model.get("vocab_size", tokenizer.vocab_size) < tokenizer.vocab_size:
         raise UsageError(f"--vocab-size {settings.model['vocab_size']} is smaller than the vocabulary "
                          f"({tokenizer.vocab_size} tokens in {tokenizer.vocab_file})")
+    if init is not None and checkpoints.is_released(init) and stored["vocab_size"] != tokenizer.vocab_size:
+        raise UsageError(f"--vocab {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens, and {settings.init} embeds "
+                         f"{stored['vocab_size']}: give the vocabulary it was trained with (bert-base-uncased's vocab.txt)")
     merged = {**cfg, **(stored or {}), **vocab, **settings.model}
+    if stored and stored.get("swin") and merged["image_res"] != stored["image_res"] and "swin" not in settings.model:
+        merged["swin"] = {**stored["swin"], "window": merged["image_res"] // merged["patch_size"]}
     if not settings.mixed_attn:  # Table 3's w/o mixed attn: local attention in every ViT layer
         merged["local_layers"] = merged["vision_layers"]
     return xvlm.config_from(merged, settings.init or "the preset and flags")
@@ -378,9 +414,11 @@ def lr_factor(step, total, schedule="cosine", warmup=0.2, ends=0.1):
 
 def param_groups(model, weight_decay, lr, fresh=(), lr_mult=1.0):
     """AdamW groups: decay on matrices (linear, conv, embeddings), not on biases, norms, the
-    temperature and other 1-d vectors; parameters named in `fresh` at lr * lr_mult."""
+    temperature and other 1-d vectors, nor on the Swin's relative-position bias tables (the authors'
+    no_decay names match "bias" in theirs); parameters named in `fresh` at lr * lr_mult."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if (p.dim() >= 2) == decay and (n in fresh) == new],
+    decays = lambda n, p: p.dim() >= 2 and not n.endswith("bias_table")
+    groups = [{"params": [p for n, p in named if decays(n, p) == decay and (n in fresh) == new],
                "weight_decay": weight_decay if decay else 0.0, "lr": lr * (lr_mult if new else 1.0)}
               for new in (False, True) for decay in (True, False)]
     return [g for g in groups if g["params"]]
@@ -651,17 +689,19 @@ class StopRequest:
 
 def main(argv=None):
     """Train one task (the steps of the module docstring); returns the final evaluation's metrics."""
-    settings, previous, place, log = start(argv)
+    settings, init, previous, place, log = start(argv)
     task = tasks.TASKS[settings.task]
 
     # 2. Data, and every input the evaluation will need, checked before any compute.
     tokenizer = prepare_data(settings, place, log)
-    init = checkpoints.read_file(settings.init)[0] if settings.init and previous is None else None  # read once
     cfg = (xvlm.config_from(checkpoints.stored_config(previous), settings.out) if previous is not None
            else model_config(settings, tokenizer, init))
+    tokenizer = tokenizer.with_sep(cfg.text_sep)  # texts end as the model reads them
     if settings.batch_size < task.min_images:
         raise UsageError(f"--task {settings.task} needs --batch-size >= {task.min_images}, got {settings.batch_size}")
     view = task_settings(settings)  # what the task's row reads of the settings
+    if settings.eval_only:
+        return evaluate_only(settings, task, cfg, task.evaluation(view, tokenizer, cfg, log), init, place, log)
     loader = task.train_loader(view, tokenizer, cfg, place.shard(settings))
     evaluate = task.evaluation(view, tokenizer, cfg, log)
     if evaluate is None:
@@ -687,13 +727,34 @@ def main(argv=None):
     return metrics
 
 
+def evaluate_only(settings, task, cfg, evaluate, init, place, log):
+    """--eval-only: the --init checkpoint (ours, or one of the authors' released files) evaluated on
+    --eval-data, no step of training; writes OUT/metrics.json (a run with no checkpoint of its own)."""
+    began = time.time()
+    model, _ = build_model(task, cfg, settings, init, None, log)
+    if place.rank == 0:
+        log(f"{settings.task}: evaluating {settings.init} on {', '.join(settings.eval_data)} ({place.device})")
+        metrics = Run.evaluate_model(model.to(place.device), evaluate, log)
+        summary = {"task": settings.task, "eval_only": True, "init": settings.init, "eval": metrics,
+                   "minutes": round((time.time() - began) / 60, 2), "settings": dataclasses.asdict(settings),
+                   "config": model.cfg.to_dict()}
+        write_json(Path(settings.out) / "metrics.json", summary)
+        log(f"wrote {Path(settings.out) / 'metrics.json'}")
+    log.close()
+    if place.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics if place.rank == 0 else {}
+
+
 def start(argv):
-    """1. The flags, the Place, the run's Settings (on --resume the stored run's) and the directory it
-    writes to (refused if it holds another run), the log. Returns (settings, checkpoint to resume or
-    None, place, log)."""
+    """1. The flags, the Place, the --init checkpoint (read once), the run's Settings (on --resume the stored
+    run's) and the directory it writes to (refused if it holds another run), the log. Returns (settings, the
+    --init checkpoint or None, checkpoint to resume or None, place, log)."""
     given = parse_args(argv)
     place = setup_distributed(given.get("device"))
-    settings = resolve(given)
+    init = checkpoints.read_file(given["init"])[0] if given.get("init") and not given.get("resume") else None  # read once
+    settings = resolve(given, checkpoints.carried_settings(init, given.get("task", "pretrain"), given.get("init")))
     previous = claim_out(settings) if place.rank == 0 else None
     if place.world_size > 1:
         dist.barrier()
@@ -707,7 +768,7 @@ def start(argv):
     log("$ train.py " + " ".join(sys.argv[1:] if argv is None else argv))
     for path in (remove_partial_saves(settings.out) if place.rank == 0 else []):
         log(f"removed {path}: a write that a killed run left half done")
-    return settings, previous, place, log
+    return settings, init if previous is None else None, previous, place, log
 
 
 def prepare_data(settings, place, log):
@@ -817,13 +878,18 @@ class Run:
     def evaluate(self):
         metrics = {}
         if self.place.rank == 0 and self.evaluate_task is not None:
-            self.model.eval()
-            metrics = self.evaluate_task(self.model)
+            metrics = self.evaluate_model(self.model, self.evaluate_task, self.log)
             self.model.train()
-            self.log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                         for k, v in flat(metrics).items()))
         if self.place.world_size > 1:
             dist.barrier()
+        return metrics
+
+    @staticmethod
+    def evaluate_model(model, evaluate, log):
+        """evaluate(model) in eval mode, its metrics logged on one line."""
+        model.eval()
+        metrics = evaluate(model)
+        log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items()))
         return metrics
 
     def train_step(self, module, batch):
