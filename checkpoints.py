@@ -522,6 +522,11 @@ def released_config(state, config, kind, source):
             "text_sep": False, "rank_first_twice": kind == "vqa"}
 
 
+# The keys of a released file's YAML this project reads: the image size and text length (released_config), the
+# evaluation's top k and Grad-CAM layer (carried_settings). The rest describe the authors' own run.
+RELEASED_CONFIG_KEYS = ("image_res", "max_tokens", "k_test", "block_num")
+
+
 def carried_settings(checkpoint, task, source):
     """The run settings a checkpoint (as read_file read it) decides where the user's flags do not (train.resolve).
     One of the authors' released files: their recipe (--config base), their evaluation settings from the YAML

@@ -3563,6 +3563,72 @@ def test_each_init_file_is_read_once_per_run(world, tmp_path, pretrained, monkey
     assert reads == [pretrained]
 
 
+def test_eval_only_gives_the_figures_the_run_wrote_and_checks_its_inputs_first(world, tmp_path, pretrained):
+    metrics, _ = run_train(world, tmp_path / "tune", "--task", "grounding_weak", "--steps", "2", "--init", pretrained)
+    run = str(tmp_path / "tune" / "run" / "checkpoint.pt")
+    again = train.main(["--synth-dir", str(world), "--task", "grounding_weak", "--eval-only", "--init", run,
+                        "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again == written["eval"] == metrics["eval"] and written["eval_only"] and written["init"] == run
+    assert written["settings"]["rerank_k"] == 4  # the run's own evaluation settings, not the recipe's 16
+    assert "evaluating" in (tmp_path / "eval" / "log.txt").read_text()
+    with pytest.raises(data.UsageError, match="holds a finished run"):  # a rerun never overwrites it
+        train.main(["--synth-dir", str(world), "--task", "grounding_weak", "--eval-only", "--init", run, "--out", str(tmp_path / "eval")])
+    for argv, message in [(["--eval-only"], "--eval-only evaluates a checkpoint: give --init FILE"),
+                          (["--eval-only", "--init", run, "--resume"], "starts no training run"),
+                          (["--eval-only", "--init", run, "--eval-data", "x.json"], "--eval-data needs --image-root")]:
+        with pytest.raises(data.UsageError, match=re.escape(message)):
+            train.main(["--synth-dir", str(world), "--task", "grounding_weak", "--out", str(tmp_path / "x"), *argv])
+
+
+def released_file(authors, kind, tmp_path, **config):
+    """One of the authors' kinds of file (docs/fixtures/authors), as their scripts save it, its config changed by `config`."""
+    files, _ = authors
+    path = tmp_path / f"{kind}.th"
+    torch.save({"model": files[kind]["model"], "config": {**files[kind]["config"], **config}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("task,kind", [("pretrain", "pretrain"), ("retrieval", "pretrain"), ("vqa", "pretrain"),
+                                       ("vqa", "vqa"), ("nlvr2", "nlvr2"), ("grounding", "bbox"), ("grounding_weak", "retrieval")])
+def test_released_files_evaluate_and_fine_tune_on_the_world_and_the_loss_falls(world, tmp_path, authors, task, kind):
+    init = released_file(authors, kind, tmp_path, block_num=2)
+    common = ["--synth-dir", str(world), "--task", task, "--init", init, "--vocab", str(AUTHORS / "vocab.txt"),
+              "--device", "cpu", "--rerank-k", "4"]
+    evaluated = train.main([*common, "--eval-only", "--out", str(tmp_path / "eval")])
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["eval"] == evaluated and saved["settings"]["decode"] == "pil" and saved["settings"]["config"] == "base"
+    assert saved["config"]["text_sep"] is False and saved["config"]["image_res"] == 96  # the file's, not the recipe's 384
+    if task == "grounding_weak":
+        assert saved["settings"]["gradcam_layer"] == 1  # their block_num 2: BERT layer 2, after 1 text layer
+    files, row = synth.SYNTH_FILES, tasks.TASKS[task].synth
+    if task != "pretrain":  # one batch of four, so that a few steps show the loss falling; the world's evaluation
+        small = tmp_path / "train.json"
+        small.write_text(json.dumps(json.loads((world / files[row["train"][0]]).read_text())[:4]))
+        common += ["--data", str(small), "--image-root", str(world / files["images"]),
+                   "--eval-data", *[str(world / files[k]) for k in row["val"]]]
+        common += [a for k in ("answer_list", "proposals") if k in row for a in (f"--{k.replace('_', '-')}", str(world / files[row[k]]))]
+    metrics = train.main([*common, "--out", str(tmp_path / "tune"), "--steps", "30", "--batch-size", "4", "--lr", "2e-3",
+                          "--image-res", "96", "--dropout", "0", "--drop-path", "0", "--crop-scale", "1", "1",
+                          "--log-every", "1", "--workers", "0"])
+    state = torch.load(tmp_path / "tune" / "checkpoint.pt", weights_only=True)
+    losses = [h["loss"] for h in state["extra"]["history"]]
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+    assert state["config"]["text_sep"] is False and state["extra"]["settings"]["decode"] == "pil"
+    tuned = str(tmp_path / "tune" / "checkpoint.pt")
+    again = train.main([tuned if a == init else a for a in common] + ["--eval-only", "--out", str(tmp_path / "again")])
+    where = lambda m: {k: v for k, v in m.items() if k != "result_file"}  # VQA's result file is each run's own
+    assert where(again) == where(metrics)  # the fine-tuned checkpoint evaluates as its run did, with the released conventions
+
+
+def test_released_file_of_another_task_and_a_wrong_vocabulary_stop_at_once(world, tmp_path, authors, bert_vocab):
+    common = ["--synth-dir", str(world), "--eval-only", "--out", str(tmp_path / "x"), "--vocab", str(AUTHORS / "vocab.txt")]
+    with pytest.raises(data.UsageError, match=r"the authors' vqa checkpoint, which --task retrieval does not read: it serves --task vqa"):
+        train.main([*common, "--task", "retrieval", "--init", released_file(authors, "vqa", tmp_path)])
+    with pytest.raises(data.UsageError, match=r"has 30522 tokens, and .* embeds 110"):
+        train.main([*common[:-2], "--vocab", str(bert_vocab), "--task", "retrieval", "--init", released_file(authors, "retrieval", tmp_path)])
+
+
 # -----------------------------------------------------------------------------
 # train.py: The paper's Table 3 on the synthetic world: `python train.py ablation`
 

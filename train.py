@@ -341,6 +341,23 @@ def data_paths(settings, files):
             "grounding_data": settings["grounding_data"] or [path(k) for k in files.get("grounding_data", [])] or None}
 
 
+def check_released(init, settings, task, log):
+    """A released --init file: refused at once when the task's model does not read its kind (a VQA file for
+    retrieval); else one line says which of its YAML keys the run read and names the others, ignored once."""
+    state = checkpoints.state_dict_of(init, settings.init)
+    kind = checkpoints.released_kind(state, settings.init)
+    if kind not in task.model.released_kinds:
+        readers = [t for t, row in tasks.TASKS.items() if kind in row.model.released_kinds]
+        raise UsageError(f"--init {settings.init} is the authors' {kind} checkpoint, which --task {settings.task} does "
+                         f"not read: it serves --task {', '.join(readers)}")
+    config = init.get("config") if isinstance(init.get("config"), dict) else {}
+    read = [k for k in checkpoints.RELEASED_CONFIG_KEYS if k in config]
+    ignored = sorted(k for k in config if k not in checkpoints.RELEASED_CONFIG_KEYS)
+    log(f"--init {settings.init}: the authors' {kind} file; architecture from its tensors' shapes; from its config "
+        + (", ".join(f"{k} {config[k]!r}" for k in read) or "nothing") + ("; ignored (their run's own settings): "
+        + checkpoints.listed(ignored) if ignored else ""))
+
+
 def stored_model_config(init, source):
     """XVLMConfig fields of an --init checkpoint: ours as stored, the authors' from their tensors' shapes."""
     if checkpoints.is_released(init):
@@ -691,6 +708,8 @@ def main(argv=None):
     """Train one task (the steps of the module docstring); returns the final evaluation's metrics."""
     settings, init, previous, place, log = start(argv)
     task = tasks.TASKS[settings.task]
+    if init is not None and checkpoints.is_released(init):
+        check_released(init, settings, task, log)
 
     # 2. Data, and every input the evaluation will need, checked before any compute.
     tokenizer = prepare_data(settings, place, log)
