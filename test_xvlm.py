@@ -5,12 +5,14 @@ data, training, DDP. Tiny configs on CPU; the whole suite runs in minutes on 2 c
     python -m pytest -q test_xvlm.py
 """
 
+import collections
 import dataclasses
 import io
 import itertools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -1393,6 +1395,14 @@ def test_tokenizer_truncation_and_padding(bert_vocab):
     assert mask.sum(1).tolist() == [4, 3]
 
 
+def test_tokenizer_with_sep_writes_the_released_models_convention(bert_vocab):
+    tok = data.Tokenizer(bert_vocab)
+    theirs = tok.with_sep(False)
+    assert theirs.encode_batch(["a cat"], 25)[0][0].tolist() == [101, 1037, 4937]  # [CLS] pieces, as their tokenizer
+    assert theirs.encode("the cat sat on the mat", 4) == [101, 1996, 4937, 2938]  # the tail cut, no [SEP]
+    assert theirs.encode("a cat", 25, sep=True)[-1] == 102 and tok.encode("a cat", 25)[-1] == 102  # asked, and the original
+
+
 def test_tokenizer_rejects_vocab_without_specials(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
@@ -1555,6 +1565,10 @@ def test_transparent_pixels_load_as_white(tmp_path):
     img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     img.save(tmp_path / "clear.png")
     assert np.asarray(data.load_image(tmp_path / "clear.png")).min() == 255
+    # the authors' datasets read it with PIL's convert("RGB"): the colour stored under the transparency
+    Image.new("RGBA", (4, 4), (10, 200, 30, 0)).save(tmp_path / "under.png")
+    assert np.asarray(data.load_image(tmp_path / "under.png", decode="pil"))[0, 0].tolist() == [10, 200, 30]
+    assert np.asarray(data.load_image(tmp_path / "under.png"))[0, 0].tolist() == [255, 255, 255]
 
 
 # -----------------------------------------------------------------------------
@@ -1812,6 +1826,37 @@ def test_task_train_loader_resumes_exactly_and_reshuffles_each_epoch(world, worl
 
 # -----------------------------------------------------------------------------
 # data.py: Checking files and converting public annotations
+
+
+def test_vqa_questions_read_30_words_in_training_and_50_in_evaluation_as_theirs(tmp_path, world_tok):
+    question = " ".join(["what"] * 60)
+    (tmp_path / "q.json").write_text(json.dumps([{"question_id": 1, "question": question, "image": "a.png", "answer": "x"}]))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    words = lambda **kw: len(data.VQADataset(tmp_path / "q.json", tmp_path, world_tok, 100, 16, **kw)[0]["text"].split())
+    assert (words(train=data.Augment()), words()) == (30, 50)
+
+
+def test_convert_refcoco_reads_refer_files_as_plain_data(tmp_path, capsys):
+    refs = [{"ref_id": 7, "ann_id": 70, "image_id": 3, "split": "testA", "sentences": [{"sent": "left man"}]},
+            {"ref_id": 8, "ann_id": 80, "image_id": 3, "split": "val", "sentences": [{"sent": "dog"}]}]
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (tmp_path / "instances.json").write_text(json.dumps({"images": [{"id": 3, "file_name": "c.jpg", "width": 64, "height": 48}],
+                                                         "annotations": [{"id": 70, "image_id": 3, "bbox": [1.5, 2, 30, 40]},
+                                                                         {"id": 80, "image_id": 3, "bbox": [30, 5, 20, 20]}]}))
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "coco/c.jpg", "text": "left man", "ref_id": 7},
+                                                    {"image": "coco/c.jpg", "text": "dog", "ref_id": 8}]))
+    (tmp_path / "dets.json").write_text(json.dumps({"3": [[0, 0, 10, 10, 0.9], [30, 5, 20, 20, 0.8]]}))
+    argv = ["convert-refcoco", "--records", str(tmp_path / "test.json"), "--refs", str(tmp_path / "refs(unc).p"),
+            "--instances", str(tmp_path / "instances.json"), "--out", str(tmp_path / "out.json")]
+    assert data.main(argv + ["--dets", str(tmp_path / "dets.json"), "--proposals-out", str(tmp_path / "p.json")]) == 0
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert [(r["bbox"], r["split"], r["ref_id"], r["width"]) for r in records] == [([1.5, 2, 30, 40], "testA", 7, 64),
+                                                                                  ([30, 5, 20, 20], "val", 8, 64)]
+    assert json.loads((tmp_path / "p.json").read_text()) == {"coco/c.jpg": [[0, 0, 10, 10], [30, 5, 20, 20]]}
+    assert data.load_records([tmp_path / "out.json"], "grounding") == records  # a valid grounding file
+    (tmp_path / "refs(unc).p").write_bytes(pickle.dumps([collections.OrderedDict(ref_id=7)]))  # names a class
+    with pytest.raises(data.RecordError, match=r"refs\(unc\)\.p: a pickle of plain data was expected, and this one names collections"):
+        data.main(argv)
 
 
 def test_check_names_file_record_and_field_for_each_defect(tmp_path, capsys):
@@ -3619,6 +3664,24 @@ def test_released_files_evaluate_and_fine_tune_on_the_world_and_the_loss_falls(w
     again = train.main([tuned if a == init else a for a in common] + ["--eval-only", "--out", str(tmp_path / "again")])
     where = lambda m: {k: v for k, v in m.items() if k != "result_file"}  # VQA's result file is each run's own
     assert where(again) == where(metrics)  # the fine-tuned checkpoint evaluates as its run did, with the released conventions
+
+
+def test_vqa_records_without_answers_write_the_evaluation_servers_result_file(world, tmp_path, authors):
+    records = json.loads((world / synth.SYNTH_FILES["vqa_val"]).read_text())
+    test_dev = tmp_path / "test_dev.json"
+    test_dev.write_text(json.dumps([{k: v for k, v in r.items() if k != "answer"} for r in records]))
+    common = ["--task", "vqa", "--eval-only", "--init", released_file(authors, "vqa", tmp_path), "--vocab", str(AUTHORS / "vocab.txt"),
+              "--image-root", str(world / synth.SYNTH_FILES["images"]), "--answer-list", str(world / synth.SYNTH_FILES["answer_list"]),
+              "--rerank-k", "4", "--device", "cpu"]
+    metrics = train.main([*common, "--eval-data", str(test_dev), "--out", str(tmp_path / "dev")])
+    result = json.loads((tmp_path / "dev" / "vqa_result.json").read_text())
+    answers = set(json.loads((world / synth.SYNTH_FILES["answer_list"]).read_text()))
+    assert [r["question_id"] for r in result] == [r["question_id"] for r in records] and {r["answer"] for r in result} <= answers
+    assert set(result[0]) == {"question_id", "answer"} and "vqa_acc" not in metrics and metrics["questions"] == len(records)
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(records[:2] + json.loads(test_dev.read_text())[2:]))
+    with pytest.raises(data.UsageError, match="record 2 has no 'answer' while others do"):
+        train.main([*common, "--eval-data", str(mixed), "--out", str(tmp_path / "mixed")])
 
 
 def test_released_file_of_another_task_and_a_wrong_vocabulary_stop_at_once(world, tmp_path, authors, bert_vocab):
