@@ -28,7 +28,7 @@ wires them to data and flags. On raw images (PIL or a path):
         --text "yellow circle" --out predict.png      # box + per-word Grad-CAM (paper Figures 3-5)
 
 The authors' released checkpoints load the same way, with bert-base-uncased's vocab.txt (--vocab):
-README, "Use the authors' released models".
+README, "Reproduce the paper's numbers with the released models", and docs/released.md.
 """
 
 import argparse
@@ -1317,7 +1317,7 @@ def main(argv=None):
                        description="Draws, side by side: the image with the box the bbox head predicts for the "
                        "text, the Grad-CAM map of the whole text and one map per word (paper Figures 3-5).")
     q.add_argument("--checkpoint", required=True, help="one of our checkpoints (e.g. runs/grounding/checkpoint.pt), "
-                   "or one of the authors' released ones (README: Use the authors' released models)")
+                   "or one of the authors' released ones (docs/released.md)")
     q.add_argument("--image", required=True, help="image file")
     q.add_argument("--text", required=True, help="a referring expression, e.g. 'the red circle'")
     q.add_argument("--out", required=True, help="PNG to write")
