@@ -531,8 +531,9 @@ def carried_settings(checkpoint, task, source):
     """The run settings a checkpoint (as read_file read it) decides where the user's flags do not (train.resolve).
     One of the authors' released files: their recipe (--config base), their evaluation settings from the YAML
     it carries (k_test: the top k re-ranked; block_num, their BERT's layer index: the Grad-CAM layer), and
-    their image reading (PIL's convert("RGB")). One of ours: its vocabulary, and when it is a run of `task`
-    the evaluation settings it ran with, so that evaluating it again gives the figures it wrote."""
+    their image reading (PIL's convert("RGB")). One of ours: its vocabulary and image reading (a model fine-tuned
+    from a released file keeps theirs), and when it is a run of `task` the evaluation settings it ran with, so
+    that evaluating it again gives the figures it wrote."""
     if not isinstance(checkpoint, dict):
         return {}
     if is_released(checkpoint):
@@ -546,4 +547,4 @@ def carried_settings(checkpoint, task, source):
         return out
     stored = checkpoint.get("extra", {}).get("settings", {}) if isinstance(checkpoint.get("extra"), dict) else {}
     same = stored.get("task") == task
-    return {k: stored[k] for k in ("vocab", "rerank_k", "gradcam_layer", "decode") if k in stored and (same or k == "vocab")}
+    return {k: stored[k] for k in ("vocab", "decode", "rerank_k", "gradcam_layer") if k in stored and (same or k in ("vocab", "decode"))}

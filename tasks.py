@@ -1029,7 +1029,7 @@ def answer(model, image, question, answers, tokenizer, k=128):
     answers = text_list(answers, "answer: candidate answers")
     x, _ = image_tensor(image, model.cfg.image_res)
     q_ids, q_mask = encode_texts(model, tokenizer, [question], data.clean_question)
-    a_ids, a_mask = tokenizer.encode_batch(answers, model.cfg.max_tokens)  # "[CLS] answer [SEP]", theirs too
+    a_ids, a_mask = tokenizer.encode_batch(answers, model.cfg.max_tokens, sep=True)  # "[CLS] answer [SEP]", theirs too
     device = model_device(model)
     best = rank_answers(model, x.to(device), q_ids.to(device), q_mask.to(device), a_ids.to(device), a_mask.to(device), k)
     return answers[best.item()]
