@@ -1254,13 +1254,14 @@ def pretraining_data(image_text, mlm):
     return build
 
 
-def task_data(dataset, train=True, cut=False):
-    """The loader of a downstream training set, data.*Dataset `dataset` (train: augmented; cut: texts cut at
-    cfg.max_tokens, as the authors' training of retrieval and weakly supervised grounding, else at the positions)."""
+def task_data(dataset, train=True):
+    """The loader of a downstream training set, data.*Dataset `dataset` (train: augmented). Texts are cut only at
+    the model's positions: the authors' fine-tuning pads to the longest text and cuts none (their max_length
+    without truncation=True)."""
     def build(s, tokenizer, cfg, shard):
         augment = {"train": data.Augment(s.seed, s.crop_scale)} if train else {}
-        return data.task_train_loader(dataset(s.data, s.image_root, tokenizer, cfg.max_tokens if cut else cfg.max_positions,
-                                              cfg.image_res, **augment, decode=s.decode), s.batch_size, shard)
+        return data.task_train_loader(dataset(s.data, s.image_root, tokenizer, cfg.max_positions, cfg.image_res,
+                                              **augment, decode=s.decode), s.batch_size, shard)
     return build
 
 
@@ -1294,7 +1295,7 @@ TASKS = {
                                min_images=1, ablations=("none", "no_object", "no_region", "no_mixed_attn")),
     "nlvr2_pretrain": Task(NLVR2Model, text_assignment_loss, task_data(data.RetrievalTrainDataset), text_assignment_evaluation,
                            RETRIEVAL_FILES, ITC_ITM + ("bbox_head", "mlm_head", "cls_head"), new_heads=("assign_head",), min_images=3),
-    "retrieval": Task(XVLM, retrieval_loss, task_data(data.RetrievalTrainDataset, cut=True), retrieval_evaluation, RETRIEVAL_FILES,
+    "retrieval": Task(XVLM, retrieval_loss, task_data(data.RetrievalTrainDataset), retrieval_evaluation, RETRIEVAL_FILES,
                       ("bbox_head", "mlm_head")),
     "vqa": Task(VQAModel, vqa_loss, task_data(data.VQADataset), vqa_evaluation,
                 {"train": ["vqa_train"], "val": ["vqa_val"], "answer_list": "answer_list"},
@@ -1305,7 +1306,7 @@ TASKS = {
     "grounding": Task(XVLM, grounding_loss, task_data(data.GroundingDataset, train=False),
                       dataset_evaluation(data.GroundingDataset, evaluate_grounding), GROUNDING_FILES, ITC_ITM + ("mlm_head",),
                       min_images=1),
-    "grounding_weak": Task(XVLM, retrieval_loss, task_data(data.GroundingDataset, train=False, cut=True), weak_grounding_evaluation,
+    "grounding_weak": Task(XVLM, retrieval_loss, task_data(data.GroundingDataset, train=False), weak_grounding_evaluation,
                            {**GROUNDING_FILES, "proposals": "grounding_proposals"}, ("bbox_head", "mlm_head")),
 }
 
