@@ -3799,6 +3799,47 @@ def test_eval_only_reproduces_their_weakly_supervised_grounding(authors, expecte
     assert metrics["by_split"] == pytest.approx({s: 100 * theirs["grounding_eval"][f"{s}_d"] for s in ("val", "testA", "testB")})
 
 
+@pytest.mark.parametrize("kind", ["retrieval", "vqa", "nlvr2", "bbox"])
+def test_fine_tuning_losses_and_gradients_equal_their_task_models_on_one_batch(authors, tmp_path, monkeypatch, kind):
+    # Their model_retrieval / model_vqa / model_nlvr / model_bbox forward with train=True (dropout off) on one
+    # batch of the fixture's images through their test transform; their hard negatives replayed.
+    theirs = torch.load(EVAL / "train_losses.pt", weights_only=True)[kind]
+    x = theirs["inputs"]
+    images = torch.stack([data.to_tensor(data.load_image(EVAL / f, decode="pil").resize((96, 96), Image.BICUBIC)) for f in x["image_files"]])
+    assert_close(images.double().mean((1, 2, 3)), x["image_means"], atol=1e-6, rtol=0)
+    model_class = {"vqa": tasks.VQAModel, "nlvr2": tasks.NLVR2Model}.get(kind, XVLM)
+    model = model_class.from_checkpoint(released_file(authors, kind, tmp_path)).eval()
+    if kind == "retrieval":
+        drawn = theirs["multinomial"]["indices"]  # theirs draw an image for each text, then a text for each image
+        monkeypatch.setattr(xvlm, "sample_hard_negatives", lambda sim, ids=None: (drawn[4:], drawn[:4]))
+        out = tasks.retrieval_loss(model, {"images": images, "text_ids": x["text_ids"], "text_mask": x["text_atts"].bool(),
+                                           "image_ids": x["idx"]})
+        pairs = {"itc": "loss_itc", "itm": "loss_itm"}
+    elif kind == "vqa":
+        out = tasks.vqa_loss(model, {"images": images, "text_ids": x["question_ids"], "text_mask": x["question_atts"].bool(),
+                                     "answer_ids": x["answer_ids"], "answer_mask": x["answer_atts"].bool(),
+                                     "answer_question": torch.arange(4).repeat_interleave(x["k"]), "answer_weights": x["weights"]})
+        pairs = {"loss": "loss"}
+    elif kind == "nlvr2":
+        out = tasks.nlvr2_loss(model, {"images": images[:4], "images2": images[4:], "text_ids": x["text_ids"],
+                                       "text_mask": x["text_atts"].bool(), "labels": x["targets"]})
+        pairs = {"loss": "loss"}
+    else:
+        out = tasks.grounding_loss(model, {"images": images, "text_ids": x["text_ids"], "text_mask": x["text_atts"].bool(),
+                                           "boxes": x["target_bbox"]})
+        pairs = {"l1": "loss_bbox", "giou": "loss_giou"}
+    for ours, their in pairs.items():
+        assert_close(out[ours].float(), theirs["losses"][their].float(), atol=1e-4, rtol=0)
+    out["loss"].backward()
+    fusion, extra = model.released_layout(model.cfg, kind)
+    names = {their: (ours, i, len(all_theirs)) for ours, all_theirs in checkpoints.released_key_pairs(model.cfg, kind, fusion, extra)
+             if ours for i, their in enumerate(all_theirs)}  # several of theirs: rows of one of ours (q, k, v fused)
+    params = dict(model.named_parameters())
+    for key, grad in theirs["grads"].items():  # one parameter of each part: Swin, text, cross-modal, the task's head
+        ours, part, parts = names[checkpoints.released_name(key)]
+        assert_close(params[ours].grad.chunk(parts)[part], grad, atol=1e-4, rtol=1e-3)
+
+
 def test_released_file_of_another_task_and_a_wrong_vocabulary_stop_at_once(world, tmp_path, authors, bert_vocab):
     common = ["--synth-dir", str(world), "--eval-only", "--out", str(tmp_path / "x"), "--vocab", str(AUTHORS / "vocab.txt")]
     with pytest.raises(data.UsageError, match=r"the authors' vqa checkpoint, which --task retrieval does not read: it serves --task vqa"):
