@@ -3306,8 +3306,15 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_runs_settings
     assert train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--log-every", "5", "--device", "cpu"]) == \
         json.loads((out / "metrics.json").read_text())["eval"]
     assert (out / "checkpoint.pt").read_bytes() == before
+    finished = (out / "metrics.json").read_text()
+    for mistake in (["--eval-data", str(tmp_path / "missing.json")], ["--init", str(tmp_path / "nope.pt")],
+                    ["--task", "vqa", "--answer-list", str(tmp_path / "missing.json")]):
+        with pytest.raises(ValueError):  # --overwrite deletes the old run only once everything the new one needs is checked
+            run_train(world, tmp_path, "--steps", "2", "--overwrite", *mistake)
+        assert (out / "checkpoint.pt").read_bytes() == before and (out / "metrics.json").read_text() == finished, mistake
     metrics, _ = run_train(world, tmp_path, "--steps", "2", "--overwrite")
     assert metrics["step"] == 2 and (out / "log.txt").read_text().count("$ train.py") == 1  # a fresh log
+    assert "--overwrite: deleted checkpoint.pt, metrics.json, losses.png" in (out / "log.txt").read_text()
 
 
 # -----------------------------------------------------------------------------

@@ -526,15 +526,16 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, step=0, extra=N
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
+RUN_FILES = ("checkpoint.pt", "metrics.json", "losses.png", "vqa_result.json")  # what a run writes to OUT, with log.txt
+
+
 def claim_out(settings):
     """Make OUT ready for this run and return the checkpoint to resume from (or None). A directory
-    holding a run is refused unless --resume (continue it) or --overwrite (delete it) says what to do."""
+    holding a run is refused unless --resume (continue it) or --overwrite (delete it, but only once
+    everything this run needs has been checked: discard_previous) says what to do."""
     out = Path(settings.out)
     checkpoint, metrics = out / "checkpoint.pt", out / "metrics.json"
-    if settings.overwrite:
-        for path in (checkpoint, metrics, out / "log.txt", out / "losses.png"):
-            path.unlink(missing_ok=True)
-    held = [p.name for p in (checkpoint, metrics) if p.exists()]  # a log alone: a start that failed, appended to
+    held = [p.name for p in (checkpoint, metrics) if p.exists()] if not settings.overwrite else []  # a log alone: appended to
     if settings.resume:
         if not checkpoint.exists():
             raise UsageError(f"--resume: {checkpoint} does not exist" + (f" ({out} holds {', '.join(held)})" if held else ""))
@@ -555,13 +556,22 @@ class Log:
     """Prints on rank 0 and appends to OUT/log.txt; other ranks stay quiet."""
 
     def __init__(self, path, rank):
+        self.path, self.lines = Path(path), []
         self.file = open(path, "a", encoding="utf-8") if rank == 0 else None
 
     def __call__(self, message):
         if self.file is not None:
             print(message, flush=True)
+            self.lines.append(message)
             self.file.write(message + "\n")
             self.file.flush()
+
+    def restart(self):
+        """log.txt holding this run's lines alone (--overwrite, once the old run is deleted)."""
+        if self.file is not None:
+            self.file.close()
+            write_atomically(self.path, lambda f: f.write("".join(m + "\n" for m in self.lines).encode("utf-8")))
+            self.file = open(self.path, "a", encoding="utf-8")
 
     def close(self):
         if self.file is not None:
@@ -731,6 +741,7 @@ def main(argv=None):
 
     # 4. Optimizer, schedule, and where the run stands; then train, evaluate, write the results.
     run = Run(settings, task, model.to(place.device), fresh, loader, evaluate, place, log)
+    discard_previous(settings, place, log)
     if previous is not None:
         run.restore(previous)
         if run.step >= run.total:
@@ -751,6 +762,7 @@ def evaluate_only(settings, task, cfg, evaluate, init, place, log):
     --eval-data, no step of training; writes OUT/metrics.json (a run with no checkpoint of its own)."""
     began = time.time()
     model, _ = build_model(task, cfg, settings, init, None, log)
+    discard_previous(settings, place, log)
     if place.rank == 0:
         log(f"{settings.task}: evaluating {settings.init} on {', '.join(settings.eval_data)} ({place.device})")
         metrics = Run.evaluate_model(model.to(place.device), evaluate, log)
@@ -764,6 +776,18 @@ def evaluate_only(settings, task, cfg, evaluate, init, place, log):
         dist.barrier()
         dist.destroy_process_group()
     return metrics if place.rank == 0 else {}
+
+
+def discard_previous(settings, place, log):
+    """--overwrite: delete the run in OUT, now that the data, the evaluation inputs, the model and its weights
+    have all been checked (a mistake in any of them leaves the old run as it was)."""
+    if settings.overwrite and place.rank == 0:
+        gone = [p for p in (Path(settings.out) / name for name in RUN_FILES) if p.exists()]
+        for path in gone:
+            path.unlink()
+        log.restart()
+        if gone:
+            log(f"--overwrite: deleted {', '.join(p.name for p in gone)} of the run that was in {settings.out}")
 
 
 def start(argv):
