@@ -3315,6 +3315,10 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_runs_settings
     metrics, _ = run_train(world, tmp_path, "--steps", "2", "--overwrite")
     assert metrics["step"] == 2 and (out / "log.txt").read_text().count("$ train.py") == 1  # a fresh log
     assert "--overwrite: deleted checkpoint.pt, metrics.json, losses.png" in (out / "log.txt").read_text()
+    # killed after its last checkpoint, before metrics.json: --resume evaluates it and writes metrics.json
+    (out / "metrics.json").unlink()
+    again = train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--device", "cpu"])
+    assert again == metrics["eval"] == json.loads((out / "metrics.json").read_text())["eval"]
 
 
 # -----------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def resumed(previous, given):
     if changed:
         raise UsageError(f"--resume continues the run with its own settings, and these flags differ: "
                          f"{', '.join(changed)}; drop them to continue it, or start a new run with --out DIR")
-    return dataclasses.replace(stored, **{k: v for k, v in given.items() if k in RESUME_FREE})
+    return dataclasses.replace(stored, overwrite=False, **{k: v for k, v in given.items() if k in RESUME_FREE})
 
 
 def task_settings(settings):
@@ -744,9 +744,14 @@ def main(argv=None):
     discard_previous(settings, place, log)
     if previous is not None:
         run.restore(previous)
-        if run.step >= run.total:
+        if run.step >= run.total and (run.out / "metrics.json").exists():
             log(f"the run finished at step {run.step}; its metrics are in {run.out / 'metrics.json'}")
-            return json.loads((run.out / "metrics.json").read_text()).get("eval", {}) if (run.out / "metrics.json").exists() else {}
+            return json.loads((run.out / "metrics.json").read_text()).get("eval", {})
+        if run.step >= run.total:  # killed between its last checkpoint and metrics.json: finish it now
+            log(f"the run reached its last step {run.step} but wrote no metrics.json: evaluating it now")
+            metrics = run.finish()
+            log.close()
+            return metrics
     else:
         torch.manual_seed(settings.seed + place.rank)  # ranks draw different negatives and dropout
     run.train()
