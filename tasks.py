@@ -1094,8 +1094,12 @@ class Batches:
     """A dataset's evaluation batches, read afresh each time; unreadable images logged and counted, and a
     progress line (records done, images/s, eta) every `every` seconds."""
 
-    def __init__(self, dataset, log, every=30.0):
+    def __init__(self, dataset, log, every=30.0, probe=3):
         self.dataset, self.log, self.skipped, self.every = dataset, log, 0, every
+        tried = [dataset[i] for i in range(min(probe, len(dataset)))]  # at the start: a wrong --image-root fails now
+        if tried and all(isinstance(t, data.Unreadable) for t in tried):
+            raise data.DataError(f"the evaluation's first {len(tried)} records name no readable image ({tried[0].path}: "
+                                 f"{tried[0].reason}): check --image-root and --eval-data")
 
     def __iter__(self):
         self.skipped, done, t0 = 0, 0, time.time()

@@ -3315,6 +3315,12 @@ def test_a_run_directory_is_never_overwritten_and_resume_keeps_the_runs_settings
     metrics, _ = run_train(world, tmp_path, "--steps", "2", "--overwrite")
     assert metrics["step"] == 2 and (out / "log.txt").read_text().count("$ train.py") == 1  # a fresh log
     assert "--overwrite: deleted checkpoint.pt, metrics.json, losses.png" in (out / "log.txt").read_text()
+    # evaluation images that cannot be read stop the run at its start, not after the training
+    with pytest.raises(data.DataError, match="the evaluation's first 3 records name no readable image"):
+        train.main(["--synth-dir", str(world), "--out", str(tmp_path / "blind"), "--task", "grounding", "--steps", "1",
+                    "--data", str(world / synth.SYNTH_FILES["grounding_train"]), "--vocab", str(world / synth.SYNTH_FILES["vocab"]),
+                    "--image-root", str(tmp_path), "--eval-data", str(world / synth.SYNTH_FILES["grounding_val"])])
+    assert not (tmp_path / "blind" / "checkpoint.pt").exists()
     # killed after its last checkpoint, before metrics.json: --resume evaluates it and writes metrics.json
     (out / "metrics.json").unlink()
     again = train.main(["--synth-dir", str(world), "--out", str(out), "--resume", "--device", "cpu"])
