@@ -1330,12 +1330,21 @@ def main(argv=None):
                    "checkpoints name none: bert-base-uncased's vocab.txt)")
     q.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)
+    if Path(args.out).resolve() == Path(args.image).resolve():
+        raise data.UsageError(f"--out {args.out} is the input image: give another file to draw on")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise data.UsageError(f"--out {args.out}: name an image file PIL can write (e.g. .png)")
+    if not args.text.strip():
+        raise data.UsageError("--text is blank: give the expression to ground")
     checkpoint, name = checkpoints.read_file(args.checkpoint)  # read once: the weights, and the vocabulary it names
     model = XVLM.from_checkpoint(checkpoint, name=name)
     vocab = args.vocab or checkpoint.get("extra", {}).get("settings", {}).get("vocab")
     if vocab is None:
         raise ValueError(f"{args.checkpoint} names no vocabulary: pass --vocab")  # one line, status 1, as every mistake
     tokenizer = data.Tokenizer(vocab)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise data.UsageError(f"--vocab {vocab} has {tokenizer.vocab_size} tokens, more than the {model.cfg.vocab_size} "
+                              f"{args.checkpoint} embeds: give the vocabulary it was trained with")
     draw_prediction(model, args.image, args.text, tokenizer, args.size).save(args.out)
     box = "no bbox head" if lacks(model, "bbox_head") else \
         f"box {tuple(round(v, 1) for v in ground(model, args.image, args.text, tokenizer))} (x, y, w, h in pixels)"

@@ -2896,6 +2896,16 @@ def test_tasks_inference_api_from_a_path_or_a_pil_image_and_predict_cli(world, w
                                      "--out", str(out)])
     err = capsys.readouterr().err
     assert (code, err) == (1, f"error: {tmp_path / 'novocab.pt'} names no vocabulary: pass --vocab (--debug shows where)\n")
+    image_bytes = path.read_bytes()
+    bigger = tmp_path / "bigger.txt"
+    bigger.write_text(vocab.read_text() + "".join(f"extra{i}\n" for i in range(model.cfg.vocab_size - world_tok.vocab_size + 5)))
+    for flags, message in [(["--out", str(path)], "is the input image"), (["--out", str(tmp_path / "p")], "name an image file"),
+                           (["--text", "  "], "--text is blank"), (["--vocab", str(bigger)], "more than the")]:
+        argv = dict(zip(["--checkpoint", "--image", "--text", "--out"], [str(tmp_path / "c.pt"), str(path), "the red circle", str(out)]))
+        argv.update(zip(flags[::2], flags[1::2]))
+        with pytest.raises(data.UsageError, match=message):
+            tasks.main(["predict", *[a for kv in argv.items() for a in kv]])
+    assert path.read_bytes() == image_bytes  # the input image untouched
 
 
 @pytest.mark.parametrize("kind", ["16-bit", "rgba", "palette"])
