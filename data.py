@@ -1317,12 +1317,12 @@ def convert_coco(captions=None, instances=None, image_dir=""):
     images without objects) image-text records."""
     files, caps, elems = {}, {}, {}
     if captions:
-        coco = json.loads(Path(captions).read_text())
+        coco = read_json(captions)[0]
         files.update({im["id"]: im["file_name"] for im in coco["images"]})
         for a in coco["annotations"]:
             caps.setdefault(a["image_id"], []).append(a["caption"].strip())
     if instances:
-        coco = json.loads(Path(instances).read_text())
+        coco = read_json(instances)[0]
         files.update({im["id"]: im["file_name"] for im in coco["images"]})
         names = {c["id"]: c["name"] for c in coco["categories"]}
         for a in coco["annotations"]:
@@ -1347,7 +1347,7 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
     image_dir/ID.jpg, or taken from the urls of image_data.json (VG_100K or VG_100K_2)."""
     elems = {}
     if objects:
-        for entry in json.loads(Path(objects).read_text()):
+        for entry in read_json(objects)[0]:
             for o in entry.get("objects", entry.get("attributes", [])):
                 names = [n.strip() for n in o.get("names", [o.get("name", "")]) if n.strip()]
                 if names and o["w"] > 0 and o["h"] > 0:
@@ -1357,7 +1357,7 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
                         elem["attributes"] = attributes
                     elems.setdefault(entry.get("image_id", entry.get("id")), []).append(elem)
     if regions:
-        for entry in json.loads(Path(regions).read_text()):
+        for entry in read_json(regions)[0]:
             for r in entry["regions"]:
                 if r["phrase"].strip() and r["width"] > 0 and r["height"] > 0:
                     elems.setdefault(r["image_id"], []).append(
@@ -1365,7 +1365,7 @@ def convert_vg(objects=None, regions=None, image_dir="VG_100K", image_data=None)
     paths = {}
     if image_data:
         paths = {im.get("image_id", im.get("id")): "/".join(im["url"].split("/")[-2:])
-                 for im in json.loads(Path(image_data).read_text())}
+                 for im in read_json(image_data)[0]}
     return [{"image": paths.get(i, f"{image_dir}/{i}.jpg"), "elems": elems[i]} for i in sorted(elems)]
 
 
@@ -1417,8 +1417,15 @@ def convert_refcoco(records, refs, instances, dets=None):
 # -----------------------------------------------------------------------------
 # Command line
 
+class CommandParser(argparse.ArgumentParser):
+    """A mistake on the command line ends in one line naming it and exit status 1 (run_cli), as every other mistake."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} ({self.prog} --help lists the options)")
+
+
 def cli_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="validate data files and every image they name",
@@ -1463,12 +1470,28 @@ def cli_parser():
 def main(argv=None):
     parser = cli_parser()
     args = parser.parse_args(argv)
+    if args.command.startswith("convert-"):
+        try:
+            return convert(parser, args)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a file of another structure
+            raise RecordError(f"{sources(args)}: not the files {args.command} reads ({type(e).__name__}: {e}); "
+                              f"see python data.py {args.command} --help") from None
     if args.command == "check":
         problems, count = check_files(args.files, args.image_root, args.format)
         for line in problems:
             print(line)
         print(f"{count} records in {len(args.files)} file(s): {len(problems)} problem(s)")
         return 1 if problems else 0
+
+
+def sources(args):
+    """The input files a convert-* command was given, for messages."""
+    return ", ".join(str(v) for k, v in vars(args).items()
+                     if v and k in ("captions", "instances", "objects", "regions", "image_data", "records", "refs", "dets"))
+
+
+def convert(parser, args):
+    """The convert-* commands: read the public annotation files, write our records (none: refused)."""
     if args.command == "convert-refcoco":
         if bool(args.dets) != bool(args.proposals_out):
             parser.error("convert-refcoco: --dets and --proposals-out go together")
@@ -1487,6 +1510,8 @@ def main(argv=None):
         if not (args.objects or args.regions):
             parser.error("convert-vg needs --objects and/or --regions")
         records = convert_vg(args.objects, args.regions, args.image_dir, args.image_data)
+    if not records:
+        raise RecordError(f"{sources(args)}: no records came out: not the files {args.command} reads, or holding nothing")
     write_records(args.out, records, lines=str(args.out).endswith(".jsonl"))
     print(f"wrote {len(records)} records to {args.out}; next: python data.py check {args.out} --image-root DIR")
     return 0

@@ -31,7 +31,6 @@ The authors' released checkpoints load the same way, with bert-base-uncased's vo
 README, "Reproduce the paper's numbers with the released models", and docs/released.md.
 """
 
-import argparse
 import json
 import math
 import re
@@ -1316,7 +1315,7 @@ TASKS = {
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="X-VLM inference on one image.")
+    p = data.CommandParser(description="X-VLM inference on one image.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("predict", help="draw the predicted box and per-word Grad-CAM maps for a text",
                        description="Draws, side by side: the image with the box the bbox head predicts for the "

@@ -1971,7 +1971,18 @@ def test_user_mistakes_end_with_one_line_and_no_traceback(world, tmp_path, capsy
     for main, argv, message in [(data.main, ["convert-coco", "--captions", str(tmp_path / "absent.json"), "--out", "x.json"], "absent.json"),
                                 (data.main, ["check", str(tmp_path / "half.json"), "--image-root", "."], None),
                                 (tasks.main, ["predict", "--checkpoint", str(tmp_path / "absent.pt"), "--image", "x.png",
-                                              "--text", "a", "--out", "p.png"], "absent.pt: no such file")]:
+                                              "--text", "a", "--out", "p.png"], "absent.pt: no such file"),
+                                (data.main, ["bogus"], "invalid choice: 'bogus'"),  # usage errors: one line, status 1, too
+                                (tasks.main, ["predict", "--checkpoint", "c.pt"], "the following arguments are required"),
+                                (data.main, ["convert-coco", "--out", "x.json"], "convert-coco needs --captions"),
+                                (data.main, ["convert-coco", "--captions", str(tmp_path / "half.json"), "--out", "x.json"],
+                                 "half.json: not valid JSON"),
+                                (data.main, ["convert-coco", "--captions", str(tmp_path / "vocab.txt"), "--out", "x.json"],
+                                 "vocab.txt: not valid JSON"),
+                                (data.main, ["convert-vg", "--objects", str(world / "vqa_val.json"), "--out", "x.json"],
+                                 "vqa_val.json: no records came out: not the files convert-vg reads"),
+                                (data.main, ["convert-coco", "--instances", str(world / "vqa_val.json"), "--out", "x.json"],
+                                 "vqa_val.json: not the files convert-coco reads")]:
         code = data.run_cli(main, argv)
         err = capsys.readouterr()
         if message is None:  # check reports problems on stdout, one line each, and exits 1
