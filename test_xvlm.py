@@ -4003,9 +4003,23 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
                       "--init", str(tmp_path / "runs/none-seed2/pretrain-1200/checkpoint.pt"), "--resume"]]
     with pytest.raises(data.UsageError, match=r"-seed\d\.json was run with other settings \(steps\)"):
         train.ablation([*argv, "--pretrain-steps", "2400"])  # never mixed into one table, refused before training
-    for bad, message in ((["--seeds", "-1"], "--seeds must be distinct and >= 0"), (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1")):
+    for bad, message in ((["--seeds", "-1"], "--seeds must be distinct and >= 0"), (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1"),
+                         (["--variants", "w/o all", "w/o all"], "--variants must be distinct")):
         with pytest.raises(data.UsageError, match=message):
             train.ablation([*argv, *bad])
+    cells = tmp_path / "t" / "cells"
+    (cells / "no_all-seed7.json").write_text((cells / "none-seed0.json").read_text())  # a copy under another name
+    with pytest.raises(data.UsageError, match=r"no_all-seed7\.json: holds the cell none-seed0\.json"):
+        train.ablation([*argv, "--table-only"])
+    (cells / "no_all-seed7.json").write_text('{"variant": "X-VLM"')
+    with pytest.raises(data.RecordError, match=r"no_all-seed7\.json.*not valid JSON"):
+        train.ablation([*argv, "--table-only"])
+    (cells / "no_all-seed7.json").write_text('{"variant": "X-VLM", "seed": 7}')
+    with pytest.raises(data.UsageError, match=r"no_all-seed7\.json: not a Table 3 cell"):
+        train.ablation([*argv, "--table-only"])
+    with pytest.raises(data.UsageError, match="holds no cells to make a table of"):
+        train.ablation([*argv[:-6], "--out", str(tmp_path / "empty"), "--workdir", str(tmp_path / "runs"), "--synth-dir", str(tmp_path / "s"),
+                        "--table-only"])
 
 
 # -----------------------------------------------------------------------------

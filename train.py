@@ -1311,6 +1311,8 @@ def ablation_args(argv):
     args = p.parse_args(argv)
     if min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds):
         raise UsageError(f"--seeds must be distinct and >= 0, got {args.seeds}")
+    if len(set(args.variants)) < len(args.variants):
+        raise UsageError(f"--variants must be distinct, got {args.variants}")
     if args.pretrain_steps < 1:
         raise UsageError(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
     return args
@@ -1321,7 +1323,9 @@ def ablation(argv=None):
     args = ablation_args(argv)
     cells_dir = Path(args.out) / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    check_cells([json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))], args)
+    check_cells(read_cells(cells_dir), args)
+    if args.table_only and not read_cells(cells_dir):
+        raise UsageError(f"--table-only: {cells_dir} holds no cells to make a table of")
     todo = [] if args.table_only else [(v, s) for s in args.seeds for v in args.variants
                                        if not (cells_dir / cell_name(v, s)).exists()]
     say = lambda message: print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -1331,11 +1335,27 @@ def ablation(argv=None):
         cell = ablation_cell(variant, seed, args, say)
         write_json(cells_dir / cell_name(variant, seed), cell)
         say(f"cell done in {cell['minutes']} min: Meta-Sum* {cell['scores']['Meta-Sum*']:.1f}")
-    cells = [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json"))]
+    cells = read_cells(cells_dir)
     if cells:
         write_atomically(Path(args.out) / "table.md", lambda f: f.write(ablation_table(cells).encode()))
         ablation_plot(cells, Path(args.out) / "metasum.png")
         say(f"wrote {args.out}/table.md and {args.out}/metasum.png from {len(cells)} cells")
+
+
+def read_cells(cells_dir):
+    """The cells in OUT/cells, each a file named for its variant and seed (cell_name); a file that cannot be
+    parsed, lacks a cell's fields, or whose name is not its own cell's is refused, by name."""
+    cells = []
+    for path in sorted(Path(cells_dir).glob("*.json")):
+        cell = data.read_json(path)[0]
+        if not (isinstance(cell, dict) and cell.get("variant") in ABLATION_VARIANTS and isinstance(cell.get("seed"), int)
+                and isinstance(cell.get("runs"), dict) and isinstance(cell.get("scores"), dict)):
+            raise UsageError(f"{path}: not a Table 3 cell (variant, seed, runs, scores): move it out of {cells_dir}")
+        if path.name != cell_name(cell["variant"], cell["seed"]):
+            raise UsageError(f"{path}: holds the cell {cell_name(cell['variant'], cell['seed'])} ({cell['variant']}, seed "
+                             f"{cell['seed']}): a cell counts under its own name only; rename or remove it")
+        cells.append(cell)
+    return cells
 
 
 def cli(argv):
