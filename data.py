@@ -1274,6 +1274,19 @@ def detect_format(value):
     return "pretrain"  # also holds retrieval val/test records: {"image", "caption": [...]}
 
 
+def repeated_ids(records, fmt):
+    """(record, field, message) for each VQA record whose question_id an earlier record has: the result file
+    the evaluation server takes holds one answer per question."""
+    if not fmt.startswith("vqa"):
+        return []
+    first, out = {}, []
+    for i, rec in enumerate(records):
+        qid = rec.get("question_id") if isinstance(rec, dict) else None
+        if isinstance(qid, (int, str)) and first.setdefault(qid, i) != i:
+            out.append((i, "question_id", f"{qid!r} repeats record {first[qid]}"))
+    return out
+
+
 def check_files(files, image_root, fmt="auto"):
     """Every problem in `files`, each naming file, record and field, with every image decoded in
     full and every box checked against its image. Returns (problem lines, number of records)."""
@@ -1304,7 +1317,8 @@ def check_files(files, image_root, fmt="auto"):
         elif kind == "proposals":
             problems += proposal_problems(path, value, image_size)
         elif isinstance(value, (list, dict)):
-            problems += problem_lines(path, record_problems([value] if isinstance(value, dict) else value, kind, image_size), jsonl)
+            found = record_problems([value] if isinstance(value, dict) else value, kind, image_size)
+            problems += problem_lines(path, found + repeated_ids(value if isinstance(value, list) else [value], kind), jsonl)
         else:
             problems.append(f"{path}: expected a JSON list of records or JSON lines, got a JSON {type(value).__name__}")
         count += len(value) if isinstance(value, (list, dict)) else 0

@@ -1214,6 +1214,10 @@ def vqa_evaluation(s, tokenizer, cfg, log):
     if any(answered) and not all(answered):
         raise data.UsageError(f"{', '.join(s.eval_data)}: record {answered.index(False)} has no 'answer' while others do: "
                               "give answered records (accuracy) or unanswered ones (test-dev: a result file), not both")
+    given = [a for r in dataset.records if "answer" in r for a in ([r["answer"]] if isinstance(r["answer"], str) else r["answer"])]
+    if given and not set(given) & set(answers):
+        raise data.UsageError(f"none of the {len(given)} answers in {', '.join(s.eval_data)} is a candidate of {s.answer_list} "
+                              f"(e.g. {given[0]!r}): every question would score 0; give the answer list of these records")
     batches = Batches(dataset, log)
 
     def evaluate(model):
@@ -1340,6 +1344,8 @@ def main(argv=None):
     vocab = args.vocab or checkpoint.get("extra", {}).get("settings", {}).get("vocab")
     if vocab is None:
         raise ValueError(f"{args.checkpoint} names no vocabulary: pass --vocab")  # one line, status 1, as every mistake
+    if not Path(vocab).is_file():  # a run's vocabulary is named as its command line gave it, often relative
+        raise data.UsageError(f"{args.checkpoint} names the vocabulary {vocab}, which is not there from {Path.cwd()}: pass --vocab")
     tokenizer = data.Tokenizer(vocab)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise data.UsageError(f"--vocab {vocab} has {tokenizer.vocab_size} tokens, more than the {model.cfg.vocab_size} "

@@ -1909,6 +1909,11 @@ def test_check_names_file_record_and_field_for_each_defect(tmp_path, capsys):
     # the same file without its bad records passes
     pre.write_text(json.dumps(records[0]) + "\n")
     assert data.main(["check", str(pre), "--image-root", str(tmp_path)]) == 0
+    vqa = tmp_path / "vqa.json"  # a question_id twice: the server's result file takes one answer per question
+    question = {"question_id": 5, "question": "what?", "image": "good.png", "answer": "yes"}
+    vqa.write_text(json.dumps([question, dict(question, question_id=6), question]))
+    assert data.main(["check", str(vqa), "--image-root", str(tmp_path)]) == 1
+    assert f"{vqa}: record 2: field 'question_id': 5 repeats record 0" in capsys.readouterr().out
 
 
 def test_check_passes_the_synthetic_world(world, capsys):
@@ -1950,6 +1955,7 @@ def test_convert_coco_and_vg_produce_valid_records(tmp_path):
 def test_user_mistakes_end_with_one_line_and_no_traceback(world, tmp_path, capsys):
     (tmp_path / "half.json").write_text('[{"image": "a.png", "caption": "a')
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    (tmp_path / "other_answers.json").write_text('["zebra", "kite"]')
     images = ["--image-root", str(world / "images")]
     vocab = ["--vocab", str(world / "vocab.txt")]
     for argv, message in [
@@ -1961,6 +1967,9 @@ def test_user_mistakes_end_with_one_line_and_no_traceback(world, tmp_path, capsy
         (["--synth-dir", str(world), "--device", "tpu"], "--device tpu: use cpu, cuda or cuda:N"),
         (["--synth-dir", str(world), "--device", "cuda:1000000"], "--device cuda:1000000: "),  # no machine has it
         (["--synth-dir", str(world), "--max-tokens", "1"], "max_tokens=1"),
+        (["--synth-dir", str(world), "--image-res", "0"], "--image-res 0 must be a positive multiple of the patch size"),
+        (["--synth-dir", str(world), "--task", "vqa", "--answer-list", str(tmp_path / "other_answers.json")],
+         "is a candidate of"),  # answers all outside the list: every question would score 0
         (["--synth-dir", str(world), "--out", "/proc/no-such-place/run"], "/proc/no-such-place"),
         (["--synth-dir", str(world), "--resume", "--out", str(tmp_path / "never")], "never/checkpoint.pt does not exist"),
     ]:
@@ -2917,6 +2926,9 @@ def test_tasks_inference_api_from_a_path_or_a_pil_image_and_predict_cli(world, w
         with pytest.raises(data.UsageError, match=message):
             tasks.main(["predict", *[a for kv in argv.items() for a in kv]])
     assert path.read_bytes() == image_bytes  # the input image untouched
+    train.save_checkpoint(tmp_path / "relative.pt", model, extra={"settings": {"vocab": "synth/not-from-here.txt"}})
+    with pytest.raises(data.UsageError, match="names the vocabulary synth/not-from-here.txt, which is not there .*: pass --vocab"):
+        tasks.main(["predict", "--checkpoint", str(tmp_path / "relative.pt"), "--image", str(path), "--text", "a", "--out", str(out)])
 
 
 @pytest.mark.parametrize("kind", ["16-bit", "rgba", "palette"])

@@ -405,6 +405,8 @@ def model_config(settings, tokenizer, init=None):
         raise UsageError(f"--vocab {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens, and {settings.init} embeds "
                          f"{stored['vocab_size']}: give the vocabulary it was trained with (bert-base-uncased's vocab.txt)")
     merged = {**cfg, **(stored or {}), **vocab, **settings.model}
+    if not (isinstance(merged["image_res"], int) and merged["image_res"] >= merged["patch_size"] and merged["image_res"] % merged["patch_size"] == 0):
+        raise UsageError(f"--image-res {merged['image_res']} must be a positive multiple of the patch size {merged['patch_size']}")
     if stored and stored.get("swin") and merged["image_res"] != stored["image_res"] and "swin" not in settings.model:
         merged["swin"] = {**stored["swin"], "window": merged["image_res"] // merged["patch_size"]}
     if not settings.mixed_attn:  # Table 3's w/o mixed attn: local attention in every ViT layer
