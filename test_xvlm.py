@@ -3658,6 +3658,18 @@ def test_each_init_file_is_read_once_per_run(world, tmp_path, pretrained, monkey
     assert reads == [pretrained]
 
 
+def test_evaluation_batches_say_how_far_they_are(world, world_tok, monkeypatch):
+    lines = []
+    split = data.RetrievalEvalDataset(world / synth.SYNTH_FILES["retrieval_val"], world / synth.SYNTH_FILES["images"], world_tok, 40, 32)
+    assert sum(len(b["index"]) for b in tasks.Batches(split, lines.append, every=0.0)) == len(split) == 6
+    assert lines == []  # one batch of 64 holds them all: done before a line is due
+    loader = data.eval_loader
+    monkeypatch.setattr(data, "eval_loader", lambda dataset: loader(dataset, batch_size=2))
+    list(tasks.Batches(split, lines.append, every=0.0))
+    assert [l.split("  ")[0] for l in lines] == ["eval RetrievalEvalDataset: 2/6 records", "eval RetrievalEvalDataset: 4/6 records"]
+    assert all("records/s" in l and "eta" in l for l in lines)
+
+
 def test_eval_only_gives_the_figures_the_run_wrote_and_checks_its_inputs_first(world, tmp_path, pretrained):
     metrics, _ = run_train(world, tmp_path / "tune", "--task", "grounding_weak", "--steps", "2", "--init", pretrained)
     run = str(tmp_path / "tune" / "run" / "checkpoint.pt")
