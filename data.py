@@ -1325,20 +1325,34 @@ def check_files(files, image_root, fmt="auto"):
     return problems, count
 
 
-def convert_coco(captions=None, instances=None, image_dir=""):
+def coco_images(coco, path, files):
+    """A COCO file's images into files {id: file_name}; an id that names two files is refused, by name."""
+    for im in coco["images"]:
+        if files.setdefault(im["id"], im["file_name"]) != im["file_name"]:
+            raise RecordError(f"{path}: image id {im['id']} names both {files[im['id']]!r} and {im['file_name']!r}")
+
+
+def convert_coco(captions=None, instances=None, image_dir="", notes=None):
     """COCO annotation files -> pre-training records. With instances: a region record per image that
     has objects (category names as element texts, its captions as "caption"); otherwise (or for
-    images without objects) image-text records."""
-    files, caps, elems = {}, {}, {}
+    images without objects) image-text records. Empty captions are left out, and said in `notes`."""
+    files, caps, elems, empty = {}, {}, {}, 0
     if captions:
         coco = read_json(captions)[0]
-        files.update({im["id"]: im["file_name"] for im in coco["images"]})
+        coco_images(coco, captions, files)
         for a in coco["annotations"]:
-            caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+            empty += not a["caption"].strip()
+            if a["caption"].strip():
+                caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    if empty and notes is not None:
+        notes.append(f"{captions}: left out {empty} empty caption(s)")
     if instances:
         coco = read_json(instances)[0]
-        files.update({im["id"]: im["file_name"] for im in coco["images"]})
+        coco_images(coco, instances, files)
         names = {c["id"]: c["name"] for c in coco["categories"]}
+        unknown = sorted({a["category_id"] for a in coco["annotations"] if a["category_id"] not in names})
+        if unknown:
+            raise RecordError(f"{instances}: annotations of category ids {unknown[:5]} that 'categories' does not list")
         for a in coco["annotations"]:
             # a crowd box covers many objects under one label: not a single visual concept
             if not a.get("iscrowd") and a["bbox"][2] > 0 and a["bbox"][3] > 0:
@@ -1519,7 +1533,10 @@ def convert(parser, args):
     if args.command == "convert-coco":
         if not (args.captions or args.instances):
             parser.error("convert-coco needs --captions and/or --instances")
-        records = convert_coco(args.captions, args.instances, args.image_dir)
+        notes = []
+        records = convert_coco(args.captions, args.instances, args.image_dir, notes)
+        for note in notes:
+            print(note)
     else:
         if not (args.objects or args.regions):
             parser.error("convert-vg needs --objects and/or --regions")

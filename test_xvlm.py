@@ -1935,6 +1935,18 @@ def test_convert_coco_and_vg_produce_valid_records(tmp_path):
     assert jsonl and records == [
         {"image": "train2014/COCO_7.jpg", "caption": ["A dog.", "a brown dog"], "elems": [{"caption": "dog", "bb": [1.5, 2, 30, 40], "kind": "object"}]},
         {"image": "train2014/COCO_9.jpg", "caption": ["a cat"]}]
+    notes = []  # an empty caption is left out and said; an image id naming two files, an unknown category: refused
+    (tmp_path / "blank.json").write_text(json.dumps({"images": images, "annotations": [{"image_id": 9, "caption": " "},
+                                                                                        {"image_id": 9, "caption": "a cat"}]}))
+    assert data.convert_coco(tmp_path / "blank.json", notes=notes) == [{"image": "COCO_9.jpg", "caption": ["a cat"]}]
+    assert notes == [f"{tmp_path / 'blank.json'}: left out 1 empty caption(s)"]
+    (tmp_path / "twice.json").write_text(json.dumps({"images": images + [{"id": 7, "file_name": "other.jpg"}], "annotations": []}))
+    with pytest.raises(data.RecordError, match=r"twice\.json: image id 7 names both 'COCO_7.jpg' and 'other.jpg'"):
+        data.convert_coco(tmp_path / "twice.json")
+    (tmp_path / "cats.json").write_text(json.dumps({"images": images, "categories": [], "annotations": [
+        {"image_id": 7, "category_id": 4, "bbox": [1, 2, 3, 4]}]}))
+    with pytest.raises(data.RecordError, match=r"cats\.json: annotations of category ids \[4\]"):
+        data.convert_coco(instances=tmp_path / "cats.json")
     (tmp_path / "attrs.json").write_text(json.dumps([{"image_id": 3, "attributes": [
         {"x": 1, "y": 2, "w": 3, "h": 4, "names": ["tree "], "attributes": ["green", " "]},
         {"x": 1, "y": 2, "w": 0, "h": 4, "names": ["flat"]}]}]))
