@@ -4053,6 +4053,8 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
     (cells / "no_all-seed7.json").write_text('{"variant": "X-VLM", "seed": 7}')
     with pytest.raises(data.UsageError, match=r"no_all-seed7\.json: not a Table 3 cell"):
         train.ablation([*argv, "--table-only"])
+    only = [json.loads((cells / "no_all-seed0.json").read_text())]  # only variants without supervised grounding
+    assert train.ablation_table(only).splitlines()[3].startswith("| chance |") and "| - |" in train.ablation_table(only).splitlines()[3]
     with pytest.raises(data.UsageError, match="holds no cells to make a table of"):
         train.ablation([*argv[:-6], "--out", str(tmp_path / "empty"), "--workdir", str(tmp_path / "runs"), "--synth-dir", str(tmp_path / "s"),
                         "--table-only"])

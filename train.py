@@ -1249,8 +1249,10 @@ def ablation_table(cells):
     out = [line(["variant", "seeds", *names]), "|" + " --- |" * (len(names) + 2)]
     out += [line([v, len(r), *(spread([c["scores"][n] for c in r]) for n in names)]) for v, r in rows.items()]
     chance = chance_levels(cells)
-    sums = [sum(chance[c.name] for c in ABLATION_COLUMNS if getattr(c, key)) for key in ("meta_sum", "meta_sum_star")]
-    out.append(line(["chance", "", *(f"{chance[c.name]:.1f}" for c in ABLATION_COLUMNS), *(f"{s:.1f}" for s in sums)]))
+    parts = [[chance[c.name] for c in ABLATION_COLUMNS if getattr(c, key)] for key in ("meta_sum", "meta_sum_star")]
+    shown = lambda v: "-" if v is None else f"{v:.1f}"  # a column no cell has (only variants without grounding)
+    out.append(line(["chance", "", *(shown(chance[c.name]) for c in ABLATION_COLUMNS),
+                     *(shown(None if None in p else sum(p)) for p in parts)]))
     kinds = [(column, kind) for column in ("grounding", "weak grounding") for kind in data.REFERRING_KINDS]
     out += ["", line(["variant", *(f"{c}: {k}" for c, k in kinds)]), "|" + " --- |" * (len(kinds) + 1)]
     out += [line([v, *(spread([lookup(c["by_kind"], f"{col}.{k}") for c in r]) for col, k in kinds)])
@@ -1268,8 +1270,9 @@ def ablation_table(cells):
 
 
 def chance_levels(cells):
-    """Each column's chance level, from the cells that have the column (the same world: the same split)."""
-    return {c.name: next(cell["chance"][c.name] for cell in cells if cell["chance"][c.name] is not None)
+    """Each column's chance level, from the cells that have the column (the same world: the same split); None
+    for a column no cell has."""
+    return {c.name: next((cell["chance"][c.name] for cell in cells if cell["chance"][c.name] is not None), None)
             for c in ABLATION_COLUMNS}
 
 
