@@ -4058,6 +4058,10 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
     with pytest.raises(data.UsageError, match="holds no cells to make a table of"):
         train.ablation([*argv[:-6], "--out", str(tmp_path / "empty"), "--workdir", str(tmp_path / "runs"), "--synth-dir", str(tmp_path / "s"),
                         "--table-only"])
+    (cells / "no_all-seed7.json").unlink()
+    (cells / "none-seed1.json").unlink()  # its runs are finished, on the world in s/: another world's table refuses them
+    with pytest.raises(data.UsageError, match=r"a run on the world in .*s, not --synth-dir .*other"):
+        train.ablation([*argv[:-2], "--synth-dir", str(tmp_path / "other")])
 
 
 # -----------------------------------------------------------------------------

@@ -169,16 +169,17 @@ class Settings:
                           choices=["fp32", "bf16", "fp16"])
     vit_init: str = flag(None, "DeiT/timm ViT weights (file or directory) for the image encoder")
     bert_init: str = flag(None, "Hugging Face BERT weights (file or directory) for the text and cross-modal encoders")
-    init: str = flag(None, "a checkpoint to start from: one of ours (e.g. a pre-trained one for a downstream task) or one "
-                     "of the authors' released files (README: Reproduce the paper's numbers); its architecture and "
-                     "conventions come along, flags override them")
+    init: str = flag(None, "a checkpoint to start from: one of ours (e.g. a pre-trained one for a downstream task) "
+                     "or one of the authors' released files (README: Reproduce the paper's numbers); its "
+                     "architecture and conventions come along, flags override them")
     eval_only: bool = flag(False, "evaluate --init on --eval-data without a step of training; writes OUT/metrics.json "
                            "(and for VQA without answers OUT/vqa_result.json)")
-    gradcam_layer: int = flag(2, "grounding_weak: the cross-modal layer (from 0) whose cross-attention Grad-CAM reads "
-                              "(default: a released file's block_num, else 2, the paper's 3rd; the last of smaller models)")
-    decode: str = flag("ours", "how image files are read: 'ours' (every mode to 8-bit RGB, transparent pixels on white) or "
-                       "'pil' (PIL's convert('RGB'), as the authors' datasets) (default: pil for a released file, else ours)",
-                       choices=list(DECODINGS))
+    gradcam_layer: int = flag(2, "grounding_weak: the cross-modal layer (from 0) whose cross-attention Grad-CAM "
+                              "reads (default: a released file's block_num, else 2, the paper's 3rd; the last of "
+                              "smaller models)")
+    decode: str = flag("ours", "how image files are read: 'ours' (every mode to 8-bit RGB, transparent pixels on "
+                       "white) or 'pil' (PIL's convert('RGB'), as the authors' datasets) (default: pil for a "
+                       "released file, else ours)", choices=list(DECODINGS))
     out: str = flag(None, "output directory (default: runs/TASK)")
     resume: bool = flag(False, "continue the run in OUT from its checkpoint, with the settings it was started with")
     overwrite: bool = flag(False, "start over in OUT, deleting the run there")
@@ -402,11 +403,13 @@ def model_config(settings, tokenizer, init=None):
         raise UsageError(f"--vocab-size {settings.model['vocab_size']} is smaller than the vocabulary "
                          f"({tokenizer.vocab_size} tokens in {tokenizer.vocab_file})")
     if init is not None and checkpoints.is_released(init) and stored["vocab_size"] != tokenizer.vocab_size:
-        raise UsageError(f"--vocab {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens, and {settings.init} embeds "
-                         f"{stored['vocab_size']}: give the vocabulary it was trained with (bert-base-uncased's vocab.txt)")
+        raise UsageError(f"--vocab {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens, and {settings.init} "
+                         f"embeds {stored['vocab_size']}: give the vocabulary it was trained with "
+                         "(bert-base-uncased's vocab.txt)")
     merged = {**cfg, **(stored or {}), **vocab, **settings.model}
-    if not (isinstance(merged["image_res"], int) and merged["image_res"] >= merged["patch_size"] and merged["image_res"] % merged["patch_size"] == 0):
-        raise UsageError(f"--image-res {merged['image_res']} must be a positive multiple of the patch size {merged['patch_size']}")
+    res, patch = merged["image_res"], merged["patch_size"]
+    if not (isinstance(res, int) and res >= patch and res % patch == 0):
+        raise UsageError(f"--image-res {res} must be a positive multiple of the patch size {patch}")
     if stored and stored.get("swin") and merged["image_res"] != stored["image_res"] and "swin" not in settings.model:
         merged["swin"] = {**stored["swin"], "window": merged["image_res"] // merged["patch_size"]}
     if not settings.mixed_attn:  # Table 3's w/o mixed attn: local attention in every ViT layer
@@ -537,7 +540,8 @@ def claim_out(settings):
     everything this run needs has been checked: discard_previous) says what to do."""
     out = Path(settings.out)
     checkpoint, metrics = out / "checkpoint.pt", out / "metrics.json"
-    held = [p.name for p in (checkpoint, metrics) if p.exists()] if not settings.overwrite else []  # a log alone: appended to
+    # a log alone (a start that failed) is appended to; with --overwrite the run there is deleted later
+    held = [p.name for p in (checkpoint, metrics) if p.exists()] if not settings.overwrite else []
     if settings.resume:
         if not checkpoint.exists():
             raise UsageError(f"--resume: {checkpoint} does not exist" + (f" ({out} holds {', '.join(held)})" if held else ""))
@@ -803,7 +807,7 @@ def start(argv):
     --init checkpoint or None, checkpoint to resume or None, place, log)."""
     given = parse_args(argv)
     place = setup_distributed(given.get("device"))
-    init = checkpoints.read_file(given["init"])[0] if given.get("init") and not given.get("resume") else None  # read once
+    init = checkpoints.read_file(given["init"])[0] if given.get("init") and not given.get("resume") else None  # once
     settings = resolve(given, checkpoints.carried_settings(init, given.get("task", "pretrain"), given.get("init")))
     previous = claim_out(settings) if place.rank == 0 else None
     if place.world_size > 1:
@@ -939,7 +943,8 @@ class Run:
         """evaluate(model) in eval mode, its metrics logged on one line."""
         model.eval()
         metrics = evaluate(model)
-        log("eval " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items()))
+        shown = (f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in flat(metrics).items())
+        log("eval " + "  ".join(shown))
         return metrics
 
     def train_step(self, module, batch):
@@ -1187,7 +1192,11 @@ def ablation_cell(variant, seed, args, say):
         if not (out / "metrics.json").exists():
             say(f"  {task} ({variant}, seed {seed}) -> {out}")
             main(argv + (["--resume"] if (out / "checkpoint.pt").exists() else []))
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = data.read_json(out / "metrics.json")[0]
+        made_in = Path(metrics.get("settings", {}).get("synth_dir") or "")
+        if made_in.resolve() != Path(args.synth_dir).resolve():
+            raise UsageError(f"{out / 'metrics.json'}: a run on the world in {made_in}, not --synth-dir "
+                             f"{args.synth_dir}: give this table its own --workdir")
         runs[task] = {"out": str(out), "init": metrics["settings"]["init"], "settings": metrics["settings"],
                       "final": {k: v for k, v in metrics.items() if k not in ("task", "eval", "settings", "config")}}
         evals[task] = metrics["eval"]
@@ -1353,12 +1362,13 @@ def read_cells(cells_dir):
     cells = []
     for path in sorted(Path(cells_dir).glob("*.json")):
         cell = data.read_json(path)[0]
-        if not (isinstance(cell, dict) and cell.get("variant") in ABLATION_VARIANTS and isinstance(cell.get("seed"), int)
-                and isinstance(cell.get("runs"), dict) and isinstance(cell.get("scores"), dict)):
+        fields_ok = isinstance(cell, dict) and cell.get("variant") in ABLATION_VARIANTS and isinstance(cell.get("seed"), int)
+        if not (fields_ok and isinstance(cell.get("runs"), dict) and isinstance(cell.get("scores"), dict)):
             raise UsageError(f"{path}: not a Table 3 cell (variant, seed, runs, scores): move it out of {cells_dir}")
         if path.name != cell_name(cell["variant"], cell["seed"]):
-            raise UsageError(f"{path}: holds the cell {cell_name(cell['variant'], cell['seed'])} ({cell['variant']}, seed "
-                             f"{cell['seed']}): a cell counts under its own name only; rename or remove it")
+            own = cell_name(cell["variant"], cell["seed"])
+            raise UsageError(f"{path}: holds the cell {own} ({cell['variant']}, seed {cell['seed']}): a cell counts "
+                             "under its own name only; rename or remove it")
         cells.append(cell)
     return cells
 
