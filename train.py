@@ -1362,7 +1362,8 @@ def read_cells(cells_dir):
     cells = []
     for path in sorted(Path(cells_dir).glob("*.json")):
         cell = data.read_json(path)[0]
-        fields_ok = isinstance(cell, dict) and cell.get("variant") in ABLATION_VARIANTS and isinstance(cell.get("seed"), int)
+        fields_ok = isinstance(cell, dict) and cell.get("variant") in ABLATION_VARIANTS
+        fields_ok = fields_ok and isinstance(cell.get("seed"), int)
         if not (fields_ok and isinstance(cell.get("runs"), dict) and isinstance(cell.get("scores"), dict)):
             raise UsageError(f"{path}: not a Table 3 cell (variant, seed, runs, scores): move it out of {cells_dir}")
         if path.name != cell_name(cell["variant"], cell["seed"]):
