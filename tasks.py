@@ -948,17 +948,24 @@ def load_pretrained(model, source, name=None):
     return fresh, left
 
 
+def released_file_kind(model_class, state, source, reader=None):
+    """The kind of one of the authors' state dicts, refused (naming the tasks it serves) if model_class (`reader` in
+    the message) does not read it."""
+    kind = checkpoints.released_kind(state, source)
+    if kind not in model_class.released_kinds:
+        readers = [t for t, row in TASKS.items() if kind in row.model.released_kinds]
+        raise data.UsageError(f"{source} is the authors' {kind} checkpoint, which {reader or model_class.__name__} does "
+                              f"not read: it serves --task {', '.join(readers)}")
+    return kind
+
+
 def load_released_file(model, checkpoint, source):
     """One of the authors' released files (as checkpoints.read_file read it) into a task model built with its
     config (train.model_config), by the model's released_layout; a file of a kind the model does not read (a
     VQA file for retrieval) is refused. The model's new modules the file lacks are initialised from it as
     load_pretrained does (the VQA decoder from a pre-trained file's cross-modal layers). Returns as load_pretrained."""
     state = checkpoints.state_dict_of(checkpoint, source)
-    kind = checkpoints.released_kind(state, source)
-    if kind not in type(model).released_kinds:
-        readers = [t for t, row in TASKS.items() if kind in row.model.released_kinds]
-        raise data.UsageError(f"{source} is the authors' {kind} checkpoint, which this task's {type(model).__name__} does not "
-                              f"read: it serves --task {', '.join(readers)}")
+    kind = released_file_kind(type(model), state, source)
     fusion, extra = model.released_layout(model.cfg, kind)
     report = xvlm.load_released(model, state, source, checkpoints.released_key_pairs(model.cfg, kind, fusion, extra))
     loaded = set(report.loaded)

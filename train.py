@@ -346,11 +346,7 @@ def check_released(init, settings, task, log):
     """A released --init file: refused at once when the task's model does not read its kind (a VQA file for
     retrieval); else one line says which of its YAML keys the run read and names the others, ignored once."""
     state = checkpoints.state_dict_of(init, settings.init)
-    kind = checkpoints.released_kind(state, settings.init)
-    if kind not in task.model.released_kinds:
-        readers = [t for t, row in tasks.TASKS.items() if kind in row.model.released_kinds]
-        raise UsageError(f"--init {settings.init} is the authors' {kind} checkpoint, which --task {settings.task} does "
-                         f"not read: it serves --task {', '.join(readers)}")
+    kind = tasks.released_file_kind(task.model, state, f"--init {settings.init}", f"--task {settings.task}")
     config = init.get("config") if isinstance(init.get("config"), dict) else {}
     read = [k for k in checkpoints.RELEASED_CONFIG_KEYS if k in config]
     ignored = sorted(k for k in config if k not in checkpoints.RELEASED_CONFIG_KEYS)
