@@ -1206,6 +1206,9 @@ class GroundingDataset(TaskDataset):
         # the target clipped to the image (annotations may run a pixel past the border)
         x0, y0, w, h = rec["bbox"]
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+        if x1 <= x0 or y1 <= y0:  # skipped and counted as an unreadable image is: no box to learn or score
+            return Unreadable(str(self.image_root / rec["image"]), f"record {index}: field 'bbox' {rec['bbox']} lies "
+                              f"outside the {W}x{H} image")
         sample = {"image": image, "text": clean_caption(rec["text"], self.max_words), "index": index,
                   "box": xywh_to_cxcywh([x0, y0, x1 - x0, y1 - y0], W, H)[0], "image_id": self.image_ids[index],
                   "kind": rec.get("kind"), "split": rec.get("split"), "size": (W, H), "bbox": rec["bbox"]}

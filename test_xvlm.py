@@ -1828,6 +1828,16 @@ def test_task_train_loader_resumes_exactly_and_reshuffles_each_epoch(world, worl
 # data.py: Checking files and converting public annotations
 
 
+def test_a_grounding_box_outside_its_image_is_skipped_and_counted_not_trained_on(tmp_path, world_tok):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    (tmp_path / "g.json").write_text(json.dumps([{"image": "a.png", "text": "dog", "bbox": [2, 2, 10, 10]},
+                                                 {"image": "a.png", "text": "cat", "bbox": [50, 5, 10, 10]}]))
+    ds = data.GroundingDataset(tmp_path / "g.json", tmp_path, world_tok, 25, 16)
+    batch = ds.collate([ds[0], ds[1]])
+    assert batch["index"].tolist() == [0] and len(batch["skipped"]) == 1
+    assert "record 1: field 'bbox' [50, 5, 10, 10] lies outside the 40x30 image" in batch["skipped"][0].reason
+
+
 def test_vqa_questions_read_30_words_in_training_and_50_in_evaluation_as_theirs(tmp_path, world_tok):
     question = " ".join(["what"] * 60)
     (tmp_path / "q.json").write_text(json.dumps([{"question_id": 1, "question": question, "image": "a.png", "answer": "x"}]))
