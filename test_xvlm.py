@@ -4028,6 +4028,7 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
     assert len(calls) == 3 * (8 + 6)  # X-VLM: 8 runs a seed; w/o all: no grounding pre-step, no grounding
     cell = json.loads((tmp_path / "t" / "cells" / "none-seed1.json").read_text())
     assert cell["scores"]["Meta-Sum"] == 6 * 60.0 and cell["scores"]["Meta-Sum*"] == 5 * 60.0
+    assert cell["machine"] == train.machine() and "config" in cell["runs"]["pretrain"]  # where it ran, the model resolved
     assert cell["runs"]["grounding"]["init"].endswith("grounding_pretrain-300/checkpoint.pt") and cell["world"]["version"] == 3
     none = json.loads((tmp_path / "t" / "cells" / "no_all-seed0.json").read_text())
     assert none["scores"]["grounding"] is None and none["scores"]["Meta-Sum"] is None and none["scores"]["Meta-Sum*"] == 5 * 40.0

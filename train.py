@@ -27,6 +27,7 @@ import glob
 import json
 import math
 import os
+import platform
 import random
 import signal
 import subprocess
@@ -1155,12 +1156,23 @@ def protocol(settings):
     return json.loads(json.dumps(kept))  # as a cell file holds it: tuples are lists there
 
 
+def machine():
+    """Where a figure was measured: the CPU (and whether it has AVX-512 BF16 and AMX), threads, torch, Python."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in info,
+            "amx": "amx_tile" in info, "torch": torch.__version__, "python": platform.python_version()}
+
+
 def commit():
     """The code a cell ran: the git commit, marked +dirty when the working tree differs from it."""
+    here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True, cwd=here).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -1194,6 +1206,7 @@ def ablation_cell(variant, seed, args, say):
             raise UsageError(f"{out / 'metrics.json'}: a run on the world in {made_in}, not --synth-dir "
                              f"{args.synth_dir}: give this table its own --workdir")
         runs[task] = {"out": str(out), "init": metrics["settings"]["init"], "settings": metrics["settings"],
+                      "config": metrics.get("config"),  # the resolved model (output_positions, local_layers, ...)
                       "final": {k: v for k, v in metrics.items() if k not in ("task", "eval", "settings", "config")}}
         evals[task] = metrics["eval"]
     scores = {c.name: lookup(evals.get(c.task), c.metric) for c in ABLATION_COLUMNS}
@@ -1202,7 +1215,8 @@ def ablation_cell(variant, seed, args, say):
     scores["Meta-Sum*"] = sum(scores[c.name] for c in ABLATION_COLUMNS if c.meta_sum_star)
     by_kind = {c.name: lookup(evals.get(c.task), "by_kind") for c in ABLATION_COLUMNS if c.task.startswith("grounding")}
     chance = {c.name: lookup(evals.get(c.task), c.chance) for c in ABLATION_COLUMNS}
-    return {"variant": variant, "seed": seed, "commit": code, "world": world_of(args.synth_dir), "scores": scores,
+    return {"variant": variant, "seed": seed, "commit": code, "machine": machine(), "world": world_of(args.synth_dir),
+            "scores": scores,
             "by_kind": by_kind, "chance": chance,
             "texts_per_boxed_image": texts_per_boxed_image(variant, args.synth_dir),
             "runs": runs, "minutes": round((time.time() - began) / 60, 1)}

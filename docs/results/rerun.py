@@ -11,7 +11,6 @@ metrics.json exists here is not run again: delete it (or the folder) to rerun it
 """
 
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,14 +28,10 @@ ROWS = [("pretrain", "pretrain", None), ("grounding_pretrain", "grounding_pretra
 
 
 def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    import torch
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT).stdout
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags,
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit + ("+dirty" if dirty.strip() else "")}
+    """train.machine() and the commit (train.commit(): +dirty when the tree differs from it)."""
+    sys.path.insert(0, str(ROOT))
+    import train
+    return {**train.machine(), "commit": train.commit()}
 
 
 def run_all():
