@@ -782,9 +782,14 @@ def evaluate_grounding(model, batches):
         for batch in batches:
             b = to_device(batch, model_device(model))
             pred.append(to_pixels(predict_boxes(model, b["images"], b["text_ids"], b["text_mask"]).float(), b["sizes"]).cpu())
-            found.append(batch)
+            found.append(scoring_fields(batch))
     pred, target, sizes = torch.cat(pred), torch.cat([b["target_xywh"] for b in found]), torch.cat([b["sizes"] for b in found])
     return {"acc": grounding_accuracy(pred, target), "chance": box_chance(target, sizes), **grouped_metrics(pred, target, found)}
+
+
+def scoring_fields(batch):
+    """What the grounding metrics read of a batch, without its images (kept for the whole split)."""
+    return {k: batch[k] for k in ("target_xywh", "sizes", "kinds", "splits")}
 
 
 def grouped_metrics(pred, target, batches):
@@ -871,7 +876,7 @@ def proposal_accuracy(model, batches, choose):
         b = to_device(batch, model_device(model))
         best = choose(b).cpu()
         pred.append(batch["proposals_xywh"][torch.arange(len(best)), best])
-        found.append(batch)
+        found.append(scoring_fields(batch))
         lucky += proposal_chance(batch["proposals_xywh"], batch["proposal_mask"], batch["target_xywh"]) * len(best)
     pred, target = torch.cat(pred), torch.cat([b["target_xywh"] for b in found])
     return {"acc": grounding_accuracy(pred, target), "chance": lucky / len(target), **grouped_metrics(pred, target, found)}
