@@ -50,6 +50,11 @@ The figures (ratios > 1 favour our code):
                                 the synthetic world read, decoded, cropped and masked by its loader worker) in
                                 images/s, data loading included; pipeline_vs_model is it / the same steps on one
                                 batch held in memory (the model alone), timed alternately: 1.0 means loading is free.
+  files_/shards_images_per_s    the main job's pre-training loader alone (its worker, batch 16), images/s: the
+                                synthetic world as loose image files, and the same records as tar shards
+                                (data.write_shards, 40 shards, shuffle buffer 1000); shards_vs_files is files /
+                                shards seconds, timed alternately. On a local disk with the files cached, it
+                                measures the readers' own cost, not a shared file system's.
   params_tiny/_base             parameter counts.
   compile_speedup               with --compile only: the base step eager / under torch.compile (after
                                 its compilation, which the warm-up rounds absorb).
@@ -460,6 +465,33 @@ def bench_compile(model, images, mode, device, generator):
     return {"compile_speedup": times["eager"] / times["compiled"]}, {"compile_eager_s": times["eager"], "compile_s": times["compiled"]}
 
 
+def bench_shards(mode, device):
+    """Data loading alone, train.py's tiny pre-training loader (its worker processes): the synthetic world's
+    records as loose image files against the same records packed into tar shards (data.write_shards)."""
+    with tempfile.TemporaryDirectory() as root:
+        synth.synthesize(root, images=mode.pipeline_world, seed=0)
+        settings = train.resolve({"synth_dir": root})
+        tokenizer = data.Tokenizer(settings.vocab)
+        cfg = train.model_config(settings, tokenizer)
+        paths = data.write_shards(settings.data, settings.image_root, os.path.join(root, "shards"),
+                                  per_shard=max(1, mode.pipeline_world // 40), say=lambda line: None)
+        view = train.task_settings(settings)
+        streams = {}
+        for name, files in (("files", view.data), ("shards", [str(p) for p in paths])):
+            loader = tasks.TASKS["pretrain"].train_loader(replace(view, data=tuple(files)), tokenizer, cfg,
+                                                          data.Shard(workers=settings.workers))
+            streams[name] = train.forever(loader)
+        read = lambda batches: [next(batches) for _ in range(mode.pipeline_steps)]
+        times = alternate({name: (lambda b=b: read(b)) for name, b in streams.items()}, mode, device)
+    images = mode.pipeline_steps * settings.batch_size
+    return ({"files_images_per_s": images / times["files"], "shards_images_per_s": images / times["shards"],
+             "shards_vs_files": times["files"] / times["shards"]},
+            {"shards_files_s": times["files"], "shards_s": times["shards"],
+             "shards_setup": f"{mode.pipeline_steps} batches of {settings.batch_size} images, {settings.workers} loader "
+                             f"worker(s), {mode.pipeline_world} images in {len(paths)} shards, shuffle buffer "
+                             f"{settings.shuffle_buffer}"})
+
+
 def bench_pipeline(mode, device):
     """The main job's loop, data loading included, against its model alone: train.py's tiny pre-training
     settings and loader (its worker processes) over a small synthetic world written to a temporary
@@ -534,6 +566,9 @@ ROWS = [  # (figure, format, what it compares)
     ("images_per_s_tiny", "{:.1f}", "fp32 pre-training step, tiny config"),
     ("pipeline_images_per_s", "{:.1f}", "the main job's pre-training, data loading included"),
     ("pipeline_vs_model", "{:.2f}", "it / the same steps on a batch in memory"),
+    ("files_images_per_s", "{:.1f}", "pre-training loader alone, loose image files"),
+    ("shards_images_per_s", "{:.1f}", "the same records from tar shards"),
+    ("shards_vs_files", "{:.2f}x", "loose files / shards, seconds per batch"),
     ("params_base", "{:,}", "parameters, base config"),
     ("params_tiny", "{:,}", "parameters, tiny config"),
 ]
@@ -596,6 +631,7 @@ def main(argv=None):
     run("bf16", bench_bf16, bf16_model, bf16_images, mode, device, generator)
     run("ITM re-ranking", bench_rerank, model, mode, device, generator)
     run("the main job's pipeline", bench_pipeline, mode, device)
+    run("shards against loose files", bench_shards, mode, device)
     if args.compile:
         run("torch.compile", bench_compile, model, mode.step_images, mode, device, generator)
 

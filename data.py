@@ -9,6 +9,8 @@ synthetic world in the same formats, so that everything runs with no download.
     python data.py check synth/*.json* --image-root synth/images   # validate records and images
     python data.py convert-coco --help               # COCO captions/instances -> these formats
     python data.py convert-vg --help                 # Visual Genome objects/regions -> these formats
+    python data.py shards --data F... --image-root R --out DIR   # records -> tar shards (img2dataset's layout)
+    python data.py check 'DIR/{00000..00009}.tar'    # validate shards: every sample, every image
 
 From Python (train.py / tasks.py):
 
@@ -25,6 +27,8 @@ Contents, top to bottom:
             (fails fast, naming file / record / field)
   images    load_image (any mode), crops, flips, resizes that carry boxes, to_tensor
   pretrain  PretrainDataset, pretrain_loader: half image-text, half box-annotated images (paper 4.2)
+  shards    tar shards (WebDataset / img2dataset): expand_braces, tar_samples, SampleStream (per rank and
+            worker, shuffle buffer), StreamLoader (step-exact resume), write_shards, check_shards
   tasks     RetrievalTrainDataset, RetrievalEvalDataset, VQADataset, NLVR2Dataset,
             GroundingDataset, task_train_loader, eval_loader
   cli       check, convert-coco, convert-vg; run_cli (one-line errors, for every command line)
@@ -32,13 +36,17 @@ Contents, top to bottom:
 
 import argparse
 import copy
+import glob
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
 import pickle
 import re
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -608,6 +616,7 @@ class Unreadable(NamedTuple):
     "skipped", and train.py logs and counts each one."""
     path: str
     reason: str
+    what: str = "unreadable image"  # "sample": a tar shard's sample that is not one (no caption, bad JSON, ...)
 
 
 def open_image(image_root, rel, decode="ours"):
@@ -689,12 +698,22 @@ class PretrainDataset(torch.utils.data.Dataset):
     max_words = 30  # texts are cut to this many words (clean_caption)
 
     def __init__(self, files, image_root, tokenizer, cfg, max_regions=5, crops=Crops(), elements=ELEMENT_KINDS, mlm=True):
-        records = load_records(files, "pretrain")
+        record_files, shard_paths = split_data(files)
+        records = load_records(record_files, "pretrain") if record_files or not shard_paths else []
         try:
             self.texts, self.regions = split_records(records, elements)
         except DataError as e:
-            raise DataError(f"{', '.join(map(str, [files] if isinstance(files, (str, Path)) else files))}: {e}") from None
-        self.image_root, self.tokenizer, self.cfg = Path(image_root), tokenizer, cfg
+            raise DataError(f"{', '.join(record_files)}: {e}") from None
+        self.shards = open_tar_shards(shard_paths)  # kind -> [TarShard]: the samples of that kind stream from these
+        for kind, held in enumerate((self.texts, self.regions)):
+            if held and self.shards[kind]:
+                raise UsageError(f"--data: {SAMPLE_KINDS[kind]} records come from both JSON ({len(held)} records) and "
+                                 f"shards ({self.shards[kind][0].path}, ...): one source a kind; pack the JSON into shards "
+                                 "with python data.py shards")
+        self.image_root = None if image_root is None else Path(image_root)
+        if records and self.image_root is None:
+            raise UsageError(f"--data {', '.join(record_files)}: JSON records need --image-root")
+        self.tokenizer, self.cfg, self.elements = tokenizer, cfg, elements
         self.max_regions, self.crops, self.mlm = max_regions, Crops(*crops), mlm
         image_ids = {}
         for r in records:
@@ -703,17 +722,29 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.region_concept = [image_ids[r["image"]] for r in self.regions]
         self.elem_concept = np.cumsum([len(image_ids)] + [len(r["elems"]) for r in self.regions])[:-1].tolist()
 
+    def counts(self, image_text=True):
+        """How many samples of each kind (image-text, box-annotated) there are, JSON records or shard samples."""
+        return tuple(len(held) + sum(s.samples for s in self.shards[kind]) if image_text or kind == 1 else 0
+                     for kind, held in enumerate((self.texts, self.regions)))
+
     def __len__(self):
-        return len(self.texts) + len(self.regions)
+        return sum(self.counts())
 
     def __getitem__(self, key):
         kind, index, seed = key
-        rng = np.random.default_rng(seed)
         rec = self.texts[index] if kind == 0 else self.regions[index]
         img = open_image(self.image_root, rec["image"])
         if isinstance(img, Unreadable):
             return img
-        sample = self.image_text_sample(rec, index, img, rng) if kind == 0 else self.region_sample(rec, index, img, rng)
+        concept = self.text_concept[index] if kind == 0 else self.region_concept[index]
+        return self.sample(kind, rec, img, np.random.default_rng(seed), concept,
+                           None if kind == 0 else self.elem_concept[index], str(self.image_root / rec["image"]))
+
+    def sample(self, kind, rec, img, rng, concept, first_elem=None, where=""):
+        """Record `rec` of `kind` with its image `img` as a sample: the image-text or region sample, its
+        texts encoded and masked. `concept` is the caption's concept id, elements take first_elem + e."""
+        sample = (self.image_text_sample(rec, img, rng, concept) if kind == 0 else
+                  self.region_sample(rec, img, rng, concept, first_elem, where))
         if isinstance(sample, Unreadable):
             return sample
         cfg, tok = self.cfg, self.tokenizer
@@ -726,15 +757,15 @@ class PretrainDataset(torch.utils.data.Dataset):
     def text(self, raw, flip):
         return prepare_text(raw, self.max_words, flip)
 
-    def image_text_sample(self, rec, index, img, rng):
+    def image_text_sample(self, rec, img, rng, concept):
         """Random resized crop and flip of the whole image; one of its captions."""
         crop = random_resized_crop(*img.size, rng, self.crops.image)
         flip = bool(rng.random() < 0.5)
         image = to_tensor(crop_flip_resize(img, crop, flip, self.cfg.image_res))
         return {"image": image, "texts": [self.text(pick(rng, rec["caption"]), flip)], "boxes": [None],
-                "concepts": [self.text_concept[index]], "kinds": ["caption"]}
+                "concepts": [concept], "kinds": ["caption"]}
 
-    def region_sample(self, rec, index, img, rng):
+    def region_sample(self, rec, img, rng, concept, first_elem, where):
         """The authors' region sample: pick one element, crop around it, flip, resize; its caption
         (if any) and element texts whose boxes keep more than half their area, max_regions texts in all."""
         W, H = img.size
@@ -743,7 +774,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         boxes, inside = transform_boxes([e["bb"] for e in elems], (0, 0, W, H), False, (W, H), min_visible=0)
         elem_ids = np.flatnonzero(inside)
         if len(elem_ids) == 0:
-            return Unreadable(str(self.image_root / rec["image"]), f"no element box of the record lies inside the {W}x{H} image")
+            return Unreadable(where, f"no element box of the record lies inside the {W}x{H} image")
         chosen = int(rng.integers(len(elem_ids)))
         crop = region_crop(W, H, boxes[chosen], rng, self.crops.region)
         flip = bool(rng.random() < 0.5)
@@ -757,13 +788,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         if "caption" in rec:  # it takes one of the max_regions places, as in the authors' code
             texts.append(self.text(pick(rng, rec["caption"]), flip))
             box_list.append(None)
-            concepts.append(self.region_concept[index])
+            concepts.append(concept)
             kinds.append("caption")
         for j in order[:max(1, self.max_regions - len(texts))]:
             e = int(elem_ids[j])
             texts.append(self.text(elem_text(elems[e], rng), flip))
             box_list.append(xywh_to_cxcywh(out_boxes[out_of[j]], res, res)[0])
-            concepts.append(self.elem_concept[index] + e)
+            concepts.append(first_elem + e)
             kinds.append(elems[e].get("kind", "object"))
         return {"image": image, "texts": texts, "boxes": box_list, "concepts": concepts, "kinds": kinds}
 
@@ -875,7 +906,13 @@ class EpochLoader:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.batches(self.epoch, self.batch),
                                              collate_fn=self.dataset.collate, num_workers=self.workers,
                                              generator=torch.Generator().manual_seed(self.seed))
-        for batch in loader:
+        yield from self.readable(loader)
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def readable(self, batches):
+        """The batches holding a readable image, each batch counted in the position; the skips of one
+        without come with the next, and `patience` of them in a row raise a DataError."""
+        for batch in batches:
             self.batch += 1
             if len(batch["images"]) == 0:
                 self.carried += batch["skipped"]
@@ -888,7 +925,6 @@ class EpochLoader:
             self.empty = 0
             batch["skipped"], self.carried = self.carried + batch["skipped"], []
             yield batch
-        self.epoch, self.batch = self.epoch + 1, 0
 
 
 @dataclass(frozen=True)
@@ -901,7 +937,7 @@ class Shard:
     seed: int = 0
 
 
-def pretrain_loader(dataset, batch_size, shard=Shard(), image_text=True):
+def pretrain_loader(dataset, batch_size, shard=Shard(), image_text=True, buffer=1000):
     """The pre-training loader of a PretrainDataset: batches of `batch_size` images for this process,
     half image-text pairs and half box-annotated images (paper 4.2); image_text=False reads only the
     box-annotated records (the grounding pre-step). Resume with state_dict / load_state_dict.
@@ -926,10 +962,465 @@ def pretrain_loader(dataset, batch_size, shard=Shard(), image_text=True):
     area or less are dropped). A flip swaps "left" and "right" in the image's texts. The authors' crops
     are Crops((0.2, 1.0), None); the synthetic world's captions name every shape, and a crop that cuts
     shapes out makes them partly false, so the tiny preset keeps 80% of the area or more: Crops((0.8, 1.0), (0.8, 1.0)).
+
+    A kind whose samples come from tar shards streams through shuffle buffers of `buffer` samples
+    (StreamLoader, see "Tar shards"); JSON records are drawn by PretrainSampler, each kind from one source.
     """
-    sampler = PretrainSampler(len(dataset.texts) if image_text else 0, len(dataset.regions), batch_size,
-                              shard.seed, shard.rank, shard.world_size)
+    sampler = PretrainSampler(*dataset.counts(image_text), batch_size, shard.seed, shard.rank, shard.world_size)
+    if any(dataset.shards[kind] for kind, k in enumerate(sampler.per_rank) if k):
+        return stream_loader(dataset, sampler, shard, buffer)
     return EpochLoader(dataset, sampler.batches, len(sampler), shard.workers, shard.seed)
+
+
+# -----------------------------------------------------------------------------
+# Tar shards: pre-training samples streamed from WebDataset tars (img2dataset's layout)
+#
+# A shard is a tar whose samples are the files sharing a key (the name up to its first dot):
+# KEY.jpg|jpeg|png|webp (the image), KEY.txt (the caption) and optionally KEY.json (img2dataset's
+# metadata; here it may also hold "caption" as a list and "elems" as in a region record, boxes in
+# pixels of that image, which makes the sample box-annotated). A shard holds one kind of sample, the
+# kind of its first (`python data.py shards` writes each kind to shards of its own).
+#
+# Each training process and each of its loader workers reads shards of its own, one after another,
+# through a bounded shuffle buffer (as webdataset does), and decodes images in the worker. The
+# order is a function of the seed and a position alone, so a resumed run reads on exactly:
+#   - reader g of R = world_size * streams reads, in pass p, the shards permutation(seed, kind, p)[g::R];
+#   - rank r's batch i comes from its stream i % streams (a worker holds streams/workers of them), and
+#     draws its samples from that stream's buffer; a sample's crop, flip and masks are seeded by
+#     (seed, kind, reader, draw);
+#   - on resume each stream replays its draws before the checkpoint reading only the tar headers and
+#     the small members (no image), then goes on. The run's world size and streams are in its state.
+
+SAMPLE_KINDS = ("image-text", "box-annotated")
+TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_CONCEPTS = 1 << 58  # concept ids of shard samples: above any JSON record's (see tar_concept)
+
+
+class TarShard(NamedTuple):
+    path: str
+    kind: int  # 0 image-text, 1 box-annotated: the kind of its first sample
+    samples: int  # img2dataset's NNNNN_stats.json "successes" beside it, else counted from its headers
+
+
+def expand_braces(pattern):
+    """'cc3m/{00000..00002}.tar' -> ['cc3m/00000.tar', 'cc3m/00001.tar', 'cc3m/00002.tar'] (zero-padded as
+    written); '{a,b}' lists; several groups expand left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = span.groups()
+        if int(lo) > int(hi):
+            raise UsageError(f"{pattern}: the range {{{body}}} is empty")
+        width = len(lo) if len(lo) == len(hi) or lo.startswith("0") else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise UsageError(f"{pattern}: {{{body}}} is neither a range {{LO..HI}} nor a list {{a,b}}")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def is_tar_pattern(path):
+    return re.search(r"\.tar$|\.tar\W|\}$", str(path)) is not None
+
+
+def split_data(files):
+    """Data files -> (JSON record files, tar shard paths): shard patterns expanded ({a..b}, {x,y}, and * ? [] as
+    glob); a pattern that names no file is refused here, in one line."""
+    files = [files] if isinstance(files, (str, Path)) else list(files or [])
+    records, shards = [], []
+    for f in map(str, files):
+        if not is_tar_pattern(f):
+            records.append(f)
+            continue
+        expanded = [p for e in expand_braces(f) for p in (sorted(glob.glob(e)) if re.search(r"[*?[]", e) else [e])]
+        if not expanded:
+            raise UsageError(f"{f}: the pattern matches no file")
+        shards += expanded
+    return records, shards
+
+
+def tar_key(name):
+    """A tar member's (key, extension) as webdataset splits them: at the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def tar_samples(path, images=lambda: True):
+    """A shard's samples in file order: (key, {extension: bytes}); an image is (offset, size) in the file
+    instead when images() is false. A tar that breaks off (a truncated download) ends with (None, reason),
+    the sample it broke into left out."""
+    key, members, end = None, {}, 0
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                k, ext = tar_key(info.name)
+                if k != key and key is not None:
+                    yield key, members
+                    members = {}
+                key, end = k, info.offset_data + -(-info.size // 512) * 512
+                if ext in TAR_IMAGE_EXTS and not images():
+                    members[ext] = (info.offset_data, info.size)
+                else:
+                    members[ext] = tar.extractfile(info).read()
+        with open(path, "rb") as f:  # tarfile ends quietly at a cut between members: a whole tar ends in zero blocks
+            f.seek(end)
+            tail = f.read(512)
+        if len(tail) < 512 or tail.count(0) < 512:
+            raise tarfile.ReadError("the tar breaks off (no end-of-archive blocks)"
+                                    + (f" in or after sample {key}, which is left out" if key else ""))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield None, f"{type(e).__name__}: {e}"
+        return
+    if key is not None:
+        yield key, members
+
+
+def tar_record(members, elements=ELEMENT_KINDS):
+    """A shard sample's members as a pre-training record {"caption", ["elems"], "image": the image member}, or
+    the reason it cannot be one. Elements of kinds not in `elements` are left out (Table 3's switches)."""
+    ext = next((e for e in TAR_IMAGE_EXTS if e in members), None)
+    if ext is None:
+        return f"no image (.{', .'.join(TAR_IMAGE_EXTS)}) among its files .{', .'.join(sorted(members))}"
+    meta = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            return f".json is not valid JSON: {e}"
+        if not isinstance(meta, dict):
+            return f".json must hold an object, got a JSON {type(meta).__name__}"
+    rec = {k: meta[k] for k in ("caption", "elems") if meta.get(k) is not None}
+    if "caption" not in rec and "txt" in members:
+        rec["caption"] = members["txt"].decode("utf-8", errors="replace").strip()
+    rec["image"] = f"KEY.{ext}"
+    if "caption" not in rec and "elems" not in rec:
+        return "no caption (.txt, or \"caption\" in its .json)"
+    problems = record_problem_list(rec, "pretrain")
+    if problems:
+        return "; ".join(f"field '{field}': {message}" for field, message in problems[:3])
+    if "elems" in rec and set(elements) != set(ELEMENT_KINDS):
+        if any("kind" not in e for e in rec["elems"]):
+            return f"an element has no 'kind' ('object' or 'region'), which keeping only {' and '.join(elements)} needs"
+        rec["elems"] = [e for e in rec["elems"] if e["kind"] in elements]
+    rec["image"] = members[ext]
+    return rec
+
+
+def decode_member(payload):
+    """An image member's bytes as load_image reads a file; raises, with a message that names no buffer, if unreadable."""
+    try:
+        return load_image(io.BytesIO(payload))
+    except Exception as e:  # noqa: BLE001 -- re-raised as it was, less the in-memory file's repr
+        raise type(e)(re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))) from None
+
+
+def read_member(path, image):
+    """An image member's bytes: as read, or read now from its (offset, size) in the shard."""
+    if isinstance(image, bytes):
+        return image
+    with open(path, "rb") as f:
+        f.seek(image[0])
+        return f.read(image[1])
+
+
+def tar_concept(kind, shard, index):
+    """The concept id of sample `index` of shard number `shard` of a kind; its elements take the next ids."""
+    return SHARD_CONCEPTS + (((kind << 20 | shard) << 24 | index) << 12)
+
+
+def stats_count(path):
+    """The "successes" of img2dataset's NNNNN_stats.json beside a shard (our packer writes it too), or None."""
+    try:
+        count = json.loads(Path(str(path)[:-len(".tar")] + "_stats.json").read_text())["successes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def tar_shard(path):
+    """A shard's TarShard, read before any compute: a shard that is missing or that no sample can be read
+    from stops here, in one line."""
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a directory, not a tar shard")
+    count, kind = stats_count(path), None
+    scan = tar_samples(path, images=lambda: False)
+    n = 0
+    for key, members in scan:
+        if key is None and n == 0:
+            raise DataError(f"{path}: cannot be read as a tar shard ({members})")
+        if key is None:
+            break
+        n += 1
+        rec = tar_record(members)
+        if kind is None and isinstance(rec, dict):
+            kind = int("elems" in rec)
+            if count is not None:
+                scan.close()
+                break
+    if kind is None:
+        raise DataError(f"{path}: no usable sample in the shard ({n} samples; python data.py check {path} says why)")
+    return TarShard(str(path), kind, n if count is None else count)
+
+
+def open_tar_shards(paths):
+    """Each shard's TarShard, by kind: {0: image-text shards, 1: box-annotated shards}."""
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such shard" + (f" ({len(missing)} of the {len(paths)} shards are missing)"
+                                                         if len(missing) > 1 else ""))
+    by_kind = {0: [], 1: []}
+    for path in paths:
+        shard = tar_shard(path)
+        by_kind[shard.kind].append(shard)
+    return by_kind
+
+
+class SampleStream:
+    """One reader's endless stream of one kind's shard samples, drawn through a shuffle buffer of `size`
+    (the first draw waits for it to fill). Samples that cannot be used are kept in `problems`, each an
+    Unreadable naming shard and key, until the batch they were met in takes them."""
+
+    def __init__(self, shards, kind, reader, readers, seed, size, elements=ELEMENT_KINDS):
+        self.shards, self.kind, self.reader, self.readers, self.seed = shards, kind, reader, readers, seed
+        self.size, self.elements = max(1, size), elements
+        self.rng = np.random.default_rng((seed, kind, reader))
+        self.buffer, self.problems, self.drawn, self.images = [], [], 0, True
+        self.source = self.read()
+
+    def read(self):
+        """(shard number, sample number, key, record) in reading order, pass after pass over its shards."""
+        for p in itertools.count():
+            order = np.random.default_rng((self.seed, self.kind, p)).permutation(len(self.shards))[self.reader::self.readers]
+            found = 0
+            for n in order.tolist():
+                path = self.shards[n].path
+                for j, (key, members) in enumerate(tar_samples(path, lambda: self.images)):
+                    rec = members if key is None else tar_record(members, self.elements)
+                    if isinstance(rec, str) or int("elems" in rec) != self.kind:
+                        why = rec if isinstance(rec, str) else (f"a {SAMPLE_KINDS[1 - self.kind]} sample in a shard of "
+                                                               f"{SAMPLE_KINDS[self.kind]} samples (data.py shards "
+                                                               "writes each kind to shards of its own)")
+                        self.problems.append(Unreadable(path if key is None else f"{path}:{key}", why,
+                                                        "broken shard" if key is None else "sample"))
+                    elif self.kind == 0 or rec["elems"]:
+                        found += 1
+                        yield n, j, key, rec
+            if not found:
+                raise DataError(f"no usable {SAMPLE_KINDS[self.kind]} sample in {len(order)} shards, e.g. "
+                                f"{self.shards[order[0]].path}: python data.py check says why")
+
+    def draw(self):
+        while len(self.buffer) < self.size:
+            self.buffer.append(next(self.source))
+        j = int(self.rng.integers(len(self.buffer)))
+        item, self.buffer[j] = self.buffer[j], next(self.source)
+        self.drawn += 1
+        return item
+
+    def skip(self, n):
+        """Draw n samples reading no image: the position of a resumed run."""
+        self.images = False
+        for _ in range(n):
+            self.draw()
+        self.images, self.problems = True, []
+
+    def sample(self, dataset):
+        """The next sample as dataset.sample makes it, or an Unreadable."""
+        n, j, key, rec = self.draw()
+        path = self.shards[n].path
+        try:
+            img = decode_member(read_member(path, rec["image"]))
+        except Exception as e:  # noqa: BLE001 -- as open_image: every decoder error means skip this image
+            return Unreadable(f"{path}:{key}", f"{type(e).__name__}: {e}")
+        concept = tar_concept(self.kind, n, j)
+        rng = np.random.default_rng((self.seed, self.kind, self.reader, self.drawn))
+        return dataset.sample(self.kind, rec, img, rng, concept, concept + 1, f"{path}:{key}")
+
+
+class StreamPlan(NamedTuple):
+    """How a process's batches are drawn: its share (rank of world_size), its streams, the seed, the shuffle
+    buffer, the samples of each kind per batch, and the sampler of the kinds that come from JSON records."""
+    rank: int
+    world_size: int
+    streams: int
+    seed: int
+    buffer: int
+    per_rank: tuple
+    sampler: "PretrainSampler"
+
+
+class StreamBatches(torch.utils.data.IterableDataset):
+    """A process's batches from `start` on, in order. Worker w of W yields batches start + w, start + w + W, ...
+    (the DataLoader takes them in turn), batch i from stream i % streams: a stream stays in one worker."""
+
+    def __init__(self, dataset, plan, start):
+        self.dataset, self.plan, self.start = dataset, plan, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        p, ds = self.plan, self.dataset
+        streams = {s: {kind: SampleStream(ds.shards[kind], kind, p.rank * p.streams + s, p.world_size * p.streams,
+                                          p.seed, p.buffer, ds.elements)
+                       for kind in (0, 1) if p.per_rank[kind] and ds.shards[kind]}
+                   for s in range(p.streams) if (s - self.start) % workers == worker}
+        for s, by_kind in streams.items():
+            for kind, stream in by_kind.items():
+                stream.skip(len(range(s, self.start, p.streams)) * p.per_rank[kind])
+        for i in itertools.count(self.start + worker, workers):
+            yield self.batch(i, streams[i % p.streams])
+
+    def batch(self, i, streams):
+        p, ds = self.plan, self.dataset
+        samples, skipped = [], []
+        for kind, k in enumerate(p.per_rank):
+            if kind in streams:
+                samples += [streams[kind].sample(ds) for _ in range(k)]
+                skipped += streams[kind].problems
+                streams[kind].problems = []
+            elif k:
+                first = (i * p.world_size + p.rank) * k
+                samples += [ds[(kind, p.sampler.index(0, kind, q), (p.seed, 0, kind, q))] for q in range(first, first + k)]
+        batch = ds.collate(samples)
+        batch["skipped"] = skipped + batch["skipped"]
+        return batch
+
+
+def as_is(batch):
+    return batch
+
+
+class StreamLoader(EpochLoader):
+    """pretrain_loader's loader when samples come from tar shards (an EpochLoader whose epochs are the
+    nominal length of the data): one DataLoader runs for the whole run, its workers keeping their streams.
+    state_dict() adds the run's streams and world size; a resumed run needs the same world size, and
+    --workers that divide its streams (the run's first --workers)."""
+
+    def __init__(self, dataset, plan, length, workers=0, seed=0):
+        super().__init__(dataset, None, length, workers, seed)
+        self.plan, self.running = plan, None
+
+    def state_dict(self):
+        return {**super().state_dict(), "streams": self.plan.streams, "world_size": self.plan.world_size}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        streams, world = int(state.get("streams", 1)), int(state.get("world_size", self.plan.world_size))
+        if world != self.plan.world_size:
+            raise UsageError(f"the run read its shards on {world} process(es), each its own: resume it on {world}, "
+                             f"not {self.plan.world_size}")
+        if streams % max(1, self.workers):
+            raise UsageError(f"the run reads its shards as {streams} stream(s) per process: resume with --workers "
+                             f"dividing {streams} (e.g. {streams}), not {self.workers}")
+        self.plan, self.running = self.plan._replace(streams=streams), None
+
+    def __iter__(self):
+        if self.running is None:
+            batches = StreamBatches(self.dataset, self.plan, self.epoch * self.length + self.batch)
+            self.running = iter(torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=as_is,
+                                                            num_workers=self.workers,
+                                                            generator=torch.Generator().manual_seed(self.seed)))
+        yield from self.readable(itertools.islice(self.running, self.length - self.batch))
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+def stream_loader(dataset, sampler, shard, buffer):
+    """The StreamLoader of a PretrainDataset with shards (pretrain_loader's); each shard kind in use must
+    give every reader (processes x streams) a shard of its own."""
+    plan = StreamPlan(shard.rank, shard.world_size, max(1, shard.workers), shard.seed, buffer, sampler.per_rank, sampler)
+    readers = plan.world_size * plan.streams
+    for kind, k in enumerate(plan.per_rank):
+        if k and 0 < len(dataset.shards[kind]) < readers:
+            raise UsageError(f"{len(dataset.shards[kind])} {SAMPLE_KINDS[kind]} shards cannot feed {plan.world_size} "
+                             f"process(es) x {plan.streams} worker(s), each reading shards of its own: pack smaller "
+                             "shards (python data.py shards --per-shard) or lower --workers")
+    return StreamLoader(dataset, plan, len(sampler), shard.workers, shard.seed)
+
+
+def tar_member(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(payload), 0o644, 0  # the same records make the same bytes
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def image_member(path):
+    """(extension, bytes) of an image file for a shard: as stored when a shard may hold its format, else PNG."""
+    ext = Path(path).suffix.lower().lstrip(".")
+    with Image.open(path) as img:
+        img.load()  # unreadable: raises, and the packer skips the record
+        if ext in TAR_IMAGE_EXTS:
+            return ext, Path(path).read_bytes()
+        buffer = io.BytesIO()
+        img.save(buffer, "PNG")
+        return "png", buffer.getvalue()
+
+
+class ShardWriter:
+    """Samples into OUT/00000.tar, 00001.tar, ... of `per_shard` samples each, every tar written whole under a
+    .partial name and then renamed, with its NNNNN_stats.json ({"successes", "kind"}, as img2dataset's)."""
+
+    def __init__(self, out, per_shard):
+        self.out, self.per_shard, self.paths, self.tar, self.count, self.samples = Path(out), per_shard, [], None, 0, 0
+
+    def add(self, kind, rec, ext, payload):
+        if self.tar is not None and (self.count == self.per_shard or kind != self.kind):
+            self.close()
+        if self.tar is None:
+            self.path, self.kind, self.count = self.out / f"{len(self.paths):05d}.tar", kind, 0
+            self.tar = tarfile.open(self.path.with_suffix(".tar.partial"), "w", format=tarfile.GNU_FORMAT)
+        key = f"{self.samples:09d}"
+        tar_member(self.tar, f"{key}.{ext}", payload)
+        caption = rec.get("caption")
+        if caption is not None:
+            tar_member(self.tar, f"{key}.txt", (caption[0] if isinstance(caption, list) else caption).encode())
+        meta = {"key": key, "source": rec["image"], **{k: v for k, v in rec.items() if k != "image"}}
+        tar_member(self.tar, f"{key}.json", json.dumps(meta).encode())
+        self.count, self.samples = self.count + 1, self.samples + 1
+
+    def close(self):
+        if self.tar is not None:
+            self.tar.close()
+            self.path.with_suffix(".tar.partial").replace(self.path)
+            stats = {"successes": self.count, "kind": SAMPLE_KINDS[self.kind]}
+            self.path.with_name(f"{self.path.stem}_stats.json").write_text(json.dumps(stats) + "\n")
+            self.paths.append(self.path)
+            self.tar = None
+
+
+def write_shards(files, image_root, out, per_shard=1000, say=print):
+    """Pre-training records (or any with an image and a caption) -> tar shards OUT/00000.tar, ... in
+    img2dataset's layout (ShardWriter): image-text records first, then box-annotated ones, each kind in
+    shards of its own. A record whose image cannot be read is skipped, named and counted. Returns the shard paths."""
+    out = Path(out)
+    if per_shard < 1:
+        raise UsageError(f"--per-shard must be >= 1, got {per_shard}")
+    if out.exists() and any(out.glob("*.tar")):
+        raise UsageError(f"{out} holds shards already: write to a new directory (a rerun never overwrites)")
+    texts, regions = split_records(load_records(files, "pretrain"), ELEMENT_KINDS)
+    out.mkdir(parents=True, exist_ok=True)
+    writer, skipped = ShardWriter(out, per_shard), 0
+    for kind, records in enumerate((texts, regions)):
+        for rec in records:
+            try:
+                ext, payload = image_member(Path(image_root) / rec["image"])
+            except Exception as e:  # noqa: BLE001 -- any unreadable image: skip the record, count it
+                skipped += 1
+                say(f"skipped {Path(image_root) / rec['image']}: {type(e).__name__}: {e}")
+                continue
+            writer.add(kind, rec, ext, payload)
+    writer.close()
+    if not writer.paths:
+        raise DataError(f"{', '.join(map(str, files))}: no record with a readable image: no shard written")
+    say(f"wrote {writer.samples} samples to {len(writer.paths)} shards: --data '{out}/{{00000..{len(writer.paths) - 1:05d}}}.tar'"
+        + (f"; {skipped} records skipped (image unreadable)" if skipped else ""))
+    return writer.paths
 
 
 # -----------------------------------------------------------------------------
@@ -1328,6 +1819,46 @@ def check_files(files, image_root, fmt="auto"):
     return problems, count
 
 
+def check_shards(paths):
+    """Every problem of tar shards, read whole, each image decoded and every box checked against it: one line
+    per shard and kind of problem, with how many samples have it and the first key. Returns (lines, samples)."""
+    problems, total = [], 0
+    for path in paths:
+        if not Path(path).is_file():
+            problems.append(f"{path}: " + ("a directory, not a tar shard" if Path(path).is_dir() else "no such shard"))
+            continue
+        found, kinds, n = {}, set(), 0
+        for key, members in tar_samples(path):
+            if key is None:
+                found.setdefault(members, []).append("(end)")
+                continue
+            n += 1
+            rec = tar_record(members)
+            if isinstance(rec, dict):
+                kinds.add(int("elems" in rec))
+                try:
+                    size = decode_member(rec["image"]).size
+                except Exception as e:  # noqa: BLE001 -- reported, as check_files does for image files
+                    rec = f"image cannot be read: {type(e).__name__}: {e}"
+                else:
+                    rec = "; ".join(f"field '{f}': {m}" for f, m in record_problem_list(
+                        {**rec, "image": "KEY"}, "pretrain", lambda _: size)[:3]) or None
+            if rec:
+                found.setdefault(re.sub(r"\d+", "N", rec)[:200] if "field" in rec else rec, []).append(key)
+        if len(kinds) > 1:
+            problems.append(f"{path}: holds image-text and box-annotated samples; a shard is read as the kind of its first")
+        counted = stats_count(path)
+        if counted is not None and counted != n:
+            problems.append(f"{path}: its _stats.json says {counted} samples, the tar holds {n}")
+        if n == 0 and not found:
+            problems.append(f"{path}: holds no samples")
+        for message, keys in found.items():
+            problems.append(f"{path}: " + (message if keys == ["(end)"] else f"key {keys[0]}: {message}" if len(keys) == 1
+                                           else f"{message} ({len(keys)} of {n} samples, the first key {keys[0]})"))
+        total += n
+    return problems, total
+
+
 def coco_images(coco, path, files):
     """A COCO file's images into files {id: file_name}; an id that names two files is refused, by name."""
     for im in coco["images"]:
@@ -1462,10 +1993,20 @@ def cli_parser():
     p = sub.add_parser("check", help="validate data files and every image they name",
                        description="Read every record, decode every image, report each problem with file, record "
                        "and field; exit 1 if there is any.")
-    p.add_argument("files", nargs="+", help="JSON / JSON lines files of any format, answer lists, proposal files")
-    p.add_argument("--image-root", required=True, help="directory the records' image paths are relative to")
+    p.add_argument("files", nargs="+", help="JSON / JSON lines files of any format, answer lists, proposal files, "
+                   "tar shards ('DIR/{00000..00009}.tar')")
+    p.add_argument("--image-root", help="directory the records' image paths are relative to (JSON files need it)")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS, "answer_list", "proposals"],
                    help="record format; auto = from the fields of each file's first record")
+
+    p = sub.add_parser("shards", help="records -> tar shards in img2dataset's layout",
+                       description="Pre-training records (image-text, box-annotated; retrieval records too) -> OUT/00000.tar, "
+                       "... with KEY.jpg|png|webp, KEY.txt (the caption) and KEY.json (the record), and NNNNN_stats.json; "
+                       "each kind in shards of its own. Read by train.py --data 'OUT/{00000..NNNNN}.tar'.")
+    p.add_argument("--data", nargs="+", required=True, help="record files (JSON list or JSON lines)")
+    p.add_argument("--image-root", required=True, help="directory the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="a new directory for the shards")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000; img2dataset's 10000)")
 
     converters = {
         "convert-coco": ("COCO captions / instances -> pre-training records", "COCO captions -> image-text records; with "
@@ -1507,12 +2048,20 @@ def main(argv=None):
         except (KeyError, TypeError, AttributeError, IndexError) as e:  # a file of another structure
             raise RecordError(f"{sources(args)}: not the files {args.command} reads ({type(e).__name__}: {e}); "
                               f"see python data.py {args.command} --help") from None
+    if args.command == "shards":
+        write_shards(args.data, args.image_root, args.out, args.per_shard)
+        return 0
     if args.command == "check":
-        problems, count = check_files(args.files, args.image_root, args.format)
-        for line in problems:
+        files, shards = split_data(args.files)
+        if files and args.image_root is None:
+            parser.error("check: JSON files need --image-root")
+        problems, count = check_files(files, args.image_root, args.format) if files else ([], 0)
+        shard_problems, samples = check_shards(shards)
+        for line in problems + shard_problems:
             print(line)
-        print(f"{count} records in {len(args.files)} file(s): {len(problems)} problem(s)")
-        return 1 if problems else 0
+        print(f"{count} records in {len(files)} file(s)" + (f", {samples} samples in {len(shards)} shard(s)" if shards else "")
+              + f": {len(problems) + len(shard_problems)} problem(s)")
+        return 1 if problems or shard_problems else 0
 
 
 def sources(args):

@@ -24,6 +24,7 @@ Contents, top to bottom:
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,6 +500,8 @@ def main(argv=None):
                         help=f"pre-training images (at least {MIN_SYNTH_IMAGES}); the downstream pools get images/2 (train) and "
                              "images/20 (val, test)")
     parser.add_argument("--seed", type=int, default=0, help="the world is a function of this seed alone")
+    parser.add_argument("--shards", action="store_true", help="also write the pre-training records as tar shards of 200 "
+                        "samples, OUT/shards/{00000..000NN}.tar (img2dataset's layout; python data.py shards --help)")
     args = parser.parse_args(argv)
     if args.images < MIN_SYNTH_IMAGES:
         parser.error(f"--images must be at least {MIN_SYNTH_IMAGES}, got {args.images}")
@@ -506,6 +509,10 @@ def main(argv=None):
     print(f"wrote the synthetic world to {args.out}/ (images under {args.out}/{SYNTH_FILES['images']}/):")
     for key, n in counts.items():
         print(f"  {SYNTH_FILES[key]:26s} {n:6d} records")
+    if args.shards:
+        shutil.rmtree(Path(args.out) / "shards", ignore_errors=True)  # the world was rewritten: so are its shards
+        data.write_shards([Path(args.out) / SYNTH_FILES[k] for k in ("pretrain_captions", "pretrain_regions")],
+                          Path(args.out) / SYNTH_FILES["images"], Path(args.out) / "shards", per_shard=200)
     return 0
 
 

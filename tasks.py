@@ -1097,7 +1097,7 @@ def log_skipped(batch, log):
     """Log and drop the unreadable images a batch lists under "skipped"; returns how many there were."""
     skipped = batch.pop("skipped")
     for u in skipped:
-        log(f"skipping unreadable image {u.path}: {u.reason}")
+        log(f"skipping {u.what} {u.path}: {u.reason}")
     return len(skipped)
 
 
@@ -1157,6 +1157,7 @@ class TaskSettings:
     crop_scale: tuple  # the random resized crop's area range (lo, hi)
     region_crop_scale: tuple  # pre-training's box-annotated images: the window around the box, or None
     max_regions: int  # pre-training: most texts per box-annotated image, its caption included
+    shuffle_buffer: int  # pre-training from tar shards: each reader's shuffle buffer, in samples
     objects: bool  # pre-training: object texts in (off: Table 3's w/o object)
     regions: bool  # pre-training: region texts in (off: Table 3's w/o region)
     rerank_k: int  # the top k re-ranked: by ITM in retrieval, by full likelihood in VQA
@@ -1269,7 +1270,7 @@ def pretraining_data(image_text, mlm):
         elements = tuple(k for k, on in (("object", s.objects), ("region", s.regions)) if on)
         crops = data.Crops(s.crop_scale, s.region_crop_scale)
         dataset = data.PretrainDataset(s.data, s.image_root, tokenizer, cfg, s.max_regions, crops, elements, mlm)
-        return data.pretrain_loader(dataset, s.batch_size, shard, image_text=image_text)
+        return data.pretrain_loader(dataset, s.batch_size, shard, image_text=image_text, buffer=s.shuffle_buffer)
     return build
 
 
@@ -1278,6 +1279,10 @@ def task_data(dataset, train=True):
     the model's positions: the authors' fine-tuning pads to the longest text and cuts none (their max_length
     without truncation=True)."""
     def build(s, tokenizer, cfg, shard):
+        shards = data.split_data(s.data)[1]
+        if shards:
+            raise data.UsageError(f"--data {shards[0]}: tar shards are pre-training data (--task pretrain, "
+                                  "grounding_pretrain); downstream tasks read JSON records")
         augment = {"train": data.Augment(s.seed, s.crop_scale)} if train else {}
         return data.task_train_loader(dataset(s.data, s.image_root, tokenizer, cfg.max_positions, cfg.image_res,
                                               **augment, decode=s.decode), s.batch_size, shard)

@@ -15,8 +15,10 @@ import os
 import pickle
 import random
 import re
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -1716,6 +1718,278 @@ def test_element_kinds_drop_object_or_region_texts(world, world_tok, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# data.py: Tar shards (img2dataset's WebDataset layout)
+
+
+@pytest.fixture(scope="module")
+def world_shards(world, tmp_path_factory):
+    """The tiny world's pre-training records as shards of 3 samples: 12 image-text (4 shards), then 12 box-annotated (4)."""
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    lines = []
+    paths = data.write_shards(world_files(world, "pretrain_captions", "pretrain_regions"), world / "images", out,
+                              per_shard=3, say=lines.append)
+    assert lines == [f"wrote 24 samples to 8 shards: --data '{out}/{{00000..00007}}.tar'"]
+    return paths
+
+
+def shard_loader(world, tok, paths, batch_size=4, workers=0, buffer=4, rank=0, world_size=1):
+    ds = data.PretrainDataset([str(p) for p in paths], None, tok, XVLMConfig.tiny(image_res=32, max_tokens=20,
+                              vocab_size=tok.vocab_size), max_regions=3)
+    return data.pretrain_loader(ds, batch_size, data.Shard(rank, world_size, workers, seed=7), buffer=buffer)
+
+
+def test_shard_patterns_expand_as_webdataset_and_a_pattern_naming_nothing_is_refused(tmp_path):
+    assert data.expand_braces("cc/{00008..00011}.tar") == [f"cc/{i:05d}.tar" for i in range(8, 12)]
+    assert data.expand_braces("{a,b}/{8..10}.tar") == ["a/8.tar", "a/9.tar", "a/10.tar", "b/8.tar", "b/9.tar", "b/10.tar"]
+    for bad, message in (("x/{3..1}.tar", r"the range \{3..1\} is empty"), ("x/{3-5}.tar", "neither a range")):
+        with pytest.raises(data.UsageError, match=message):
+            data.expand_braces(bad)
+    (tmp_path / "a.tar").write_bytes(b"")
+    assert data.split_data(["r.json", str(tmp_path / "*.tar"), "s/{0..1}.tar"]) == (["r.json"], [str(tmp_path / "a.tar"), "s/0.tar", "s/1.tar"])
+    with pytest.raises(data.UsageError, match=r"x\*.tar: the pattern matches no file"):
+        data.split_data([str(tmp_path / "x*.tar")])
+
+
+def test_shards_hold_the_records_and_make_the_samples_json_makes(world, world_tok, world_shards):
+    texts, regions = data.split_records(data.load_records(world_files(world, "pretrain_captions", "pretrain_regions"),
+                                                          "pretrain"), data.ELEMENT_KINDS)
+    samples = [(p, key, m) for p in world_shards for key, m in data.tar_samples(p)]
+    assert [data.stats_count(p) for p in world_shards] == [3] * 8 and len(samples) == 24
+    for (path, key, members), rec in zip(samples, texts + regions):
+        got = data.tar_record(members)
+        assert {k: v for k, v in got.items() if k != "image"} == {k: rec[k] for k in ("caption", "elems") if k in rec}
+        assert got["image"] == (world / "images" / rec["image"]).read_bytes()  # the file's bytes, unchanged
+        first = rec["caption"][0] if isinstance(rec["caption"], list) else rec.get("caption")
+        assert json.loads(members["json"])["source"] == rec["image"] and members.get("txt", b"").decode() == (first or "")
+    ds = shard_loader(world, world_tok, world_shards).dataset
+    assert ds.counts() == (12, 12) and [len(ds.shards[k]) for k in (0, 1)] == [4, 4]
+    from_json = make_pretrain_loader(world, world_tok).dataset
+    for kind, index, (_, _, members) in ((0, 5, samples[5]), (1, 2, samples[14])):
+        rec = data.tar_record(members)
+        ours = ds.sample(kind, rec, data.decode_member(rec["image"]), np.random.default_rng(3), 0, 1)
+        theirs = from_json[(kind, index, 3)]
+        assert torch.equal(ours["image"], theirs["image"]) and ours["ids"] == theirs["ids"] and ours["mlm"] == theirs["mlm"]
+        assert [b is None or b.tolist() for b in ours["boxes"]] == [b is None or b.tolist() for b in theirs["boxes"]]
+
+
+def stream_keys(shards, buffer, n, reader=0, readers=1):
+    stream = data.SampleStream(shards, 0, reader, readers, seed=1, size=buffer)
+    return [stream.draw()[2] for _ in range(n)]
+
+
+def test_a_stream_reads_every_sample_once_a_pass_in_a_new_shard_order_through_its_buffer(world, world_tok, world_shards):
+    shards = shard_loader(world, world_tok, world_shards).dataset.shards[0]  # 4 shards of 3 image-text samples
+    plain = stream_keys(shards, 1, 36)  # buffer 1: the reading order itself
+    passes = [plain[i:i + 12] for i in (0, 12, 24)]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes) and len(set(passes[0])) == 12
+    assert len({tuple(p[::3]) for p in passes}) > 1  # shards come in another order each pass, samples in file order
+    mixed = stream_keys(shards, 6, 120)
+    assert mixed[:12] != plain[:12] and all(9 <= mixed.count(k) <= 11 for k in set(plain))
+    # two readers: two shards each a pass, none in common (5 draws read 6 samples, buffer 1: the first pass)
+    halves = [stream_keys(shards, 1, 5, r, 2) for r in (0, 1)]
+    assert set(halves[0]).isdisjoint(halves[1]) and all(len({int(k) // 3 for k in h}) == 2 for h in halves)
+
+
+def test_the_shard_loader_resumes_exactly_with_workers_dividing_its_streams(world, world_tok, world_shards):
+    straight = batch_list(shard_loader(world, world_tok, world_shards, workers=2), 9)  # 6 a nominal epoch: crosses one
+    first = shard_loader(world, world_tok, world_shards, workers=2)
+    head = batch_list(first, 5)
+    state = first.state_dict()
+    assert state == {"epoch": 0, "batch": 5, "streams": 2, "world_size": 1}
+    for workers in (0, 1, 2):
+        resumed = shard_loader(world, world_tok, world_shards, workers=workers)
+        resumed.load_state_dict(state)
+        assert_same_batches(straight, head + batch_list(resumed, 4))
+    assert straight[0]["images"].shape == (4, 3, 32, 32) and (straight[0]["text_box"][:2] == -1).all()  # 2 + 2
+    with pytest.raises(data.UsageError, match="resume with --workers dividing 2"):
+        shard_loader(world, world_tok, world_shards, workers=3).load_state_dict(state)
+    with pytest.raises(data.UsageError, match="read its shards on 1 process"):
+        shard_loader(world, world_tok, world_shards, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(data.UsageError, match="4 image-text shards cannot feed 1 process.*x 5 worker"):
+        shard_loader(world, world_tok, world_shards, workers=5)
+
+
+def test_shards_mix_with_json_records_of_the_other_kind_only(world, world_tok, world_shards):
+    captions, regions = world_files(world, "pretrain_captions", "pretrain_regions")
+    ds = data.PretrainDataset([str(p) for p in world_shards[:4]] + [regions], world / "images", world_tok,
+                              XVLMConfig.tiny(image_res=32, vocab_size=world_tok.vocab_size))
+    batch = next(iter(data.pretrain_loader(ds, 4, data.Shard(seed=7), buffer=4)))
+    assert ds.counts() == (12, 12) and len(batch["images"]) == 4 and (batch["text_box"] >= 0).sum() > 0
+    assert (batch["concept_ids"][:2] >= data.SHARD_CONCEPTS).all() and (batch["concept_ids"][2:] < data.SHARD_CONCEPTS).all()
+    pre_step = next(iter(data.pretrain_loader(ds, 4, data.Shard(seed=7), image_text=False)))  # grounding_pretrain's
+    assert len(pre_step["images"]) == 4 and set(pre_step["box_image"].tolist()) == {0, 1, 2, 3}  # every image boxed
+    regions_only = shard_loader(world, world_tok, world_shards[4:], batch_size=4)  # the pre-step from shards alone
+    assert (next(iter(regions_only))["concept_ids"] >= data.SHARD_CONCEPTS).all()
+    with pytest.raises(data.UsageError, match="image-text records come from both JSON .12 records. and shards"):
+        data.PretrainDataset([str(world_shards[0]), captions], world / "images", world_tok, XVLMConfig.tiny())
+    with pytest.raises(data.UsageError, match="JSON records need --image-root"):
+        data.PretrainDataset([str(world_shards[0]), regions], None, world_tok, XVLMConfig.tiny())
+
+
+@pytest.fixture(scope="module")
+def bad_shards(world_shards, tmp_path_factory):
+    """Shards with every fault: samples without image, without caption, with bad JSON, a corrupt and a cut image
+    (bad.tar), a tar cut mid-way (cut.tar), an empty file, a text file, a directory."""
+    root = tmp_path_factory.mktemp("bad_shards")
+    samples = [(k, m) for p in world_shards[:4] for k, m in data.tar_samples(p)]
+    image = lambda m: next(e for e in data.TAR_IMAGE_EXTS if e in m)
+    faults = [lambda m: {k: v for k, v in m.items() if k != image(m)}, lambda m: {image(m): m[image(m)]},
+              lambda m: {**m, "json": b"{nope"}, lambda m: {**m, image(m): b"garbage"},
+              lambda m: {**m, image(m): m[image(m)][:60]}]
+    with tarfile.open(root / "bad.tar", "w") as tar:
+        for i, (key, members) in enumerate(samples):
+            for ext, payload in (faults[i](members) if i < len(faults) else members).items():
+                data.tar_member(tar, f"{key}.{ext}", payload)
+    whole = world_shards[4].read_bytes()  # a box-annotated shard, cut half-way
+    (root / "cut.tar").write_bytes(whole[:len(whole) // 2])
+    (root / "empty.tar").write_bytes(b"")
+    (root / "text.tar").write_text("hello")
+    (root / "dir.tar").mkdir()
+    return root
+
+
+def test_check_names_each_shard_problem_with_its_key_and_count(bad_shards, world_shards, capsys):
+    b = bad_shards
+    code = data.run_cli(data.main, ["check", *(str(b / f) for f in ("bad.tar", "cut.tar", "empty.tar", "text.tar",
+                                                                      "dir.tar", "nope.tar")), str(world_shards[0])])
+    out = capsys.readouterr().out.splitlines()
+    keys = [k for k, _ in data.tar_samples(world_shards[0])] + [k for k, _ in data.tar_samples(world_shards[1])]
+    assert code == 1 and out[:5] == [
+        f"{b}/bad.tar: key {keys[0]}: no image (.jpg, .jpeg, .png, .webp) among its files .json, .txt",
+        f"{b}/bad.tar: key {keys[1]}: no caption (.txt, or \"caption\" in its .json)",
+        f"{b}/bad.tar: key {keys[2]}: .json is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        f"{b}/bad.tar: key {keys[3]}: image cannot be read: UnidentifiedImageError: cannot identify image file",
+        f"{b}/bad.tar: key {keys[4]}: image cannot be read: OSError: image file is truncated"]
+    assert re.fullmatch(rf"{b}/cut.tar: ReadError: (the tar breaks off .* in or after sample \d+, which is left out|unexpected end of data)", out[5])
+    assert out[6:10] == [f"{b}/empty.tar: ReadError: empty file", f"{b}/text.tar: ReadError: truncated header",
+                         f"{b}/dir.tar: a directory, not a tar shard", f"{b}/nope.tar: no such shard"]
+    assert out[10] == "0 records in 0 file(s), 17 samples in 7 shard(s): 10 problem(s)"  # 12 + 2 before the cut + 3
+    assert data.run_cli(data.main, ["check", *map(str, world_shards)]) == 0
+    capsys.readouterr()
+    for argv, message in ((["check", f"{b}/{{3..1}}.tar"], "the range {3..1} is empty"),
+                          (["check", f"{b}/*.x.tar"], "the pattern matches no file"),
+                          (["check", f"{b}/bad.tar", "r.json"], "JSON files need --image-root")):
+        assert data.run_cli(data.main, argv) == 1
+        err = capsys.readouterr().err
+        assert message in err.splitlines()[0] and len(err.splitlines()) == 1
+
+
+def test_training_from_broken_shards_skips_and_counts_each_bad_sample_and_refuses_a_shard_it_cannot_read(
+        world, world_shards, bad_shards, tmp_path):
+    vocab = ["--vocab", str(world / synth.SYNTH_FILES["vocab"]), "--device", "cpu", "--workers", "0", "--batch-size", "4"]
+    good = [str(p) for p in world_shards[1:4]]  # image-text shards beside bad.tar, box-annotated ones beside cut.tar
+    train.main(["--data", *good, str(bad_shards / "bad.tar"), *map(str, world_shards[5:]),
+                                   str(bad_shards / "cut.tar"), "--steps", "16", "--shuffle-buffer", "2",
+                                   "--out", str(tmp_path / "run"), *vocab])
+    log, metrics = (tmp_path / "run" / "log.txt").read_text(), json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for why in ("no image", "no caption", ".json is not valid JSON", "cannot identify image file", "image file is truncated"):
+        assert log.count(why) >= 1, why
+    assert re.search(r"skipping broken shard .*cut.tar: ReadError", log)
+    assert metrics["step"] == 16 and metrics["skipped_images"] == sum(log.count(w) for w in ("skipping sample", "skipping unreadable", "skipping broken"))
+    for fault, message in ((bad_shards / "nope.tar", "nope.tar: no such shard"), (bad_shards / "empty.tar", "empty.tar: cannot be read as a tar shard"),
+                           (bad_shards / "dir.tar", "dir.tar: a directory, not a tar shard")):
+        with pytest.raises(data.DataError, match=message):
+            train.main(["--data", *good, str(fault), "--steps", "2", "--out", str(tmp_path / fault.name), *vocab])
+        assert not (tmp_path / fault.name / "checkpoint.pt").exists()
+    with pytest.raises(data.UsageError, match="tar shards are pre-training data .* downstream tasks read JSON records"):
+        train.main(["--task", "retrieval", "--data", good[0], "--steps", "2", "--out", str(tmp_path / "retrieval"), *vocab])
+
+
+def test_data_py_shards_refuses_a_directory_with_shards_and_skips_unreadable_images(world, tmp_path, capsys):
+    records = data.read_records(world / synth.SYNTH_FILES["pretrain_captions"])[0][:3]
+    records.append({"image": "nope.png", "caption": "a red circle"})
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    argv = ["shards", "--data", str(tmp_path / "r.json"), "--image-root", str(world / "images"), "--out", str(tmp_path / "s"), "--per-shard", "2"]
+    assert data.run_cli(data.main, argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"skipped {world / 'images' / 'nope.png'}: FileNotFoundError") and \
+        out[1] == f"wrote 3 samples to 2 shards: --data '{tmp_path / 's'}/{{00000..00001}}.tar'; 1 records skipped (image unreadable)"
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json"]
+    assert data.run_cli(data.main, argv) == 1 and "holds shards already" in capsys.readouterr().err
+
+
+def run_two_ranks(worker, argv, out, hung="the ranks did not finish"):
+    """worker(rank, 2, port, argv, out) in two spawned processes (a free port for gloo), killed after 90 s."""
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = mp.spawn(worker, args=(2, port, argv, str(out)), nprocs=2, join=False)
+    deadline = time.time() + 90
+    while not processes.join(timeout=5):
+        if time.time() > deadline:
+            for p in processes.processes:
+                p.kill()
+            raise AssertionError(hung)
+
+
+def _shard_rank(rank, world_size, port, argv, out):
+    """One rank of a 2-process train.main (gloo) from shards, writing the (shard, key) of every sample it drew."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    seen, draw = [], data.SampleStream.draw
+
+    def recording(self):
+        item = draw(self)
+        seen.append((self.kind, self.shards[item[0]].path, item[2]))
+        return item
+
+    data.SampleStream.draw = recording  # a spawned process of its own: nothing to restore
+    train.main(argv)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_two_ddp_ranks_read_disjoint_shards(world, world_shards, tmp_path):
+    argv = ["--data", *map(str, world_shards), "--vocab", str(world / synth.SYNTH_FILES["vocab"]), "--device", "cpu",
+            "--workers", "0", "--batch-size", "4", "--steps", "2", "--shuffle-buffer", "1", "--out", str(tmp_path / "run")]
+    run_two_ranks(_shard_rank, argv, tmp_path)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for kind, shards in ((0, world_shards[:4]), (1, world_shards[4:])):
+        # 2 steps x 2 samples of each kind: the first pass, in which rank r reads shards permutation(0, kind, 0)[r::2]
+        read = [{path for k, path, _ in s if k == kind} for s in seen]
+        order = np.random.default_rng((0, kind, 0)).permutation(4)
+        assert [sorted(r) for r in read] == [sorted(str(shards[i]) for i in order[r::2]) for r in (0, 1)]
+        assert len([1 for s in seen for k, *_ in s if k == kind]) == 8
+    assert {(p, key) for p, key in ((p, k) for s in seen[:1] for _, p, k in s)}.isdisjoint((p, k) for _, p, k in seen[1])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 2
+
+
+TRAIN_MAYBE_KILLED = """
+import os, signal, sys
+import torch
+import train
+torch.use_deterministic_algorithms(True)  # without it two runs of one command differ at 1e-7 (oneDNN)
+save = train.Run.save
+def save_and_die(self):
+    save(self)
+    if self.step == int(os.environ.get("KILL_AFTER_SAVING", -1)):
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no finally: as the OOM killer or a lost node
+train.Run.save = save_and_die
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_run_from_shards_killed_by_sigkill_resumes_to_the_straight_run(world, world_shards, tmp_path):
+    root = Path(__file__).resolve().parent
+    flags = ["--data", *map(str, world_shards), "--vocab", str(world / synth.SYNTH_FILES["vocab"]), "--device", "cpu",
+             "--workers", "2", "--batch-size", "4", "--steps", "7", "--save-every", "3", "--shuffle-buffer", "3", "--log-every", "1"]
+    run = lambda *argv, **env: subprocess.run([sys.executable, "-c", TRAIN_MAYBE_KILLED, *argv], cwd=root, capture_output=True,
+                                              env={**os.environ, **env})
+    assert run(*flags, "--out", str(tmp_path / "a")).returncode == 0
+    assert run(*flags, "--out", str(tmp_path / "b"), KILL_AFTER_SAVING="3").returncode == -signal.SIGKILL
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and not (tmp_path / "b" / "metrics.json").exists()
+    assert run("--out", str(tmp_path / "b"), "--resume", "--workers", "1").returncode == 0
+    straight, resumed = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("a", "b"))
+    assert resumed["step"] == straight["step"] == 7
+    assert resumed["extra"]["history"] == straight["extra"]["history"]  # every step's every loss term
+    assert all(torch.equal(resumed["model"][k], v) for k, v in straight["model"].items())
+    assert resumed["extra"]["data"] == straight["extra"]["data"] == {"epoch": 1, "batch": 1, "streams": 2, "world_size": 1}
+    assert "resumed" in (tmp_path / "b" / "log.txt").read_text()
+
+
+# -----------------------------------------------------------------------------
 # data.py: Downstream tasks (paper 4.3 and appendix B)
 
 
@@ -3124,7 +3398,7 @@ def test_cli_refuses_unknown_flags_and_bad_values():
                           (["--lr", "nan"], "--lr must be a number > 0"), (["--lr", "inf"], "--lr must be a number > 0"),
                           (["--weight-decay", "nan"], "--weight-decay must be a number >= 0"),
                           (["--epochs", "nan"], "--epochs must be a number > 0"),
-                          (["--steps", "3", "--epochs", "1"], "not both"), (["--data", "x.json"], "--data needs --image-root"),
+                          (["--steps", "3", "--epochs", "1"], "not both"), (["--data", "x.json"], "--data with JSON files needs --image-root"),
                           (["--local-layers", "five"], "invalid int value: 'five'"), (["--resume", "--overwrite"], "not both"),
                           (["--task", "vqa", "--ablation", "no_bbox_loss"], "does not apply to --task vqa"),
                           (["--task", "grounding_pretrain", "--ablation", "no_bbox_loss"], "does not apply to --task grounding_pretrain"),
@@ -3463,21 +3737,9 @@ def _skip_worker(rank, world_size, port, argv, out):
 def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_step_on_every_rank(world, tmp_path):
     # Under DDP a rank that stepped alone would wait for the other in the gradient all-reduce forever:
     # both ranks must skip steps 2 and 3, and end with the same weights.
-    import socket
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
     argv = [*pretrain_flags(world), "--out", str(out), "--steps", "4", "--batch-size", "4", "--log-every", "1"]
-    processes = mp.spawn(_skip_worker, args=(2, port, argv, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.time() + 90
-    while not processes.join(timeout=5):
-        if time.time() > deadline:
-            for p in processes.processes:
-                p.kill()
-            raise AssertionError("the ranks did not finish: one waited for the other (a step skipped on one rank only?)")
+    run_two_ranks(_skip_worker, argv, tmp_path, "the ranks did not finish: one waited for the other (a step skipped on one rank only?)")
     log, metrics = (out / "log.txt").read_text(), json.loads((out / "metrics.json").read_text())
     assert "step 2: loss is not finite" in log and "step 3: the gradient is not finite" in log
     history = torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["history"]

@@ -134,8 +134,8 @@ class Settings:
     task: str = flag("pretrain", "what to train (default: pretrain)", choices=list(tasks.TASKS))
     config: str = flag("tiny", "model preset and recipe: 'base' is the paper's X-VLM-base, 'tiny' (the default) "
                        "a CPU-sized one", choices=["tiny", "base"])
-    data: tuple = flag(None, "training files (JSON list or JSON lines) (default: the synthetic world's split for "
-                       "--task)", nargs="+")
+    data: tuple = flag(None, "training files (JSON list or JSON lines); pretrain also reads tar shards in img2dataset's "
+                       "layout, 'cc3m/{00000..00331}.tar' (default: the synthetic world's split for --task)", nargs="+")
     eval_data: tuple = flag(None, "evaluation files (pretrain: retrieval val/test records) (default: the synthetic "
                             "world's validation split; with --data, none: no evaluation)", nargs="+")
     image_root: str = flag(None, "directory the records' image paths are relative to (default: the synthetic world's)")
@@ -196,6 +196,7 @@ class Settings:
     save_every: int = flag(250, "steps between checkpoints; one is always written at the end (default: 250)")
     workers: int = flag(1, "data-loading processes per training process (default: 1)")
     compile: bool = flag(False, "torch.compile the model")
+    shuffle_buffer: int = flag(1000, "pretrain from tar shards: samples each reader's shuffle buffer holds (default: 1000)")
     max_regions: int = flag(5, "pretrain: most texts per box-annotated image, its caption included, as the authors' "
                             "(default: 5)")
     device: str = flag(None, "cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
@@ -229,7 +230,9 @@ class Settings:
             (min(self.log_every, self.save_every, self.eval_every, self.workers) < 0,
              "--log-every, --save-every, --eval-every and --workers must be >= 0"),
             (self.max_regions < 1, f"--max-regions must be >= 1, got {self.max_regions}"),
-            (self.data is not None and self.image_root is None, "--data needs --image-root"),
+            (self.data is not None and self.image_root is None and not all(map(data.is_tar_pattern, self.data)),
+             "--data with JSON files needs --image-root"),
+            (self.shuffle_buffer < 1, f"--shuffle-buffer must be >= 1, got {self.shuffle_buffer}"),
             (self.eval_data is not None and self.image_root is None, "--eval-data needs --image-root"),
             (self.vocab is None, "--data needs --vocab" if self.data is not None else
              "no vocabulary: give --vocab (the authors' released files name none: bert-base-uncased's vocab.txt)"),
