@@ -547,4 +547,13 @@ def carried_settings(checkpoint, task, source):
         return out
     stored = checkpoint.get("extra", {}).get("settings", {}) if isinstance(checkpoint.get("extra"), dict) else {}
     same = stored.get("task") == task
-    return {k: stored[k] for k in ("vocab", "decode", "rerank_k", "gradcam_layer") if k in stored and (same or k in ("vocab", "decode"))}
+    carried = {k: stored[k] for k in ("decode", "rerank_k", "gradcam_layer") if k in stored and (same or k == "decode")}
+    return {**carried, **({"vocab": stored_vocab(checkpoint)} if stored_vocab(checkpoint) else {})}
+
+
+def stored_vocab(checkpoint):
+    """The vocabulary a checkpoint of ours names: as its run's command line gave it when that path is there from
+    here, else the absolute path the run saved beside it (train.py's "vocab_file") when that one is; None if it names none."""
+    extra = checkpoint.get("extra") if isinstance(checkpoint.get("extra"), dict) else {}
+    given, absolute = extra.get("settings", {}).get("vocab"), extra.get("vocab_file")
+    return next((p for p in (given, absolute) if p and Path(p).is_file()), given)

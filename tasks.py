@@ -1358,7 +1358,7 @@ def main(argv=None):
         raise data.UsageError("--text is blank: give the expression to ground")
     checkpoint, name = checkpoints.read_file(args.checkpoint)  # read once: the weights, and the vocabulary it names
     model = XVLM.from_checkpoint(checkpoint, name=name)
-    vocab = args.vocab or checkpoint.get("extra", {}).get("settings", {}).get("vocab")
+    vocab = args.vocab or checkpoints.stored_vocab(checkpoint)
     if vocab is None:
         raise ValueError(f"{args.checkpoint} names no vocabulary: pass --vocab")  # one line, status 1, as every mistake
     if not Path(vocab).is_file():  # a run's vocabulary is named as its command line gave it, often relative

@@ -3225,6 +3225,10 @@ def test_tasks_inference_api_from_a_path_or_a_pil_image_and_predict_cli(world, w
     train.save_checkpoint(tmp_path / "relative.pt", model, extra={"settings": {"vocab": "synth/not-from-here.txt"}})
     with pytest.raises(data.UsageError, match="names the vocabulary synth/not-from-here.txt, which is not there .*: pass --vocab"):
         tasks.main(["predict", "--checkpoint", str(tmp_path / "relative.pt"), "--image", str(path), "--text", "a", "--out", str(out)])
+    # runs save the vocabulary's absolute path too (train.py): the checkpoint works from any directory
+    train.save_checkpoint(tmp_path / "both.pt", model, extra={"settings": {"vocab": "synth/not-from-here.txt"},
+                                                              "vocab_file": str(vocab.resolve())})
+    assert tasks.main(["predict", "--checkpoint", str(tmp_path / "both.pt"), "--image", str(path), "--text", "a", "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize("kind", ["16-bit", "rgba", "palette"])
@@ -3777,6 +3781,7 @@ def test_a_short_pretraining_run_reduces_the_loss_and_writes_metrics_and_plot(wo
     assert "step 30/30" in log and "lr 0.001 (cosine)" in log
     settings = state["extra"]["settings"]  # what the run computed, stored for --resume
     assert (settings["steps"], settings["lr"], settings["batch_size"], settings["task"]) == (30, 1e-3, 4, "pretrain")
+    assert state["extra"]["vocab_file"] == str((world / synth.SYNTH_FILES["vocab"]).resolve())  # for runs from elsewhere
 
 
 def test_a_minute_of_pretraining_beats_chance_on_zero_shot_retrieval(world400, tmp_path):

@@ -922,7 +922,8 @@ class Run:
     def save(self):
         rngs = gather_rng_states(self.place.world_size)
         if self.place.rank == 0:
-            extra = {"settings": dataclasses.asdict(self.settings), "fresh": sorted(self.fresh),
+            extra = {"settings": dataclasses.asdict(self.settings), "vocab_file": str(Path(self.settings.vocab).resolve()),
+                     "fresh": sorted(self.fresh),
                      "data": self.loader.state_dict(), "scaler": self.scaler.state_dict(), "history": self.history,
                      "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images, "rng_all": rngs}
             save_checkpoint(self.out / "checkpoint.pt", self.model, self.optimizer, self.schedule, self.step,
