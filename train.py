@@ -1118,9 +1118,10 @@ ABLATION_COLUMNS = [
     Column("weak grounding", "grounding_weak", "acc", "chance", True, True),
 ]
 # Fields of a run's settings that say where and how it ran, not what it computed, or that the
-# variant sets: left out when cells are compared.
+# variant sets, or that the table's runs never use (shuffle_buffer: tar shards): left out when cells are compared.
 NOT_PROTOCOL = RESUME_FREE | {"init", "seed", "ablation", "objects", "regions", "mixed_attn", "synth_dir", "data",
-                              "eval_data", "image_root", "vocab", "answer_list", "proposals", "grounding_data"}
+                              "eval_data", "image_root", "vocab", "answer_list", "proposals", "grounding_data",
+                              "shuffle_buffer"}
 # The model fields a variant sets, itself or by its switches (--no-mixed-attn sets local_layers;
 # cells run before that switch existed hold local_layers "all"): left out of the model compared.
 NOT_PROTOCOL_MODEL = {k for a in ABLATIONS.values() for k in a if k in MODEL_FIELDS} | {"local_layers"}
@@ -1241,7 +1242,8 @@ def check_cells(cells, args):
     world = world_of(args.synth_dir) if synth.synth_ready(args.synth_dir) else None
     for cell in cells:
         want = planned_protocol(cell["variant"], args)
-        got = {task: protocol(run["settings"]) for task, run in cell["runs"].items()}
+        # a cell run before a setting existed holds none: it ran with the setting's default, as --resume reads it
+        got = {task: protocol(dataclasses.asdict(Settings(**run["settings"]))) for task, run in cell["runs"].items()}
         if got != want or (world is not None and cell["world"] != world):
             differ = sorted(k for t in set(want) | set(got) for k in set(want.get(t, {})) | set(got.get(t, {}))
                             if want.get(t, {}).get(k) != got.get(t, {}).get(k))
