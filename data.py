@@ -1024,7 +1024,8 @@ def expand_braces(pattern):
 
 
 def is_tar_pattern(path):
-    return re.search(r"\.tar$|\.tar\W|\}$", str(path)) is not None
+    """Whether a --data entry names tar shards: 'x.tar', 'x/{0..9}.tar', 'x/{a.tar,b.tar}'."""
+    return re.search(r"\.tar$|\.tar[},]", str(path)) is not None
 
 
 def split_data(files):

@@ -1745,7 +1745,8 @@ def test_shard_patterns_expand_as_webdataset_and_a_pattern_naming_nothing_is_ref
         with pytest.raises(data.UsageError, match=message):
             data.expand_braces(bad)
     (tmp_path / "a.tar").write_bytes(b"")
-    assert data.split_data(["r.json", str(tmp_path / "*.tar"), "s/{0..1}.tar"]) == (["r.json"], [str(tmp_path / "a.tar"), "s/0.tar", "s/1.tar"])
+    assert data.split_data(["r.json", str(tmp_path / "*.tar"), "s/{0..1}.tar", "t.tar.jsonl"]) == \
+        (["r.json", "t.tar.jsonl"], [str(tmp_path / "a.tar"), "s/0.tar", "s/1.tar"])
     with pytest.raises(data.UsageError, match=r"x\*.tar: the pattern matches no file"):
         data.split_data([str(tmp_path / "x*.tar")])
 
@@ -4322,6 +4323,13 @@ def test_the_ablation_table_sums_as_the_paper_with_its_dashes_and_a_rerun_runs_o
         with pytest.raises(data.UsageError, match=message):
             train.ablation([*argv, *bad])
     cells = tmp_path / "t" / "cells"
+    cell = json.loads((cells / "none-seed0.json").read_text())
+    for run in cell["runs"].values():  # as a cell written before these settings existed
+        for key in ("decode", "gradcam_layer", "eval_only", "shuffle_buffer"):
+            run["settings"].pop(key)
+    (cells / "none-seed0.json").write_text(json.dumps(cell))
+    train.ablation([*argv, "--table-only"])  # their defaults, as --resume reads an old run: the same table
+    assert (tmp_path / "t" / "table.md").read_text().splitlines() == table
     (cells / "no_all-seed7.json").write_text((cells / "none-seed0.json").read_text())  # a copy under another name
     with pytest.raises(data.UsageError, match=r"no_all-seed7\.json: holds the cell none-seed0\.json"):
         train.ablation([*argv, "--table-only"])
