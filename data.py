@@ -79,12 +79,15 @@ class Tokenizer:
     def __init__(self, vocab_file, lowercase=True, sep=True):
         self.vocab_file, self.sep = str(vocab_file), sep
         vocab = {}
-        with open(vocab_file, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                token = line.rstrip("\n")
-                if token in vocab:
-                    raise ValueError(f"{vocab_file}: line {i + 1}: token {token!r} repeats line {vocab[token] + 1}")
-                vocab[token] = i
+        try:
+            lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecordError(f"{vocab_file}: not a vocabulary (a BERT vocab.txt, one token a line): "
+                              f"{e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
+        for i, token in enumerate(lines[:-1] if lines[-1] == "" else lines):
+            if token in vocab:
+                raise ValueError(f"{vocab_file}: line {i + 1}: token {token!r} repeats line {vocab[token] + 1}")
+            vocab[token] = i
         for token in SPECIAL_TOKENS:
             if token not in vocab:
                 raise ValueError(f"{vocab_file}: special token {token} is missing")

@@ -2275,6 +2275,8 @@ def test_user_mistakes_end_with_one_line_and_no_traceback(world, tmp_path, capsy
         (["--data", str(tmp_path / "half.json"), *images, *vocab], "half.json: not valid JSON"),
         (["--data", str(world / "vqa_train.json"), *images, *vocab], "field 'caption': missing field"),
         (["--data", str(world / "pretrain_captions.json"), *images, "--vocab", str(tmp_path / "vocab.txt")], "[MASK] is missing"),
+        (["--synth-dir", str(world), "--vocab", str(world / "images" / "val" / "00000.png")], "00000.png: not a vocabulary"),
+        (["--synth-dir", str(world), "--vocab", str(world / "images")], "images: not a vocabulary"),
         (["--synth-dir", str(world), "--init", str(tmp_path / "half.json")], "not a weights file"),
         (["--synth-dir", str(world), "--device", "tpu"], "--device tpu: use cpu, cuda or cuda:N"),
         (["--synth-dir", str(world), "--device", "cuda:1000000"], "--device cuda:1000000: "),  # no machine has it
