@@ -1911,6 +1911,12 @@ def test_training_from_broken_shards_skips_and_counts_each_bad_sample_and_refuse
         train.main(["--task", "retrieval", "--data", good[0], "--steps", "2", "--out", str(tmp_path / "retrieval"), *vocab])
 
 
+def test_synth_py_writes_the_world_as_shards_too(tmp_path, capsys):
+    assert synth.main(["--out", str(tmp_path / "w"), "--images", "12", "--shards"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote 12 samples to 2 shards: --data '{tmp_path / 'w' / 'shards'}/{{00000..00001}}.tar'"
+    assert data.check_shards([str(tmp_path / "w" / "shards" / f"0000{i}.tar") for i in (0, 1)]) == ([], 12)
+
+
 def test_data_py_shards_refuses_a_directory_with_shards_and_skips_unreadable_images(world, tmp_path, capsys):
     records = data.read_records(world / synth.SYNTH_FILES["pretrain_captions"])[0][:3]
     records.append({"image": "nope.png", "caption": "a red circle"})
