@@ -465,24 +465,27 @@ def bench_compile(model, images, mode, device, generator):
     return {"compile_speedup": times["eager"] / times["compiled"]}, {"compile_eager_s": times["eager"], "compile_s": times["compiled"]}
 
 
-def bench_shards(mode, device):
+def main_job(root):
+    """train.py's tiny pre-training settings over the synthetic world in `root`, its tokenizer and model config."""
+    settings = train.resolve({"synth_dir": root})
+    tokenizer = data.Tokenizer(settings.vocab)
+    return settings, tokenizer, train.model_config(settings, tokenizer)
+
+
+def bench_shards(mode, device, root):
     """Data loading alone, train.py's tiny pre-training loader (its worker processes): the synthetic world's
-    records as loose image files against the same records packed into tar shards (data.write_shards)."""
-    with tempfile.TemporaryDirectory() as root:
-        synth.synthesize(root, images=mode.pipeline_world, seed=0)
-        settings = train.resolve({"synth_dir": root})
-        tokenizer = data.Tokenizer(settings.vocab)
-        cfg = train.model_config(settings, tokenizer)
-        paths = data.write_shards(settings.data, settings.image_root, os.path.join(root, "shards"),
-                                  per_shard=max(1, mode.pipeline_world // 40), say=lambda line: None)
-        view = train.task_settings(settings)
-        streams = {}
-        for name, files in (("files", view.data), ("shards", [str(p) for p in paths])):
-            loader = tasks.TASKS["pretrain"].train_loader(replace(view, data=tuple(files)), tokenizer, cfg,
-                                                          data.Shard(workers=settings.workers))
-            streams[name] = train.forever(loader)
-        read = lambda batches: [next(batches) for _ in range(mode.pipeline_steps)]
-        times = alternate({name: (lambda b=b: read(b)) for name, b in streams.items()}, mode, device)
+    records in `root` as loose image files against the same records packed into tar shards (data.write_shards)."""
+    settings, tokenizer, cfg = main_job(root)
+    paths = data.write_shards(settings.data, settings.image_root, os.path.join(root, "shards"),
+                              per_shard=max(1, mode.pipeline_world // 40), say=lambda line: None)
+    view = train.task_settings(settings)
+    streams = {}
+    for name, files in (("files", view.data), ("shards", [str(p) for p in paths])):
+        loader = tasks.TASKS["pretrain"].train_loader(replace(view, data=tuple(files)), tokenizer, cfg,
+                                                      data.Shard(workers=settings.workers))
+        streams[name] = train.forever(loader)
+    read = lambda batches: [next(batches) for _ in range(mode.pipeline_steps)]
+    times = alternate({name: (lambda b=b: read(b)) for name, b in streams.items()}, mode, device)
     images = mode.pipeline_steps * settings.batch_size
     return ({"files_images_per_s": images / times["files"], "shards_images_per_s": images / times["shards"],
              "shards_vs_files": times["files"] / times["shards"]},
@@ -492,34 +495,30 @@ def bench_shards(mode, device):
                              f"{settings.shuffle_buffer}"})
 
 
-def bench_pipeline(mode, device):
+def bench_pipeline(mode, device, root):
     """The main job's loop, data loading included, against its model alone: train.py's tiny pre-training
-    settings and loader (its worker processes) over a small synthetic world written to a temporary
-    directory; the same model steps on one batch held in memory."""
-    with tempfile.TemporaryDirectory() as root:
-        synth.synthesize(root, images=mode.pipeline_world, seed=0)
-        settings = train.resolve({"synth_dir": root})
-        tokenizer = data.Tokenizer(settings.vocab)
-        cfg = train.model_config(settings, tokenizer)
-        loader = tasks.TASKS["pretrain"].train_loader(train.task_settings(settings), tokenizer, cfg,
-                                                      data.Shard(workers=settings.workers))
-        batches = train.forever(loader)
-        model = build(cfg, device).train()
-        optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr), lr=settings.lr)
-        held = tasks.to_device(next(batches), device)
+    settings and loader (its worker processes) over the small synthetic world in `root`; the same model steps
+    on one batch held in memory."""
+    settings, tokenizer, cfg = main_job(root)
+    loader = tasks.TASKS["pretrain"].train_loader(train.task_settings(settings), tokenizer, cfg,
+                                                  data.Shard(workers=settings.workers))
+    batches = train.forever(loader)
+    model = build(cfg, device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr), lr=settings.lr)
+    held = tasks.to_device(next(batches), device)
 
-        def steps(next_batch):
-            for _ in range(mode.pipeline_steps):
-                batch = next_batch()
-                model(batch)["loss"].backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def steps(next_batch):
+        for _ in range(mode.pipeline_steps):
+            batch = next_batch()
+            model(batch)["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        def read():
-            batch = next(batches)
-            batch.pop("skipped")
-            return tasks.to_device(batch, device)
-        times = alternate({"pipeline": lambda: steps(read), "model": lambda: steps(lambda: held)}, mode, device)
+    def read():
+        batch = next(batches)
+        batch.pop("skipped")
+        return tasks.to_device(batch, device)
+    times = alternate({"pipeline": lambda: steps(read), "model": lambda: steps(lambda: held)}, mode, device)
     images = mode.pipeline_steps * settings.batch_size
     return ({"pipeline_images_per_s": images / times["pipeline"], "pipeline_vs_model": times["model"] / times["pipeline"]},
             {"pipeline_s": times["pipeline"], "pipeline_model_s": times["model"],
@@ -630,8 +629,10 @@ def main(argv=None):
                             + ("" if bf16_applies else ": no bf16 matrix instructions, target n/a"))
     run("bf16", bench_bf16, bf16_model, bf16_images, mode, device, generator)
     run("ITM re-ranking", bench_rerank, model, mode, device, generator)
-    run("the main job's pipeline", bench_pipeline, mode, device)
-    run("shards against loose files", bench_shards, mode, device)
+    with tempfile.TemporaryDirectory() as root:  # one synthetic world for both
+        synth.synthesize(root, images=mode.pipeline_world, seed=0)
+        run("the main job's pipeline", bench_pipeline, mode, device, root)
+        run("shards against loose files", bench_shards, mode, device, root)
     if args.compile:
         run("torch.compile", bench_compile, model, mode.step_images, mode, device, generator)
 
