@@ -548,7 +548,8 @@ def carried_settings(checkpoint, task, source):
     stored = checkpoint.get("extra", {}).get("settings", {}) if isinstance(checkpoint.get("extra"), dict) else {}
     same = stored.get("task") == task
     carried = {k: stored[k] for k in ("decode", "rerank_k", "gradcam_layer") if k in stored and (same or k == "decode")}
-    return {**carried, **({"vocab": stored_vocab(checkpoint)} if stored_vocab(checkpoint) else {})}
+    vocab = stored_vocab(checkpoint)
+    return {**carried, **({"vocab": vocab} if vocab else {})}
 
 
 def stored_vocab(checkpoint):

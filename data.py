@@ -1176,11 +1176,16 @@ def stats_count(path):
     return count if isinstance(count, int) and count >= 0 else None
 
 
+def shard_path_problem(path):
+    """Why a shard path names no file to read ("no such shard", "a directory, ..."), or None."""
+    return "a directory, not a tar shard" if Path(path).is_dir() else None if Path(path).exists() else "no such shard"
+
+
 def tar_shard(path):
     """A shard's TarShard, read before any compute: a shard that is missing or that no sample can be read
     from stops here, in one line."""
-    if Path(path).is_dir():
-        raise DataError(f"{path}: a directory, not a tar shard")
+    if shard_path_problem(path):
+        raise DataError(f"{path}: {shard_path_problem(path)}")
     count, kind = stats_count(path), None
     scan = tar_samples(path, images=lambda: False)
     n = 0
@@ -1203,7 +1208,7 @@ def tar_shard(path):
 
 def open_tar_shards(paths):
     """Each shard's TarShard, by kind: {0: image-text shards, 1: box-annotated shards}."""
-    missing = [p for p in paths if not Path(p).exists()]
+    missing = [p for p in paths if shard_path_problem(p) == "no such shard"]
     if missing:
         raise DataError(f"{missing[0]}: no such shard" + (f" ({len(missing)} of the {len(paths)} shards are missing)"
                                                          if len(missing) > 1 else ""))
@@ -1856,8 +1861,8 @@ def check_shards(paths):
     per shard and kind of problem, with how many samples have it and the first key. Returns (lines, samples)."""
     problems, total = [], 0
     for path in paths:
-        if not Path(path).is_file():
-            problems.append(f"{path}: " + ("a directory, not a tar shard" if Path(path).is_dir() else "no such shard"))
+        if shard_path_problem(path):
+            problems.append(f"{path}: {shard_path_problem(path)}")
             continue
         found, kinds, n = {}, set(), 0
         for key, members in tar_samples(path):
